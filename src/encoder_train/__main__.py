@@ -1,0 +1,3 @@
+from encoder_train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""The one typed configuration schema, and how YAML and command-line flags are merged into it.
+
+Precedence: schema defaults < YAML file < command-line flags. Defaults live here and nowhere else;
+the bundled YAML files in `configs/` are just data. Every field has a one-line docstring, which the
+README's table of fields is checked against.
+
+A config has five sections:
+
+    model:      the encoder's shape (what a checkpoint must match to be resumed)
+    data:       where batches come from and how they are masked
+    training:   optimisation
+    checkpoint: where and how often state is saved
+    wandb:      Weights & Biases logging
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from encoder_train.errors import UserError
+
+# Bundled configs: `--config_file base.yaml` works from any folder.
+BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    """Unknown keys are errors (a typo must not silently fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    vocab_size: int | None = Field(default=None, ge=8)
+    """Vocabulary size; absent: the tokenizer's size rounded up to a multiple of `pad_vocab_multiple`."""
+    pad_vocab_multiple: int = Field(default=64, ge=1)
+    """Round a vocabulary taken from the tokenizer up to this multiple (64 keeps matmuls aligned)."""
+    hidden_size: int = Field(default=768, ge=1)
+    """Width of the residual stream."""
+    num_layers: int = Field(default=12, ge=1)
+    """Number of encoder layers."""
+    num_heads: int = Field(default=12, ge=1)
+    """Attention heads per layer; must divide `hidden_size`."""
+    intermediate_size: int = Field(default=3072, ge=1)
+    """Width of the feed-forward layer (4 x hidden in BERT/RoBERTa)."""
+    max_position_embeddings: int = Field(default=514, ge=3)
+    """Learned positions. RoBERTa offsets positions past the pad id, so 514 allows 512-token rows."""
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout on embeddings, attention output and feed-forward output."""
+    attention_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout on attention probabilities."""
+    layer_norm_eps: float = Field(default=1e-5, gt=0.0)
+    """LayerNorm epsilon (RoBERTa 1e-5, BERT 1e-12)."""
+    pre_layer_norm: bool = False
+    """Pre-LN blocks (x + f(LN(x))) instead of BERT/RoBERTa's post-LN (LN(x + f(x)))."""
+
+
+class DataConfig(Section):
+    data_dir: str | None = None
+    """Folder of training `.pt` shards, searched recursively (flag --data_dir)."""
+    tokenizer_filepath: str | None = None
+    """Hugging Face `tokenizers` JSON file (flag --tokenizer_filepath)."""
+    mask_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
+    num_workers: int = Field(default=2, ge=0)
+    """Background processes that read shards, mask and collate; 0 builds batches in the main process."""
+    prefetch_batches: int = Field(default=4, ge=1)
+    """Batches each worker keeps ready ahead of the training step."""
+    shuffle_files: int = Field(default=4, ge=1)
+    """Rows are shuffled across windows of this many consecutive (shuffled) files."""
+
+
+class TrainingConfig(Section):
+    batch_size: int = Field(default=32, ge=1)
+    """Rows per micro-batch (flag --batch_size). Rows per optimizer step = batch_size x accumulation."""
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_steps: int = Field(default=10_000, ge=1)
+    """Optimizer steps to train for."""
+    learning_rate: float = Field(default=6e-4, gt=0.0)
+    """Peak learning rate, reached at the end of warmup."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Steps of linear warmup from 0 to `learning_rate`."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear to 0 at `max_steps` (RoBERTa), cosine to 0, or constant."""
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    """AdamW beta1."""
+    adam_beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
+    """AdamW beta2 (RoBERTa uses 0.98 for stability with large batches)."""
+    adam_eps: float = Field(default=1e-6, gt=0.0)
+    """AdamW epsilon."""
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    """Decoupled weight decay; biases, LayerNorm weights and other 1-D parameters get none."""
+    gradient_clip: float = Field(default=1.0, ge=0.0)
+    """Clip the gradient's global L2 norm to this value; 0 disables clipping (flag --gradient_clip)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
+    seed: int = 0
+    """Seeds initialisation, dropout, data order and masking."""
+    log_interval: int = Field(default=10, ge=1)
+    """Steps between progress-bar updates and lines in metrics.jsonl."""
+
+
+class CheckpointConfig(Section):
+    checkpoint_dir: str = "checkpoints"
+    """Folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (flag --checkpoint_dir)."""
+    checkpoint_every: int = Field(default=1000, ge=1)
+    """Optimizer steps between checkpoints; one is also written at the end (flag --checkpoint_every)."""
+    max_checkpoints: int = Field(default=3, ge=1)
+    """How many of the newest checkpoints to keep (flag --max_checkpoints)."""
+    load_checkpoint: str | None = None
+    """Checkpoint file to resume from, or `latest` for the newest in checkpoint_dir (flag --load_checkpoint)."""
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    """Log to Weights & Biases (flag --wandb). Off: W&B is never imported."""
+    project: str = "encoder-train"
+    """W&B project (flag --wandb_project_name)."""
+    run_id: str | None = None
+    """Resume this W&B run; by default a resumed checkpoint continues its own run (flag --wandb_run_id)."""
+    log_freq: int = Field(default=10, ge=1)
+    """Optimizer steps between W&B logs (flag --wandb_log_freq)."""
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    wandb: WandbConfig = WandbConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins: printable, YAML-dumpable, storable in a weights_only checkpoint."""
+        return self.model_dump(mode="python")
+
+    def check_consistency(self, source: str) -> None:
+        """Cross-field rules that one field's own type cannot express."""
+        m = self.model
+        if m.hidden_size % m.num_heads:
+            raise UserError(
+                f"{source}: model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads "
+                f"({m.num_heads}); change one of them."
+            )
+        if self.training.warmup_steps > self.training.max_steps:
+            raise UserError(
+                f"{source}: training.warmup_steps ({self.training.warmup_steps}) exceeds training.max_steps "
+                f"({self.training.max_steps}); lower warmup_steps or raise max_steps."
+            )
+
+
+# Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML.
+FLAG_TO_KEY: dict[str, str] = {
+    "data_dir": "data.data_dir",
+    "tokenizer_filepath": "data.tokenizer_filepath",
+    "batch_size": "training.batch_size",
+    "gradient_clip": "training.gradient_clip",
+    "checkpoint_dir": "checkpoint.checkpoint_dir",
+    "load_checkpoint": "checkpoint.load_checkpoint",
+    "checkpoint_every": "checkpoint.checkpoint_every",
+    "max_checkpoints": "checkpoint.max_checkpoints",
+    "wandb": "wandb.enabled",
+    "wandb_run_id": "wandb.run_id",
+    "wandb_log_freq": "wandb.log_freq",
+    "wandb_project_name": "wandb.project",
+}
+
+
+def resolve_config_path(config_file: str, config_dir: str | None) -> Path:
+    """`--config_file` in `--config_dir` (default: the bundled configs), or an existing path as given."""
+    if config_dir is not None:
+        candidate = Path(config_dir) / config_file
+        if candidate.is_file():
+            return candidate
+        if not Path(config_dir).is_dir():
+            raise UserError(f"config folder {config_dir} does not exist; check --config_dir.")
+    direct = Path(config_file)
+    if direct.is_file():
+        return direct
+    bundled = BUNDLED_CONFIG_DIR / config_file
+    if config_dir is None and bundled.is_file():
+        return bundled
+    where = config_dir if config_dir is not None else f"the bundled configs ({BUNDLED_CONFIG_DIR})"
+    shipped = ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml")))
+    raise UserError(
+        f"config file {config_file} was found neither as a path nor in {where}; "
+        f"pass an existing YAML file (bundled: {shipped})."
+    )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML file, apply `{dotted.key: value}` overrides, validate. Raises UserError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"config file {path} could not be read ({e.strerror}); check the path.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax.") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"config file {path} must be a mapping with sections model:, data:, training:, ... "
+            f"(it holds a {type(raw).__name__})."
+        )
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".")
+        if not isinstance(raw.get(section, {}), dict):
+            break  # validation below reports the malformed section
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    config = validate(raw, str(path))
+    config.check_consistency(str(path))
+    return config
+
+
+def validate(raw: dict[str, Any], source: str) -> Config:
+    """Validate a nested dict against the schema; the first problem becomes one clear sentence."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(describe_error(e.errors()[0], source)) from None
+
+
+def describe_error(err: Any, source: str) -> str:
+    """One sentence for a pydantic error: the file, the dotted key, the value, and the fix."""
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent: type[BaseModel] = Config
+        for part in loc[:-1]:
+            parent = Config.model_fields[part].annotation  # type: ignore[assignment]
+        valid = list(parent.model_fields)
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        prefix = ".".join(loc[:-1])
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+        return (
+            f"{source}: unknown key {key}; {hint + ' ' if hint else ''}"
+            f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}."
+        )
+    value = err.get("input")
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{source}: {key} = {value!r} is invalid: {msg}; fix the value in the file or on the command line."
+
+
+def resolved_vocab_size(model: ModelConfig, tokenizer_vocab: int, source: str) -> int:
+    """The embedding rows: the configured size, or the tokenizer's rounded up to `pad_vocab_multiple`."""
+    if model.vocab_size is None:
+        return math.ceil(tokenizer_vocab / model.pad_vocab_multiple) * model.pad_vocab_multiple
+    if model.vocab_size < tokenizer_vocab:
+        raise UserError(
+            f"{source}: model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); remove model.vocab_size to take it from the tokenizer."
+        )
+    return model.vocab_size
+
+
+def dump_yaml(config: Config) -> str:
+    """The resolved config as YAML, for printing at start."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,184 @@
+"""Batches from shards: background workers read rows, trim, mask and collate; the loop only consumes.
+
+Stages: shards (memory-mapped tensors) -> RowOrder (which rows make batch i) -> rows gathered and
+trimmed to the longest row -> dynamic masking -> a `Batch` -> DataLoader workers with prefetch (and
+pinned memory on CUDA).
+
+A batch is a pure function of (seed, shards, position of its first row): worker w of n builds batches
+j = w, w + n, w + 2n, ... and the DataLoader hands them out round-robin, so the loop sees j = 0, 1, 2, ...
+in order whatever the number of workers. Resuming at row r (start_row) costs nothing: no data is
+replayed. The mask's seed comes from the batch's first row, so each pass over a row masks it anew.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from encoder_train.data.masking import mask_tokens
+from encoder_train.data.shards import RowOrder, ShardInfo, check_values, derive_seed, load_shard
+from encoder_train.errors import UserError
+
+
+@dataclass
+class Batch:
+    """One micro-batch. B rows, T = longest row in the batch, N = predicted positions."""
+
+    input_ids: torch.Tensor  # (B, T) int64, masked
+    attention_mask: torch.Tensor  # (B, T) bool, True on real tokens
+    labels: torch.Tensor  # (B, T) int64, original id where predicted, else -100
+    predict_positions: torch.Tensor  # (N,) int64, flat indices into B*T of the predicted positions
+    num_tokens: int  # real (non-pad) tokens
+    num_predicted: int  # N
+    first_row: int  # position of this batch's first row in the endless row stream
+
+    def to(self, device: torch.device) -> Batch:
+        # non_blocking: with pinned memory the copy overlaps with compute instead of stalling the host.
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+            else getattr(self, f.name)
+            for f in fields(self)
+        }
+        return Batch(**moved)
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread when pin_memory=True."""
+        return Batch(
+            **{
+                f.name: getattr(self, f.name).pin_memory()
+                if isinstance(getattr(self, f.name), torch.Tensor)
+                else getattr(self, f.name)
+                for f in fields(self)
+            }
+        )
+
+
+@dataclass
+class DataError:
+    """A shard failed validation inside a worker; sent as data so the main process can raise UserError."""
+
+    message: str
+
+
+class MLMBatches(IterableDataset):
+    """Endless masked batches of `batch_size` rows starting at row `start_row`; every `stride`-th batch
+    is taken (stride > 1 leaves the batches in between to other data-parallel ranks)."""
+
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle_files: int,
+        pad_id: int,
+        mask_id: int,
+        special_ids: tuple[int, ...],
+        vocab_size: int,
+        mask_probability: float,
+        start_row: int = 0,
+        stride: int = 1,
+    ):
+        self.shards = shards
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_files = shuffle_files
+        self.pad_id = pad_id
+        self.mask_id = mask_id
+        self.special_ids = torch.tensor(special_ids, dtype=torch.long)
+        self.vocab_size = vocab_size
+        self.mask_probability = mask_probability
+        self.start_row = start_row
+        self.stride = stride
+
+    def __iter__(self) -> Iterator[Batch | DataError]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        order = RowOrder(self.shards, self.seed, self.shuffle_files)
+        opened: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard index -> mapped tensor, LRU
+        checked: set[int] = set()
+        k = 0
+        while True:
+            # Batch j covers rows [start_row + j*B, start_row + (j+1)*B) of the endless stream.
+            j = worker + k * num_workers
+            k += 1
+            first = self.start_row + j * self.stride * self.batch_size
+            try:
+                rows = [self._row(order.locate(p), opened, checked) for p in range(first, first + self.batch_size)]
+            except UserError as e:
+                yield DataError(str(e))
+                return
+            yield self._collate(torch.stack(rows), first)
+
+    def _row(self, where: tuple[int, int], opened: OrderedDict, checked: set[int]) -> torch.Tensor:
+        shard, row = where
+        if shard not in opened:
+            t = load_shard(self.shards[shard].path)
+            if shard not in checked:  # each shard's ids are checked once per worker, on first use
+                check_values(self.shards[shard].path, t, self.vocab_size)
+                checked.add(shard)
+            opened[shard] = t
+            if len(opened) > 2 * self.shuffle_files:  # bound the open memory maps
+                opened.popitem(last=False)
+        opened.move_to_end(shard)
+        return opened[shard][row].long()
+
+    def _collate(self, rows: torch.Tensor, first_row: int) -> Batch:
+        # rows (B, W) -> trim to the longest row in the batch: (B, T), T <= W.
+        real = rows != self.pad_id
+        width = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 1
+        rows, real = rows[:, :width], real[:, :width]
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "mask", first_row))
+        inputs, labels = mask_tokens(
+            rows,
+            mask_probability=self.mask_probability,
+            mask_id=self.mask_id,
+            special_ids=self.special_ids,
+            vocab_size=self.vocab_size,
+            generator=g,
+        )
+        positions = torch.nonzero(labels.reshape(-1) != -100).squeeze(1)
+        return Batch(
+            input_ids=inputs,
+            attention_mask=real,
+            labels=labels,
+            predict_positions=positions,
+            num_tokens=int(real.sum()),
+            num_predicted=len(positions),
+            first_row=first_row,
+        )
+
+
+class BatchStream:
+    """Batches from background workers; a shard error raised in a worker becomes a UserError here."""
+
+    def __init__(self, dataset: MLMBatches, *, num_workers: int, prefetch: int, pin_memory: bool):
+        loader = DataLoader(
+            dataset,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=num_workers,
+            prefetch_factor=prefetch if num_workers > 0 else None,
+            pin_memory=pin_memory,
+        )
+        self._it = iter(loader)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Batch:
+        item = next(self._it)
+        if isinstance(item, DataError):
+            self.close()
+            raise UserError(item.message)
+        return item
+
+    def close(self) -> None:
+        """Stop the worker processes now rather than at garbage collection."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -1,0 +1,213 @@
+"""The encoder and its masked-language-modelling head: BERT's architecture with RoBERTa's choices.
+
+Read top-down: Embeddings -> SelfAttention -> FeedForward -> EncoderLayer -> Encoder -> MLMHead ->
+MaskedLM. Shapes use B = batch, T = tokens per row, H = hidden size, nh = heads, hs = head size,
+V = vocabulary, N = predicted (masked) positions in the batch.
+
+RoBERTa's choices: learned absolute positions counted from `pad_id + 1` (pads sit at position
+`pad_id`), a single token type, GELU, post-LN blocks (pre-LN as an option), input and output
+embeddings tied, an MLM head dense -> GELU -> LayerNorm -> decoder with its own bias.
+
+Parameter names and shapes map one-to-one onto Hugging Face's `RobertaForMaskedLM`, so an export
+is a pure renaming (`hf.py`): `embeddings.word_embeddings` <-> `roberta.embeddings.word_embeddings`,
+`encoder.layers.0.attention.query` <-> `roberta.encoder.layer.0.attention.self.query`, and so on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of positions that are not predicted
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Everything the model's construction needs; built from the config and the tokenizer."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    pad_id: int
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    pre_layer_norm: bool = False
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest row the positions can hold: positions run from pad_id + 1 upwards."""
+        return self.max_position_embeddings - self.pad_id - 1
+
+
+class Embeddings(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.pad_id = d.pad_id
+        self.word_embeddings = nn.Embedding(d.vocab_size, d.hidden_size, padding_idx=d.pad_id)
+        self.position_embeddings = nn.Embedding(d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id)
+        self.token_type_embeddings = nn.Embedding(1, d.hidden_size)  # RoBERTa: one type, added everywhere
+        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.dropout = nn.Dropout(d.dropout)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
+        keep = attention_mask.long()  # (B, T)
+        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.norm(x))  # (B, T, H)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.num_heads = d.num_heads
+        # Separate q/k/v projections (not one fused matrix) keep the export a pure renaming.
+        self.query = nn.Linear(d.hidden_size, d.hidden_size)
+        self.key = nn.Linear(d.hidden_size, d.hidden_size)
+        self.value = nn.Linear(d.hidden_size, d.hidden_size)
+        self.output = nn.Linear(d.hidden_size, d.hidden_size)
+        self.attention_dropout = d.attention_dropout
+        self.dropout = nn.Dropout(d.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        nh, hs = self.num_heads, H // self.num_heads
+        # (B, T, H) -> (B, nh, T, hs)
+        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)
+        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)
+        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)
+        # attn_mask (B, 1, 1, T), True = attend: every query ignores the padded keys.
+        p = self.attention_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, H)
+        return self.dropout(self.output(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.up = nn.Linear(d.hidden_size, d.intermediate_size)
+        self.down = nn.Linear(d.intermediate_size, d.hidden_size)
+        self.dropout = nn.Dropout(d.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, H) -> (B, T, 4H) -> (B, T, H)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.pre_layer_norm = d.pre_layer_norm
+        self.attention = SelfAttention(d)
+        self.attention_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.feed_forward = FeedForward(d)
+        self.feed_forward_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        if self.pre_layer_norm:
+            x = x + self.attention(self.attention_norm(x), attn_mask)
+            return x + self.feed_forward(self.feed_forward_norm(x))
+        x = self.attention_norm(x + self.attention(x, attn_mask))
+        return self.feed_forward_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(d) for _ in range(d.num_layers))
+        # Pre-LN leaves the residual stream un-normalised; one LayerNorm closes it.
+        self.final_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps) if d.pre_layer_norm else None
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        attn_mask = attention_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), broadcast over heads, queries
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return x if self.final_norm is None else self.final_norm(x)
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder. The decoder's weight is the word-embedding matrix."""
+
+    def __init__(self, d: ModelDims, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(d.hidden_size, d.hidden_size)
+        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.word_embeddings = [word_embeddings]  # a list: tied, not registered a second time
+        self.bias = nn.Parameter(torch.zeros(d.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(F.gelu(self.dense(x)))
+        return F.linear(x, self.word_embeddings[0].weight, self.bias)  # (..., H) -> (..., V)
+
+
+@dataclass
+class MLMOutput:
+    loss: torch.Tensor | None  # scalar: mean (or sum, see `reduction`) over predicted positions
+    logits: torch.Tensor | None  # (B, T, V) when asked for, else None
+
+
+class MaskedLM(nn.Module):
+    def __init__(self, d: ModelDims):
+        super().__init__()
+        self.dims = d
+        self.embeddings = Embeddings(d)
+        self.encoder = Encoder(d)
+        self.head = MLMHead(d, self.embeddings.word_embeddings)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's initialisation: N(0, 0.02) weights, zero biases, identity LayerNorms, zero pad rows.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= sum(p.numel() for p in self.embeddings.parameters())
+        return n
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        predict_positions: torch.Tensor | None = None,
+        reduction: str = "mean",
+        return_logits: bool = False,
+    ) -> MLMOutput:
+        """input_ids, attention_mask (True = real token), labels: (B, T); labels are -100 where unpredicted.
+
+        The head runs on the predicted positions only (sparse prediction: about 15% of tokens), which
+        saves most of the vocabulary projection. `predict_positions` (N,) are those positions as flat
+        indices into B*T, computed by the data workers so the device never waits on a `nonzero`.
+        """
+        if attention_mask is None:
+            attention_mask = input_ids != self.dims.pad_id
+        h = self.encoder(self.embeddings(input_ids, attention_mask), attention_mask)  # (B, T, H)
+        logits = self.head(h) if return_logits else None
+        loss = None
+        if labels is not None:
+            flat_labels = labels.reshape(-1)
+            if predict_positions is None:
+                predict_positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)  # host waits here
+            picked = h.reshape(-1, h.shape[-1]).index_select(0, predict_positions)  # (N, H)
+            target = flat_labels.index_select(0, predict_positions)  # (N,)
+            loss = F.cross_entropy(self.head(picked).float(), target, reduction=reduction)
+        return MLMOutput(loss=loss, logits=logits)

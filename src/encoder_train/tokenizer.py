@@ -1,0 +1,270 @@
+"""Hugging Face `tokenizers` tokenizers: loading, training, and the special-token ids the trainer needs.
+
+encoder-train follows RoBERTa's vocabulary conventions: `<s>` starts a sequence, `</s>` ends it (and
+separates packed documents), `<pad>` right-pads rows, `<mask>` replaces selected tokens, `<unk>`
+stands for the unknown. A BERT-style WordPiece tokenizer with `[CLS] [SEP] [PAD] [MASK] [UNK]` works
+as well: the names are looked up in that order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from encoder_train.errors import UserError
+
+# Each role, with the token strings that may fill it (RoBERTa's first, then BERT's).
+SPECIAL_TOKEN_NAMES: dict[str, tuple[str, ...]] = {
+    "bos": ("<s>", "[CLS]"),
+    "pad": ("<pad>", "[PAD]"),
+    "eos": ("</s>", "[SEP]"),
+    "unk": ("<unk>", "[UNK]"),
+    "mask": ("<mask>", "[MASK]"),
+}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the special tokens. `all_ids` are never selected for masking nor drawn as random tokens."""
+
+    bos: int
+    pad: int
+    eos: int
+    unk: int
+    mask: int
+    all_ids: tuple[int, ...]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a `tokenizer.json` written by the `tokenizers` library (or by `encoder-train tokenizer`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"tokenizer file {path} does not exist; pass --tokenizer_filepath with a tokenizer.json "
+            "(train one with `encoder-train tokenizer`)."
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for unparsable files
+        raise UserError(
+            f"tokenizer file {path} could not be read as a Hugging Face tokenizers JSON file ({e}); "
+            "pass a tokenizer.json saved with Tokenizer.save."
+        ) from None
+
+
+def special_tokens(tokenizer: Tokenizer, path: str | Path = "the tokenizer") -> SpecialTokens:
+    """Find the ids of <s> <pad> </s> <unk> <mask> (or their BERT names); all five are required."""
+    ids: dict[str, int] = {}
+    for role, names in SPECIAL_TOKEN_NAMES.items():
+        found = [tokenizer.token_to_id(name) for name in names]
+        found = [i for i in found if i is not None]
+        if not found:
+            raise UserError(
+                f"tokenizer {path} has no {names[0]} token (nor {names[1]}); masked-language modelling "
+                f"needs {' '.join(n[0] for n in SPECIAL_TOKEN_NAMES.values())}: train the tokenizer "
+                "with these special tokens (`encoder-train tokenizer` does)."
+            )
+        ids[role] = found[0]
+    # Every token the tokenizer marks as special counts, not just the five roles above.
+    added = {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
+    all_ids = tuple(sorted(added | set(ids.values())))
+    return SpecialTokens(**ids, all_ids=all_ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading text. Shared by tokenizer training and `data/prepare.py` (which imports it from here, as it
+# also needs `load_tokenizer`; the other way round would be an import cycle).
+
+# A paragraph longer than this is cut at a line boundary into several documents, so that one file
+# without blank lines never has to fit in memory at once.
+MAX_DOCUMENT_CHARS = 1 << 20
+
+
+def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | None = None) -> Iterator[str]:
+    """Yield the documents of text files (one per paragraph) and .jsonl files (each line's "text"), .gz too.
+
+    Files are streamed line by line. A path ending in `.jsonl` or `.jsonl.gz` holds one JSON object
+    per line; any other path is UTF-8 text whose documents are separated by blank lines. Blank
+    documents are skipped. `progress(n)` is called with the number of bytes read from disk
+    (compressed bytes for .gz), for a progress bar.
+    """
+    paths = [Path(p) for p in paths]
+    check_inputs(paths)  # all of them, before spending time on the first
+    found = False
+    for path in paths:
+        read = _jsonl_documents if _is_jsonl(path) else _paragraph_documents
+        for text in read(path, progress):
+            found = True
+            yield text
+    if not found:
+        names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        raise UserError(
+            f"the input {names} holds no text; pass files with at least one non-blank line "
+            '(plain text) or one non-empty "text" field (.jsonl).'
+        )
+
+
+def check_inputs(paths: list[Path]) -> None:
+    """Raise a UserError unless every path is a readable file and there is at least one."""
+    if not paths:
+        raise UserError("no input files were given; pass at least one text or .jsonl file with --input.")
+    for path in paths:
+        if path.is_dir():
+            raise UserError(f"input {path} is a folder; pass the text files inside it (e.g. {path}/*.txt).")
+        if not path.is_file():
+            raise UserError(f"input file {path} does not exist; check the path passed to --input.")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"input file {path} cannot be read (permission denied); fix its permissions.")
+
+
+def _is_jsonl(path: Path) -> bool:
+    """True for `x.jsonl` and `x.jsonl.gz`."""
+    name = path.name.lower()
+    return name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _paragraph_documents(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
+    """Documents of a plain-text file: runs of non-blank lines, joined with newlines."""
+    lines: list[str] = []
+    chars = 0
+    for _, line in _numbered_lines(path, progress):
+        if not line.strip():  # a blank (or whitespace-only) line ends the document
+            if lines:
+                yield "\n".join(lines)
+            lines, chars = [], 0
+            continue
+        if chars + len(line) > MAX_DOCUMENT_CHARS and lines:
+            yield "\n".join(lines)
+            lines, chars = [], 0
+        lines.append(line)
+        chars += len(line) + 1
+    if lines:
+        yield "\n".join(lines)
+
+
+def _jsonl_documents(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
+    """Documents of a .jsonl file: the "text" field of each line's JSON object."""
+    for number, line in _numbered_lines(path, progress):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path} line {number} is not valid JSON ({e.msg}); each line of a .jsonl file must be "
+                'one JSON object with a "text" field.'
+            ) from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(
+                f'{path} line {number} has no "text" string field; each line of a .jsonl file must be '
+                'one JSON object like {"text": "..."}.'
+            )
+        if text.strip():
+            yield text
+
+
+def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
+    """Yield (line number from 1, line without its line ending) of a UTF-8 file, gunzipping `.gz`."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed by `with raw` below; opened apart to name the error
+    except OSError as e:
+        raise UserError(f"input file {path} cannot be read ({e.strerror}); check the path and its permissions.")
+    with raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
+        position = 0
+        for number in itertools.count(1):
+            try:
+                line = stream.readline()
+            except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz is an EOFError
+                raise UserError(
+                    f"input file {path} could not be read past line {number - 1} ({e}); "
+                    "check that the file is complete (and valid gzip if it ends in .gz)."
+                ) from None
+            if not line:
+                return
+            if progress is not None:
+                progress(raw.tell() - position)  # bytes on disk: compressed ones for .gz
+                position = raw.tell()
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"{path} line {number} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                    "convert the file to UTF-8 (e.g. with iconv)."
+                ) from None
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark is not text
+            yield number, text.removesuffix("\n").removesuffix("\r")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training.
+
+# RoBERTa's special tokens, in id order 0..4. `<mask>` swallows the space before it (lstrip), so
+# "a <mask>." masks the word with its leading space, as the byte-level vocabulary spells words.
+ROBERTA_SPECIAL_TOKENS = (
+    AddedToken("<s>", special=True),
+    AddedToken("<pad>", special=True),
+    AddedToken("</s>", special=True),
+    AddedToken("<unk>", special=True),
+    AddedToken("<mask>", lstrip=True, special=True),
+)
+
+# Documents handed to the Rust trainer per call: big enough to amortise the Python-to-Rust crossing.
+TRAIN_BATCH_DOCUMENTS = 1000
+
+
+def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """Train a RoBERTa-style byte-level BPE tokenizer on text/.jsonl(.gz) files and save it to `output`."""
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
+    smallest = len(ROBERTA_SPECIAL_TOKENS) + len(byte_alphabet)
+    if vocab_size < smallest:
+        raise UserError(
+            f"vocab_size {vocab_size} is too small: a byte-level BPE vocabulary starts with "
+            f"{len(ROBERTA_SPECIAL_TOKENS)} special tokens and {len(byte_alphabet)} byte tokens; "
+            f"pass --vocab_size {smallest} or more (RoBERTa uses 50265)."
+        )
+    if min_frequency < 1:
+        raise UserError(f"min_frequency {min_frequency} must be at least 1; pass --min_frequency 2 or more.")
+    output = Path(output)
+    if output.is_dir():
+        raise UserError(f"tokenizer output {output} is a folder; pass a file path such as {output}/tokenizer.json.")
+
+    tokenizer = Tokenizer(models.BPE())  # no unk_token: every byte is in the vocabulary
+    # "Hello world" -> "Hello", "Ġworld": spaces are kept as part of the following word, so decoding
+    # restores the text exactly; no space is added in front of the first word.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(ROBERTA_SPECIAL_TOKENS),
+        initial_alphabet=byte_alphabet,  # all 256 bytes, even those the corpus lacks
+        show_progress=True,
+    )
+    documents = iter_texts(inputs)
+    batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
+    tokenizer.train_from_iterator(batches, trainer)
+
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    # `<s> A </s>` and `<s> A </s></s> B </s>`, as RoBERTa; pretokenize packs rows without it.
+    tokenizer.post_processor = processors.RobertaProcessing(
+        sep=("</s>", eos), cls=("<s>", bos), trim_offsets=True, add_prefix_space=False
+    )
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        tokenizer.save(str(tmp))
+        os.replace(tmp, output)  # never leave a half-written tokenizer.json behind
+    except OSError as e:
+        raise UserError(f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output.")
+    return tokenizer

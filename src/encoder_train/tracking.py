@@ -1,0 +1,83 @@
+"""Where metrics go: a tqdm progress bar, `metrics.jsonl`, and (with --wandb) Weights & Biases.
+
+One small object; the loop hands it numbers that are already on the host. W&B is imported only when
+enabled, so a run without --wandb never touches it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from encoder_train.errors import UserError
+
+
+class Tracker:
+    def __init__(
+        self,
+        *,
+        metrics_path: Path,
+        total_steps: int,
+        start_step: int,
+        wandb_enabled: bool,
+        wandb_project: str,
+        wandb_run_id: str | None,
+        wandb_log_freq: int,
+        config: dict[str, Any],
+        wandb_dir: Path,
+    ):
+        self.metrics_path = metrics_path
+        self.wandb_log_freq = wandb_log_freq
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr)
+        self.run = None
+        if wandb_enabled:
+            self.run = _start_wandb(wandb_project, wandb_run_id, config, wandb_dir)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return None if self.run is None else self.run.id
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def log(self, metrics: dict[str, float | int]) -> None:
+        """A log-interval record: progress bar, and one JSON line appended to metrics.jsonl."""
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+            refresh=False,
+        )
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def log_wandb(self, metrics: dict[str, float | int]) -> None:
+        if self.run is not None:
+            step = int(metrics["step"])
+            self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        self.bar.write(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def _start_wandb(project: str, run_id: str | None, config: dict[str, Any], directory: Path) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(
+            "--wandb needs the wandb package, which is not installed; pip install 'encoder-train[wandb]'."
+        ) from None
+    # Run files go next to the checkpoints unless the user chose a place with WANDB_DIR.
+    kwargs: dict[str, Any] = {} if os.environ.get("WANDB_DIR") else {"dir": str(directory)}
+    return wandb.init(project=project, id=run_id, resume="allow" if run_id else None, config=config, **kwargs)

@@ -1,0 +1,281 @@
+"""train(config): set up -> loop -> close. Plain code, no callbacks.
+
+Each optimizer step takes `gradient_accumulation_steps` micro-batches; the loss is the mean over
+every predicted token of the step (micro-batches are weighted by their predicted-token counts, not
+averaged), then the gradient is clipped, AdamW steps and the schedule advances. Logging, W&B and
+checkpoints happen visibly at the bottom of the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from encoder_train import checkpoint
+from encoder_train.config import Config, ModelConfig, dump_yaml, resolved_vocab_size
+from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.shards import scan_shards
+from encoder_train.errors import UserError
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.optim import build_optimizer, build_scheduler
+from encoder_train.tokenizer import SpecialTokens, load_tokenizer, special_tokens
+from encoder_train.tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    last_loss: float | None
+    checkpoint: Path | None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_for(precision: str, device: torch.device, note=print) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights) where the device supports it, else plain fp32."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            note("note: this GPU has no bf16 support; training in fp32.")
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def model_dims(cfg: ModelConfig, tokenizer_vocab: int, pad_id: int, source: str) -> ModelDims:
+    """The model's shape: the config plus what only the tokenizer knows (vocabulary size, pad id)."""
+    dims = ModelDims(
+        vocab_size=resolved_vocab_size(cfg, tokenizer_vocab, source),
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        pad_id=pad_id,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pre_layer_norm=cfg.pre_layer_norm,
+    )
+    if dims.max_tokens < 2:
+        raise UserError(
+            f"{source}: model.max_position_embeddings ({cfg.max_position_embeddings}) leaves no room for tokens "
+            f"after RoBERTa's position offset (pad id {pad_id} + 1); raise it to at least {pad_id + 3}."
+        )
+    return dims
+
+
+# The fields of ModelDims that fix parameter shapes; a checkpoint must match them to be resumed.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                "max_position_embeddings", "pre_layer_norm")
+
+
+def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None:
+    current = dataclasses.asdict(dims)
+    diffs = [f"{k} {saved.get(k)} vs {current[k]}" for k in SHAPE_FIELDS if saved.get(k) != current[k]]
+    if diffs:
+        raise UserError(
+            f"checkpoint {path} was trained with a different model shape (checkpoint vs config: "
+            f"{', '.join(diffs)}); use the config it was trained with, or start a new --checkpoint_dir."
+        )
+
+
+def find_resume(config: Config) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from, if any, refusing anything that would overwrite newer checkpoints."""
+    directory = Path(config.checkpoint.checkpoint_dir)
+    existing = checkpoint.list_checkpoints(directory)
+    wanted = config.checkpoint.load_checkpoint
+    if wanted is None:
+        if existing:
+            raise UserError(
+                f"checkpoint folder {directory} already holds checkpoints up to step {existing[-1][0]}; "
+                "resume them with --load_checkpoint latest, or pass an empty --checkpoint_dir."
+            )
+        return None, None
+    if wanted == "latest":
+        path = checkpoint.latest(directory)
+        if path is None:
+            print(f"no checkpoint in {directory} yet; starting a fresh run.")
+            return None, None
+    else:
+        path = Path(wanted)
+    state = checkpoint.load(path)
+    newer = [s for s, p in existing if s > state["step"] and p.resolve() != path.resolve()]
+    if newer:
+        raise UserError(
+            f"checkpoint folder {directory} holds checkpoints newer than {path.name} (up to step {max(newer)}), "
+            "which resuming would overwrite; resume with --load_checkpoint latest, or pass another --checkpoint_dir."
+        )
+    return state, path
+
+
+def train(config: Config) -> TrainResult:
+    # ---- set up ---------------------------------------------------------------------------------
+    cfg_t, cfg_d, cfg_c = config.training, config.data, config.checkpoint
+    device = pick_device()
+    if cfg_d.tokenizer_filepath is None:
+        raise UserError("no tokenizer given; pass --tokenizer_filepath with a tokenizer.json.")
+    tokenizer = load_tokenizer(cfg_d.tokenizer_filepath)
+    special: SpecialTokens = special_tokens(tokenizer, cfg_d.tokenizer_filepath)
+    tokenizer_vocab = tokenizer.get_vocab_size()
+    dims = model_dims(config.model, tokenizer_vocab, special.pad, "config")
+    shards = scan_shards(cfg_d.data_dir, dims.max_tokens)
+    ckpt_dir = checkpoint.ensure_writable(cfg_c.checkpoint_dir)
+    state, resumed_from = find_resume(config)
+
+    torch.manual_seed(cfg_t.seed)
+    model = MaskedLM(dims).to(device)
+    optimizer = build_optimizer(model, cfg_t, device)
+    scheduler = build_scheduler(optimizer, cfg_t)
+    step, tokens_seen, rows_consumed = 0, 0, 0
+    wandb_run_id = config.wandb.run_id
+    if state is not None:
+        assert resumed_from is not None
+        check_same_shape(state.get("dims", {}), dims, resumed_from)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        rows_consumed = state["data"]["rows_consumed"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        wandb_run_id = wandb_run_id or state.get("wandb_run_id")
+
+    rows_per_step = cfg_t.batch_size * cfg_t.gradient_accumulation_steps
+    print("resolved config:\n" + dump_yaml(config).rstrip())
+    print(
+        f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(True) / 1e6:.2f}M "
+        f"without embeddings), vocabulary {dims.vocab_size} (tokenizer {tokenizer_vocab}), rows up to "
+        f"{dims.max_tokens} tokens; device {device}, precision {cfg_t.precision}"
+    )
+    print(
+        f"data: {len(shards)} shards, {sum(s.rows for s in shards)} rows; {rows_per_step} rows per step "
+        f"({cfg_t.batch_size} x {cfg_t.gradient_accumulation_steps} accumulation)"
+    )
+    if resumed_from is not None:
+        print(f"resuming from {resumed_from} at step {step} (learning rate {scheduler.get_last_lr()[0]:.3e})")
+    sys.stdout.flush()
+    if step >= cfg_t.max_steps:
+        print(f"step {step} already reached training.max_steps ({cfg_t.max_steps}); nothing to do.")
+        return TrainResult(step, tokens_seen, None, resumed_from)
+
+    stream = BatchStream(
+        MLMBatches(
+            shards,
+            batch_size=cfg_t.batch_size,
+            seed=cfg_t.seed,
+            shuffle_files=cfg_d.shuffle_files,
+            pad_id=special.pad,
+            mask_id=special.mask,
+            special_ids=special.all_ids,
+            vocab_size=tokenizer_vocab,
+            mask_probability=cfg_d.mask_probability,
+            start_row=rows_consumed,
+        ),
+        num_workers=cfg_d.num_workers,
+        prefetch=cfg_d.prefetch_batches,
+        pin_memory=device.type == "cuda",
+    )
+    tracker = Tracker(
+        metrics_path=ckpt_dir / "metrics.jsonl",
+        total_steps=cfg_t.max_steps,
+        start_step=step,
+        wandb_enabled=config.wandb.enabled,
+        wandb_project=config.wandb.project,
+        wandb_run_id=wandb_run_id,
+        wandb_log_freq=config.wandb.log_freq,
+        config=config.to_dict(),
+        wandb_dir=ckpt_dir,
+    )
+    autocast = autocast_for(cfg_t.precision, device, note=tracker.write)
+    clip = cfg_t.gradient_clip if cfg_t.gradient_clip > 0 else float("inf")
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "data": {"rows_consumed": rows_consumed},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            },
+            "dims": dataclasses.asdict(dims),
+            "config": config.to_dict(),
+            "wandb_run_id": tracker.wandb_run_id,
+        }
+
+    # ---- loop -----------------------------------------------------------------------------------
+    model.train()
+    last_path: Path | None = None
+    last_loss: float | None = None
+    loss_sum = torch.zeros((), device=device)  # summed on the device; read back only at log time
+    norm_sum = torch.zeros((), device=device)
+    steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
+    try:
+        while step < cfg_t.max_steps:
+            micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
+            # Token-weighted mean over the whole step: each micro-batch's summed loss / all predictions.
+            predicted = max(1, sum(b.num_predicted for b in micro))
+            for b in micro:
+                b = b.to(device)
+                with autocast:
+                    out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum")
+                loss = out.loss / predicted
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norm_sum += grad_norm.detach()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step += 1
+            rows_consumed += rows_per_step
+            step_tokens = sum(b.num_tokens for b in micro)
+            tokens_seen += step_tokens
+            tokens_since_log += step_tokens
+            steps_since_log += 1
+            tracker.advance()
+
+            wandb_due = tracker.run is not None and step % config.wandb.log_freq == 0
+            if step % cfg_t.log_interval == 0 or step == cfg_t.max_steps or wandb_due:
+                now = time.perf_counter()
+                metrics = {
+                    "step": step,
+                    "loss": loss_sum.item() / steps_since_log,  # host waits for the device here
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": norm_sum.item() / steps_since_log,
+                    "tokens_per_second": tokens_since_log / max(now - t_log, 1e-9),
+                    "tokens_seen": tokens_seen,
+                    "epoch": rows_consumed / sum(s.rows for s in shards),
+                }
+                last_loss = metrics["loss"]
+                tracker.log(metrics)
+                if wandb_due or step == cfg_t.max_steps:
+                    tracker.log_wandb(metrics)
+                loss_sum.zero_()
+                norm_sum.zero_()
+                steps_since_log, tokens_since_log, t_log = 0, 0, now
+
+            if step % cfg_c.checkpoint_every == 0 or step == cfg_t.max_steps:
+                last_path = checkpoint.save(snapshot(), ckpt_dir, step)
+                deleted = checkpoint.rotate(ckpt_dir, cfg_c.max_checkpoints)
+                tracker.write(f"step {step}: saved {last_path}" + (f", removed {len(deleted)} old" if deleted else ""))
+    finally:
+        stream.close()
+        tracker.close()
+    print(f"done: step {step}, loss {last_loss:.4f}, {tokens_seen} tokens seen; last checkpoint {last_path}")
+    return TrainResult(step, tokens_seen, last_loss, last_path)

@@ -1,0 +1,71 @@
+"""Shared fixtures: a small real tokenizer and generated shards, made on the spot (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+BOS, PAD, EOS, UNK, MASK = range(5)
+VOCAB = 128  # 5 specials + 123 words
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch):
+    # Tests use real W&B runs, offline: nothing leaves the machine.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+
+
+def make_tokenizer(path: Path, vocab: int = VOCAB) -> Path:
+    """A word-level tokenizer with RoBERTa's special tokens at ids 0..4 and words w5..w{vocab-1}."""
+    words = {tok: i for i, tok in enumerate(SPECIALS)}
+    words.update({f"w{i}": i for i in range(len(SPECIALS), vocab)})
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(str(path))
+    return path
+
+
+def make_rows(n: int, width: int, vocab: int = VOCAB, seed: int = 0, min_len: int | None = None) -> torch.Tensor:
+    """Learnable rows: <s> then counting sequences (t, t+1, t+2, ...) over the words, </s>, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.full((n, width), PAD, dtype=torch.int64)
+    words = vocab - len(SPECIALS)
+    for i in range(n):
+        length = int(torch.randint(min_len or width // 2, width + 1, (1,), generator=g))
+        start = int(torch.randint(words, (1,), generator=g))
+        body = (start + torch.arange(length - 2)) % words + len(SPECIALS)
+        rows[i, 0], rows[i, 1 : length - 1], rows[i, length - 1] = BOS, body, EOS
+    return rows
+
+
+def make_shards(directory: Path, files: int = 3, rows: int = 64, width: int = 32, seed: int = 0) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        sub = directory / ("nested" if f % 2 else "") / f"shard_{f:03d}.pt"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(make_rows(rows, width, seed=seed + f).to(torch.int32), sub)
+    return directory
+
+
+@pytest.fixture
+def tokenizer_file(tmp_path: Path) -> Path:
+    return make_tokenizer(tmp_path / "tokenizer.json")
+
+
+@pytest.fixture
+def shard_dir(tmp_path: Path) -> Path:
+    return make_shards(tmp_path / "data")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    # Two cores: keep tests from oversubscribing them.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
