@@ -164,6 +164,9 @@ class BatchStream:
             num_workers=num_workers,
             prefetch_factor=prefetch if num_workers > 0 else None,
             pin_memory=pin_memory,
+            # Its own generator: creating the iterator must not draw from the global RNG, which drives
+            # dropout and is restored exactly on resume.
+            generator=torch.Generator().manual_seed(0),
         )
         self._it = iter(loader)
 

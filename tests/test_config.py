@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from encoder_train.config import (
+    BUNDLED_CONFIG_DIR,
+    Config,
+    load_config,
+    resolve_config_path,
+)
+from encoder_train.errors import UserError
+
+BUNDLED = sorted(BUNDLED_CONFIG_DIR.glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_bundled_configs_ship_and_validate():
+    assert {p.name for p in BUNDLED} >= {"tiny.yaml", "small.yaml", "base.yaml", "large.yaml"}
+    for p in BUNDLED:
+        cfg = load_config(p)
+        assert isinstance(cfg, Config)
+
+
+def test_base_and_large_are_robertas_published_shapes():
+    base, large = load_config(BUNDLED_CONFIG_DIR / "base.yaml"), load_config(BUNDLED_CONFIG_DIR / "large.yaml")
+    assert (base.model.hidden_size, base.model.num_layers, base.model.num_heads, base.model.intermediate_size) == (
+        768, 12, 12, 3072)
+    assert (large.model.hidden_size, large.model.num_layers, large.model.num_heads, large.model.intermediate_size) == (
+        1024, 24, 16, 4096)
+    for cfg, lr in ((base, 6e-4), (large, 4e-4)):
+        t = cfg.training
+        assert t.learning_rate == lr
+        assert t.batch_size * t.gradient_accumulation_steps == 8192
+        assert (t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay) == (0.9, 0.98, 1e-6, 0.01)
+        assert t.max_steps == 500_000
+        assert cfg.model.max_position_embeddings == 514
+
+
+def test_bundled_name_resolves_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("base.yaml", None) == BUNDLED_CONFIG_DIR / "base.yaml"
+    own = write(tmp_path, "training: {batch_size: 3}\n", "mine.yaml")
+    assert resolve_config_path("mine.yaml", str(tmp_path)) == own
+    assert resolve_config_path(str(own), None) == own  # an existing path works as --config_file
+    with pytest.raises(UserError, match="nope.yaml"):
+        resolve_config_path("nope.yaml", None)
+
+
+def test_unknown_key_names_file_key_and_nearest(tmp_path):
+    p = write(tmp_path, "training:\n  learnin_rate: 0.1\n")
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "training.learnin_rate" in msg and "did you mean training.learning_rate" in msg
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="unknown key optimizer.*valid keys: model, data, training"):
+        load_config(write(tmp_path, "optimizer: {lr: 1}\n"))
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("training: {batch_size: many}\n", "training.batch_size"),
+        ("training: {batch_size: 0}\n", "training.batch_size"),
+        ("training: {learning_rate: -1.0}\n", "training.learning_rate"),
+        ("training: {precision: fp8}\n", "training.precision"),
+        ("data: {mask_probability: 1.5}\n", "data.mask_probability"),
+        ("model: {num_layers: 2.5}\n", "model.num_layers"),
+        ("checkpoint: {max_checkpoints: 0}\n", "checkpoint.max_checkpoints"),
+    ],
+)
+def test_wrong_type_or_range_names_the_key(tmp_path, text, key):
+    p = write(tmp_path, text)
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert key in str(e.value) and str(p) in str(e.value)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    p = write(tmp_path, "model:\n  hidden_size: [64\n")
+    with pytest.raises(UserError, match=r"not valid YAML at line \d+"):
+        load_config(p)
+
+
+def test_heads_must_divide_hidden(tmp_path):
+    with pytest.raises(UserError, match="divisible by model.num_heads"):
+        load_config(write(tmp_path, "model: {hidden_size: 65, num_heads: 2}\n"))
+
+
+def test_precedence_defaults_yaml_flags(tmp_path):
+    p = write(tmp_path, "training: {batch_size: 7, learning_rate: 0.01}\n")
+    cfg = load_config(p, {"training.batch_size": 3})
+    assert cfg.training.batch_size == 3  # flag beats YAML
+    assert cfg.training.learning_rate == 0.01  # YAML beats default
+    assert cfg.training.warmup_steps == Config().training.warmup_steps  # default where neither speaks
+
+
+def test_every_field_is_documented():
+    for section in Config.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, f"{section.annotation.__name__}.{name} has no docstring"
+
+
+def test_resolved_config_round_trips_through_yaml():
+    cfg = Config()
+    assert Config.model_validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg

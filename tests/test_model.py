@@ -1,0 +1,98 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encoder_train.model import IGNORE_INDEX, MaskedLM, ModelDims
+
+PAD = 1
+
+
+def dims(**kw) -> ModelDims:
+    base = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                max_position_embeddings=40, pad_id=PAD, dropout=0.0, attention_dropout=0.0)
+    return ModelDims(**{**base, **kw})
+
+
+def padded_batch(seed=0, B=4, T=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 128, (B, T), generator=g)
+    lengths = [T, T - 3, 5, 2]
+    for i, n in enumerate(lengths):
+        ids[i, n:] = PAD
+    return ids, ids != PAD
+
+
+def test_shapes_and_tied_embeddings():
+    torch.manual_seed(0)
+    m = MaskedLM(dims())
+    ids, mask = padded_batch()
+    out = m(ids, mask, return_logits=True)
+    assert out.logits.shape == (4, 12, 128) and out.loss is None
+    assert m.head.word_embeddings[0].weight is m.embeddings.word_embeddings.weight
+    names = dict(m.named_parameters())
+    assert "head.bias" in names and not any("decoder" in n for n in names)  # tied: stored once
+    # Parameter count: embeddings + per layer (4 HxH attention, 2 FFN, 2 LN) + head dense/LN/bias.
+    H, I, V, P, L = 32, 64, 128, 40, 2
+    layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H
+    expected = (V + P + 1) * H + 2 * H + L * layer + (H * H + H) + 2 * H + V
+    assert m.num_parameters() == expected
+
+
+def test_fixed_seed_initial_loss_is_uniform_and_reproducible():
+    ids, mask = padded_batch()
+    labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(1234)
+        losses.append(MaskedLM(dims())(ids, mask, labels).loss.item())
+    assert losses[0] == losses[1]
+    # N(0, 0.02) weights: logits near zero, so the loss starts at about ln(V).
+    assert losses[0] == pytest.approx(math.log(128), abs=0.05)
+
+
+def test_sparse_head_equals_dense_cross_entropy():
+    torch.manual_seed(0)
+    m = MaskedLM(dims())
+    ids, mask = padded_batch()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3], labels[1, 0], labels[2, 4] = 7, 9, 11
+    sparse = m(ids, mask, labels)
+    logits = m(ids, mask, return_logits=True).logits
+    dense = F.cross_entropy(logits.view(-1, 128), labels.view(-1), ignore_index=IGNORE_INDEX)
+    assert sparse.loss.item() == pytest.approx(dense.item(), rel=1e-6)
+    positions = torch.nonzero(labels.view(-1) != IGNORE_INDEX).squeeze(1)
+    given = m(ids, mask, labels, predict_positions=positions, reduction="sum")
+    assert given.loss.item() == pytest.approx(3 * dense.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_padding_does_not_change_real_tokens(pre_ln):
+    torch.manual_seed(0)
+    m = MaskedLM(dims(pre_layer_norm=pre_ln)).eval()
+    ids, mask = padded_batch()
+    short = m(ids[2:3, :5], mask[2:3, :5], return_logits=True).logits
+    long = m(ids[2:3], mask[2:3], return_logits=True).logits[:, :5]
+    torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-5)
+
+
+def test_roberta_positions_start_after_pad_id():
+    m = MaskedLM(dims())
+    ids, mask = padded_batch()
+    seen = {}
+    m.embeddings.position_embeddings.register_forward_hook(lambda mod, inp, out: seen.update(pos=inp[0]))
+    m(ids, mask)
+    assert seen["pos"][1].tolist() == [2, 3, 4, 5, 6, 7, 8, 9, 10, PAD, PAD, PAD]
+    assert m.dims.max_tokens == 40 - PAD - 1
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = MaskedLM(dims(pre_layer_norm=True))
+    ids, mask = padded_batch()
+    labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
+    m(ids, mask, labels).loss.backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    # token type 0 is added everywhere, so it gets a gradient too; only pad rows stay zero.
+    assert not missing
