@@ -22,7 +22,8 @@ def take(ds, n, workers=0):
 
 
 def same(a, b):
-    return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels) for x, y in zip(a, b))
+    pairs = zip(a, b, strict=True)
+    return all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels) for x, y in pairs)
 
 
 def test_batches_do_not_depend_on_worker_count(shard_dir):

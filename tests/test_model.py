@@ -34,8 +34,8 @@ def test_shapes_and_tied_embeddings():
     names = dict(m.named_parameters())
     assert "head.bias" in names and not any("decoder" in n for n in names)  # tied: stored once
     # Parameter count: embeddings + per layer (4 HxH attention, 2 FFN, 2 LN) + head dense/LN/bias.
-    H, I, V, P, L = 32, 64, 128, 40, 2
-    layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H
+    H, FF, V, P, L = 32, 64, 128, 40, 2
+    layer = 4 * (H * H + H) + (H * FF + FF) + (FF * H + H) + 2 * 2 * H
     expected = (V + P + 1) * H + 2 * H + L * layer + (H * H + H) + 2 * H + V
     assert m.num_parameters() == expected
 

@@ -57,7 +57,8 @@ def history(wandb_dir: Path) -> list[dict]:
     for f in run_files(wandb_dir):
         for r in read_records(f):
             if r.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+                items = r.history.item
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
     return rows
 
 
