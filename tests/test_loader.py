@@ -2,15 +2,14 @@ import pytest
 import torch
 
 from conftest import EOS, MASK, PAD, make_shards
-from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.errors import UserError
 
 
-def dataset(shards, **kw):
-    args = dict(batch_size=8, seed=0, shuffle_files=2, pad_id=PAD, mask_id=MASK, special_ids=(0, 1, 2, 3, 4),
-                vocab_size=128, mask_probability=0.15)
-    return MLMBatches(shards, **{**args, **kw})
+def dataset(shards, p=0.15, **kw):
+    spec = MaskSpec(pad_id=PAD, mask_id=MASK, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=p)
+    return MLMBatches(shards, spec, **{"batch_size": 8, "seed": 0, "shuffle_files": 2, **kw})
 
 
 def take(ds, n, workers=0):
@@ -46,7 +45,7 @@ def test_trimmed_to_longest_row_and_masks_fresh_each_epoch(tmp_path):
     rows[3, 5:9], rows[3, 9] = torch.arange(10, 14), EOS  # one is 10
     torch.save(rows, tmp_path / "a.pt")
     shards = scan_shards(tmp_path, 128)
-    batches = take(dataset(shards, batch_size=8, mask_probability=0.5), 6)
+    batches = take(dataset(shards, batch_size=8, p=0.5), 6)
     assert all(b.input_ids.shape == (8, 10) for b in batches)
     assert batches[0].num_tokens == 7 * 6 + 10
     assert torch.equal(batches[0].attention_mask, batches[0].input_ids != PAD)

@@ -35,6 +35,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder holding --config_file (default: the configs bundled with encoder-train)")
     p.add_argument("--data_dir", default=None, help="folder of training .pt shards, searched recursively")
     p.add_argument("--tokenizer_filepath", default=None, help="Hugging Face tokenizers JSON file (tokenizer.json)")
+    p.add_argument("--val_data_dir", default=None,
+                   help="folder of held-out .pt shards, evaluated every training.eval_every steps and at the end")
     p.add_argument("--checkpoint_dir", default=None,
                    help="folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--load_checkpoint", default=None,
@@ -67,6 +69,62 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out MLM loss, accuracy and perplexity of a checkpoint, as one JSON line",
+        description="Evaluate a checkpoint on .pt shards with a fixed, seeded mask (numbers compare across runs "
+        "and checkpoints). Prints one JSON line: loss, accuracy, perplexity, tokens (predicted), real_tokens, rows.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    p.add_argument("--data_dir", required=True, help="folder of held-out .pt shards, searched recursively")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="rows per batch (default 32)")
+    p.add_argument("--max_batches", type=positive_int, default=None, help="stop after this many batches")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from encoder_train.evaluate import run_evaluate as evaluate_checkpoint
+    from encoder_train.train import pick_device
+
+    result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.batch_size, args.max_batches, pick_device())
+    print(json.dumps(result))
+    return 0
+
+
+def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fill-mask",
+        help="the most likely tokens for each <mask> in a text",
+        description="Print the top-k tokens, with probabilities, for each <mask> in TEXT.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    p.add_argument("--tokenizer_filepath", default=None,
+                   help="tokenizer.json (default: the tokenizer stored in the checkpoint)")
+    p.add_argument("--top_k", type=positive_int, default=5, help="tokens to show per <mask> (default 5)")
+    p.add_argument("text", nargs="+", help='text with <mask>, e.g. "The <mask> sat on the mat."')
+    p.set_defaults(func=run_fill_mask)
+
+
+def run_fill_mask(args: argparse.Namespace) -> int:
+    from encoder_train.evaluate import fill_mask, load_trained
+    from encoder_train.tokenizer import load_tokenizer
+    from encoder_train.train import pick_device
+
+    device = pick_device()
+    trained = load_trained(args.checkpoint, device)
+    if args.tokenizer_filepath:
+        trained.tokenizer = load_tokenizer(args.tokenizer_filepath)
+    for text in args.text:
+        print(text)
+        for i, candidates in enumerate(fill_mask(trained, text, args.top_k, device)):
+            shown = "  ".join(f"{tok!r} {p:.3f}" for tok, p in candidates)
+            print(f"  mask {i + 1}: {shown}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="encoder-train",
@@ -74,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_fill_mask_parser(sub)
     return parser
 
 

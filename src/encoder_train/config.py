@@ -65,6 +65,8 @@ class DataConfig(Section):
     """Folder of training `.pt` shards, searched recursively (flag --data_dir)."""
     tokenizer_filepath: str | None = None
     """Hugging Face `tokenizers` JSON file (flag --tokenizer_filepath)."""
+    val_data_dir: str | None = None
+    """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
     mask_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
     num_workers: int = Field(default=2, ge=0)
@@ -104,6 +106,10 @@ class TrainingConfig(Section):
     """Seeds initialisation, dropout, data order and masking."""
     log_interval: int = Field(default=10, ge=1)
     """Steps between progress-bar updates and lines in metrics.jsonl."""
+    eval_every: int = Field(default=1000, ge=1)
+    """Steps between held-out evaluations (when data.val_data_dir is set); one also runs at the end."""
+    eval_batches: int | None = Field(default=None, ge=1)
+    """Evaluate on at most this many batches of the validation data; absent: all of it."""
 
 
 class CheckpointConfig(Section):
@@ -158,6 +164,7 @@ class Config(Section):
 FLAG_TO_KEY: dict[str, str] = {
     "data_dir": "data.data_dir",
     "tokenizer_filepath": "data.tokenizer_filepath",
+    "val_data_dir": "data.val_data_dir",
     "batch_size": "training.batch_size",
     "gradient_clip": "training.gradient_clip",
     "checkpoint_dir": "checkpoint.checkpoint_dir",

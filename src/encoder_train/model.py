@@ -200,14 +200,21 @@ class MaskedLM(nn.Module):
         """
         if attention_mask is None:
             attention_mask = input_ids != self.dims.pad_id
-        h = self.encoder(self.embeddings(input_ids, attention_mask), attention_mask)  # (B, T, H)
+        h = self.encode(input_ids, attention_mask)  # (B, T, H)
         logits = self.head(h) if return_logits else None
         loss = None
         if labels is not None:
             flat_labels = labels.reshape(-1)
             if predict_positions is None:
                 predict_positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)  # host waits here
-            picked = h.reshape(-1, h.shape[-1]).index_select(0, predict_positions)  # (N, H)
             target = flat_labels.index_select(0, predict_positions)  # (N,)
-            loss = F.cross_entropy(self.head(picked).float(), target, reduction=reduction)
+            loss = F.cross_entropy(self.predict(h, predict_positions).float(), target, reduction=reduction)
         return MLMOutput(loss=loss, logits=logits)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, T, H) final hidden states."""
+        return self.encoder(self.embeddings(input_ids, attention_mask), attention_mask)
+
+    def predict(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits at flat positions only: hidden (B, T, H), positions (N,) -> (N, V)."""
+        return self.head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))

@@ -55,6 +55,16 @@ class Tracker:
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
+    def log_eval(self, metrics: dict[str, float | int]) -> None:
+        """A held-out evaluation: a line above the bar, metrics.jsonl and W&B."""
+        self.write(
+            f"step {metrics['step']}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.4f}, "
+            f"perplexity {metrics['val_perplexity']:.2f}"
+        )
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.log_wandb(metrics)
+
     def log_wandb(self, metrics: dict[str, float | int]) -> None:
         if self.run is not None:
             step = int(metrics["step"])

@@ -20,9 +20,10 @@ import torch
 
 from encoder_train import checkpoint
 from encoder_train.config import Config, ModelConfig, dump_yaml, resolved_vocab_size
-from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.errors import UserError
+from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.tokenizer import SpecialTokens, load_tokenizer, special_tokens
@@ -129,6 +130,8 @@ def train(config: Config) -> TrainResult:
     tokenizer_vocab = tokenizer.get_vocab_size()
     dims = model_dims(config.model, tokenizer_vocab, special.pad, "config")
     shards = scan_shards(cfg_d.data_dir, dims.max_tokens)
+    val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens) if cfg_d.val_data_dir else None
+    spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer_vocab, cfg_d.mask_probability)
     ckpt_dir = checkpoint.ensure_writable(cfg_c.checkpoint_dir)
     state, resumed_from = find_resume(config)
 
@@ -161,6 +164,7 @@ def train(config: Config) -> TrainResult:
     print(
         f"data: {len(shards)} shards, {sum(s.rows for s in shards)} rows; {rows_per_step} rows per step "
         f"({cfg_t.batch_size} x {cfg_t.gradient_accumulation_steps} accumulation)"
+        + (f"; validation: {sum(s.rows for s in val_shards)} rows" if val_shards else "")
     )
     if resumed_from is not None:
         print(f"resuming from {resumed_from} at step {step} (learning rate {scheduler.get_last_lr()[0]:.3e})")
@@ -172,14 +176,10 @@ def train(config: Config) -> TrainResult:
     stream = BatchStream(
         MLMBatches(
             shards,
+            spec,
             batch_size=cfg_t.batch_size,
             seed=cfg_t.seed,
             shuffle_files=cfg_d.shuffle_files,
-            pad_id=special.pad,
-            mask_id=special.mask,
-            special_ids=special.all_ids,
-            vocab_size=tokenizer_vocab,
-            mask_probability=cfg_d.mask_probability,
             start_row=rows_consumed,
         ),
         num_workers=cfg_d.num_workers,
@@ -213,6 +213,8 @@ def train(config: Config) -> TrainResult:
                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             },
             "dims": dataclasses.asdict(dims),
+            # The tokenizer travels with the weights: evaluate, fill-mask and export need no other file.
+            "tokenizer": {"json": tokenizer.to_str(), "mask_spec": dataclasses.asdict(spec)},
             "config": config.to_dict(),
             "wandb_run_id": tracker.wandb_run_id,
         }
@@ -269,6 +271,11 @@ def train(config: Config) -> TrainResult:
                 loss_sum.zero_()
                 norm_sum.zero_()
                 steps_since_log, tokens_since_log, t_log = 0, 0, now
+
+            if val_shards and (step % cfg_t.eval_every == 0 or step == cfg_t.max_steps):
+                result = evaluate(model, val_shards, spec, batch_size=cfg_t.batch_size, device=device,
+                                  autocast=autocast, max_batches=cfg_t.eval_batches)
+                tracker.log_eval({"step": step, **{f"val_{k}": v for k, v in result.items()}})
 
             if step % cfg_c.checkpoint_every == 0 or step == cfg_t.max_steps:
                 last_path = checkpoint.save(snapshot(), ckpt_dir, step)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from encoder_train.data.masking import mask_tokens
 from encoder_train.data.shards import RowOrder, ShardInfo, check_values, derive_seed, load_shard
 from encoder_train.errors import UserError
+from encoder_train.model import IGNORE_INDEX
 
 
 @dataclass
@@ -65,6 +66,42 @@ class DataError:
     message: str
 
 
+@dataclass(frozen=True)
+class MaskSpec:
+    """What masking needs to know about the vocabulary; built once from the tokenizer."""
+
+    pad_id: int
+    mask_id: int
+    special_ids: tuple[int, ...]  # never selected, never drawn as random replacements
+    vocab_size: int  # the tokenizer's (not the model's padded) vocabulary
+    probability: float
+
+
+def collate(rows: torch.Tensor, spec: MaskSpec, generator: torch.Generator, first_row: int = 0) -> Batch:
+    """rows (B, W) right-padded ids -> a masked Batch trimmed to its longest row: (B, T), T <= W."""
+    real = rows != spec.pad_id
+    width = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 1
+    rows, real = rows[:, :width].long(), real[:, :width]
+    inputs, labels = mask_tokens(
+        rows,
+        mask_probability=spec.probability,
+        mask_id=spec.mask_id,
+        special_ids=torch.tensor(spec.special_ids, dtype=torch.long),
+        vocab_size=spec.vocab_size,
+        generator=generator,
+    )
+    positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
+    return Batch(
+        input_ids=inputs,
+        attention_mask=real,
+        labels=labels,
+        predict_positions=positions,
+        num_tokens=int(real.sum()),
+        num_predicted=len(positions),
+        first_row=first_row,
+    )
+
+
 class MLMBatches(IterableDataset):
     """Endless masked batches of `batch_size` rows starting at row `start_row`; every `stride`-th batch
     is taken (stride > 1 leaves the batches in between to other data-parallel ranks)."""
@@ -72,27 +109,19 @@ class MLMBatches(IterableDataset):
     def __init__(
         self,
         shards: list[ShardInfo],
+        spec: MaskSpec,
         *,
         batch_size: int,
         seed: int,
         shuffle_files: int,
-        pad_id: int,
-        mask_id: int,
-        special_ids: tuple[int, ...],
-        vocab_size: int,
-        mask_probability: float,
         start_row: int = 0,
         stride: int = 1,
     ):
         self.shards = shards
+        self.spec = spec
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_files = shuffle_files
-        self.pad_id = pad_id
-        self.mask_id = mask_id
-        self.special_ids = torch.tensor(special_ids, dtype=torch.long)
-        self.vocab_size = vocab_size
-        self.mask_probability = mask_probability
         self.start_row = start_row
         self.stride = stride
 
@@ -113,45 +142,22 @@ class MLMBatches(IterableDataset):
             except UserError as e:
                 yield DataError(str(e))
                 return
-            yield self._collate(torch.stack(rows), first)
+            # The mask's seed comes from the batch's position: fresh on every pass, reproducible on resume.
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "mask", first))
+            yield collate(torch.stack(rows), self.spec, g, first)
 
     def _row(self, where: tuple[int, int], opened: OrderedDict, checked: set[int]) -> torch.Tensor:
         shard, row = where
         if shard not in opened:
             t = load_shard(self.shards[shard].path)
             if shard not in checked:  # each shard's ids are checked once per worker, on first use
-                check_values(self.shards[shard].path, t, self.vocab_size)
+                check_values(self.shards[shard].path, t, self.spec.vocab_size)
                 checked.add(shard)
             opened[shard] = t
             if len(opened) > 2 * self.shuffle_files:  # bound the open memory maps
                 opened.popitem(last=False)
         opened.move_to_end(shard)
-        return opened[shard][row].long()
-
-    def _collate(self, rows: torch.Tensor, first_row: int) -> Batch:
-        # rows (B, W) -> trim to the longest row in the batch: (B, T), T <= W.
-        real = rows != self.pad_id
-        width = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 1
-        rows, real = rows[:, :width], real[:, :width]
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "mask", first_row))
-        inputs, labels = mask_tokens(
-            rows,
-            mask_probability=self.mask_probability,
-            mask_id=self.mask_id,
-            special_ids=self.special_ids,
-            vocab_size=self.vocab_size,
-            generator=g,
-        )
-        positions = torch.nonzero(labels.reshape(-1) != -100).squeeze(1)
-        return Batch(
-            input_ids=inputs,
-            attention_mask=real,
-            labels=labels,
-            predict_positions=positions,
-            num_tokens=int(real.sum()),
-            num_predicted=len(positions),
-            first_row=first_row,
-        )
+        return opened[shard][row]
 
 
 class BatchStream:

@@ -1,0 +1,142 @@
+"""Held-out MLM loss, masked-token accuracy and perplexity; fill-mask; loading a trained checkpoint.
+
+Evaluation reads the validation shards in a fixed order (sorted files, rows in order) and masks each
+batch with a generator seeded from `EVAL_SEED` and the batch's index, never from the training seed:
+the same rows get the same masks in every run and at every checkpoint, so numbers compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from encoder_train import checkpoint
+from encoder_train.data.loader import Batch, MaskSpec, collate
+from encoder_train.data.shards import ShardInfo, check_values, derive_seed, load_shard, scan_shards
+from encoder_train.errors import UserError
+from encoder_train.model import MaskedLM, ModelDims
+
+EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
+
+
+def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
+    """Every row of every shard, in order, `batch_size` rows at a time, masked with the fixed eval seed."""
+    index = 0
+    for shard in shards:
+        t = load_shard(shard.path)
+        check_values(shard.path, t, spec.vocab_size)
+        for start in range(0, shard.rows, batch_size):
+            if max_batches is not None and index >= max_batches:
+                return
+            g = torch.Generator().manual_seed(derive_seed(EVAL_SEED, index))
+            yield collate(t[start : start + batch_size], spec, g)
+            index += 1
+
+
+@torch.no_grad()
+def evaluate(
+    model: MaskedLM,
+    shards: list[ShardInfo],
+    spec: MaskSpec,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    max_batches: int | None = None,
+) -> dict[str, float | int]:
+    """Mean loss and accuracy over every predicted token of the held-out rows; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    predicted, tokens, rows = 0, 0, 0
+    try:
+        for b in eval_batches(shards, spec, batch_size, max_batches):
+            b = b.to(device)
+            with autocast or contextlib.nullcontext():
+                hidden = model.encode(b.input_ids, b.attention_mask)
+                logits = model.predict(hidden, b.predict_positions).float()  # (N, V)
+            target = b.labels.reshape(-1).index_select(0, b.predict_positions)
+            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            # Padded vocabulary rows are no tokens: the prediction is over the tokenizer's ids only.
+            correct += (logits[:, : spec.vocab_size].argmax(-1) == target).sum()
+            predicted += b.num_predicted
+            tokens += b.num_tokens
+            rows += b.input_ids.shape[0]
+    finally:
+        model.train(was_training)
+    loss = loss_sum.item() / max(predicted, 1)  # host waits for the device here
+    return {
+        "loss": loss,
+        "accuracy": correct.item() / max(predicted, 1),
+        "perplexity": math.exp(min(loss, 700.0)),
+        "tokens": predicted,
+        "real_tokens": tokens,
+        "rows": rows,
+    }
+
+
+@dataclass
+class Trained:
+    """A model restored from a checkpoint, with what inference needs around it."""
+
+    model: MaskedLM
+    tokenizer: Tokenizer
+    spec: MaskSpec
+    state: dict[str, Any]
+
+
+def load_trained(path: str | Path, device: torch.device) -> Trained:
+    """Rebuild the model and tokenizer stored in a checkpoint (no other file needed)."""
+    state = checkpoint.load(path)
+    try:
+        dims = ModelDims(**state["dims"])
+        tokenizer = Tokenizer.from_str(state["tokenizer"]["json"])
+        spec = MaskSpec(**state["tokenizer"]["mask_spec"])
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {path} lacks the model shape or tokenizer; it was not written by this "
+                        "version of encoder-train.") from None
+    model = MaskedLM(dims)
+    model.load_state_dict(state["model"])
+    return Trained(model.to(device).eval(), tokenizer, spec, state)
+
+
+def run_evaluate(checkpoint_path: str, data_dir: str, batch_size: int, max_batches: int | None,
+                 device: torch.device) -> dict[str, float | int]:
+    trained = load_trained(checkpoint_path, device)
+    shards = scan_shards(data_dir, trained.model.dims.max_tokens)
+    result = evaluate(trained.model, shards, trained.spec, batch_size=batch_size, device=device,
+                      max_batches=max_batches)
+    return {"checkpoint": str(checkpoint_path), "step": trained.state["step"], **result}
+
+
+@torch.no_grad()
+def fill_mask(trained: Trained, text: str, top_k: int, device: torch.device) -> list[list[tuple[str, float]]]:
+    """For each `<mask>` in `text`: the `top_k` most likely tokens with their probabilities."""
+    tok, spec = trained.tokenizer, trained.spec
+    mask_token = tok.id_to_token(spec.mask_id)
+    if mask_token not in text:
+        raise UserError(f"the text has no {mask_token} to fill in; write {mask_token} where a word should go.")
+    ids = tok.encode(text).ids  # with the tokenizer's post-processor: <s> ... </s>
+    if len(ids) > trained.model.dims.max_tokens:
+        raise UserError(f"the text is {len(ids)} tokens long; the model reads at most {trained.model.dims.max_tokens}.")
+    input_ids = torch.tensor([ids], device=device)
+    positions = torch.nonzero(input_ids.view(-1) == spec.mask_id).squeeze(1)
+    hidden = trained.model.encode(input_ids, input_ids != spec.pad_id)
+    logits = trained.model.predict(hidden, positions).float()[:, : spec.vocab_size]
+    # Special tokens are never the answer to a masked word.
+    logits[:, list(spec.special_ids)] = float("-inf")
+    probs = logits.softmax(-1)
+    top = probs.topk(top_k, dim=-1)
+    return [
+        [(tok.decode([i]), p) for i, p in zip(idx.tolist(), pr.tolist(), strict=True)]
+        for idx, pr in zip(top.indices, top.values, strict=True)
+    ]
