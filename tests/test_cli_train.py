@@ -204,3 +204,30 @@ def test_module_entry_point_help_and_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "encoder_train", "train", "--config_file", "tiny.yaml", "--data_dir",
                         str(tmp_path / "absent"), "--tokenizer_filepath", str(tok)], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+def test_without_wandb_flag_wandb_is_never_imported(tmp_path, shard_dir, tokenizer_file):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.replace("max_steps: 60", "max_steps: 2"))
+    code = (
+        "import sys\n"
+        "from encoder_train.cli import main\n"
+        f"rc = main(['train', '--config_file', {str(cfg)!r}, '--data_dir', {str(shard_dir)!r},"
+        f" '--tokenizer_filepath', {str(tokenizer_file)!r}, '--checkpoint_dir', {str(tmp_path / 'ck')!r}])\n"
+        "assert rc == 0, rc\n"
+        "assert 'wandb' not in sys.modules, 'wandb was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (tmp_path / "ck" / "wandb").exists()
+
+
+def test_bf16_autocast_trains_on_cpu(capsys, shard_dir, tokenizer_file, tmp_path):
+    cfg = tmp_path / "bf16.yaml"
+    cfg.write_text(CONFIG.replace("precision: fp32", "precision: bf16").replace("max_steps: 60", "max_steps: 20"))
+    rc, out, _ = train(capsys, cfg, shard_dir, tokenizer_file, tmp_path / "ck")
+    assert rc == 0 and "precision bf16" in out
+    state = torch.load(tmp_path / "ck" / "checkpoint_00000020.pt", weights_only=True)
+    assert all(t.dtype == torch.float32 for t in state["model"].values())  # fp32 master weights
+    rows = metrics(tmp_path / "ck")
+    assert rows[-1]["loss"] < rows[0]["loss"]
