@@ -5,8 +5,8 @@ Two sources, in this order, each sorted by name so the file is the same for a gi
 
 1. the documentation topics that `help("if")` shows (`pydoc_data.topics.topics`, about 0.5 MB);
 2. the docstrings of standard-library modules and of the classes, functions and methods they define
-   (several MB). Collecting them means importing about a thousand modules, so that happens in a child
-   process: whatever an import prints, changes or leaves behind stays there.
+   (about 1.4 MB on CPython 3.11). Collecting them means importing some 500 modules, so that happens
+   in a child process: whatever an import prints, changes or leaves behind stays there.
 
 The output is plain text in the format `iter_texts` reads: one document per paragraph, documents
 separated by one blank line, no blank line inside a document.
@@ -28,6 +28,8 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from encoder_train.errors import UserError
 
 # Modules never imported: they open windows or browsers, print on import, read the terminal, or only
 # hold tests. Matched against every dotted component of a module name.
@@ -85,6 +87,9 @@ def write_stdlib_corpus(path: Path, max_bytes: int | None = None) -> CorpusInfo:
             f.write(chunk)
             written += size
             counts[source] += 1
+    if written == 0:
+        tmp.unlink()
+        raise UserError(f"max_bytes {max_bytes} is smaller than the first document; pass a larger max_bytes.")
     os.replace(tmp, path)  # a half-written corpus never sits at `path`
     return CorpusInfo(
         path=path,
@@ -114,13 +119,18 @@ def _docstring_documents() -> Iterator[str]:
     """Run `_collect_docstrings` in a child Python (same interpreter) and yield what it wrote."""
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "docstrings.jsonl"
+        # -I -S: no environment variables, no site-packages and no .pth hooks (setuptools replaces
+        # distutils from one), so only the standard library is seen. This package is appended after
+        # it for the child to import this module.
+        package_root = str(Path(__file__).resolve().parents[1])
+        code = f"import sys; sys.path.append({package_root!r}); import {__name__} as m; m._collect_docstrings()"
         child = subprocess.run(
-            [sys.executable, "-c", f"from {__name__} import _collect_docstrings; _collect_docstrings()", out],
+            [sys.executable, "-I", "-S", "-c", code, out],
             check=False,  # a failure is reported below, with the child's stderr
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,  # imports may print, even from C code; nothing of it is wanted
             stderr=subprocess.PIPE,
-            cwd=folder,  # an empty folder first on sys.path: nothing there shadows a stdlib module
+            cwd=folder,
             timeout=DOCSTRING_TIMEOUT_S,
         )
         if child.returncode != 0:
@@ -159,9 +169,7 @@ def _stdlib_module_names() -> Iterator[str]:
 
 def _wanted(name: str) -> bool:
     """False for private modules (`_x`, `__main__`, which runs code), tests, and `SKIPPED_MODULES`."""
-    return not any(
-        part.startswith(("_", "test_")) or part in SKIPPED_MODULES for part in name.split(".")
-    )
+    return not any(part.startswith(("_", "test_")) or part in SKIPPED_MODULES for part in name.split("."))
 
 
 def _quiet_import(name: str) -> ModuleType | None:

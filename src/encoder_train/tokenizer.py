@@ -9,9 +9,11 @@ as well: the names are looked up in that order.
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,9 @@ def special_tokens(tokenizer: Tokenizer, path: str | Path = "the tokenizer") -> 
 # A paragraph longer than this is cut at a line boundary into several documents, so that one file
 # without blank lines never has to fit in memory at once.
 MAX_DOCUMENT_CHARS = 1 << 20
+
+# Progress is reported every this many lines: asking the file for its position costs a system call.
+PROGRESS_EVERY_LINES = 256
 
 
 def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | None = None) -> Iterator[str]:
@@ -176,33 +181,49 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
     try:
         raw = open(path, "rb")  # noqa: SIM115 - closed by `with raw` below; opened apart to name the error
     except OSError as e:
-        raise UserError(f"input file {path} cannot be read ({e.strerror}); check the path and its permissions.")
+        raise UserError(
+            f"input file {path} cannot be read ({e.strerror}); check the path and its permissions."
+        ) from None
     with raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.name.lower().endswith(".gz") else raw
-        position = 0
-        for number in itertools.count(1):
+        binary = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
+        # utf-8-sig drops a leading byte-order mark; newline=None ends lines at \n, \r\n and \r.
+        text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline=None)
+        number = reported = 0
+        try:
+            for number, line in enumerate(text, start=1):
+                yield number, line.removesuffix("\n")
+                if progress is not None and number % PROGRESS_EVERY_LINES == 0:
+                    progress(raw.tell() - reported)  # bytes on disk: compressed ones for .gz
+                    reported = raw.tell()
+        except UnicodeDecodeError:
+            raise UserError(
+                f"{path} line {_first_non_utf8_line(path)} is not UTF-8 text; convert the file to UTF-8 "
+                "(e.g. with iconv)."
+            ) from None
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz is an EOFError
+            raise UserError(
+                f"input file {path} could not be read past line {number} ({e}); check that the file is "
+                "complete (and valid gzip if it ends in .gz)."
+            ) from None
+        if progress is not None:
+            progress(raw.tell() - reported)
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """Number of the first line that is not valid UTF-8 (slow; only used to word an error)."""
+    with open(path, "rb") as raw:
+        binary = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
+        for number, line in enumerate(binary, start=1):
             try:
-                line = stream.readline()
-            except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz is an EOFError
-                raise UserError(
-                    f"input file {path} could not be read past line {number - 1} ({e}); "
-                    "check that the file is complete (and valid gzip if it ends in .gz)."
-                ) from None
-            if not line:
-                return
-            if progress is not None:
-                progress(raw.tell() - position)  # bytes on disk: compressed ones for .gz
-                position = raw.tell()
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path} line {number} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                    "convert the file to UTF-8 (e.g. with iconv)."
-                ) from None
-            if number == 1:
-                text = text.removeprefix("\ufeff")  # a byte-order mark is not text
-            yield number, text.removesuffix("\n").removesuffix("\r")
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0  # the file decodes line by line; the error was elsewhere
+
+
+def _is_gzip(path: Path) -> bool:
+    """True for `*.gz`."""
+    return path.name.lower().endswith(".gz")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -248,7 +269,7 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         min_frequency=min_frequency,
         special_tokens=list(ROBERTA_SPECIAL_TOKENS),
         initial_alphabet=byte_alphabet,  # all 256 bytes, even those the corpus lacks
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),  # a progress bar for a person at a terminal, not for logs
     )
     documents = iter_texts(inputs)
     batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
@@ -256,8 +277,9 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
 
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     # `<s> A </s>` and `<s> A </s></s> B </s>`, as RoBERTa; pretokenize packs rows without it.
+    # (sep, cls) are passed by position: the keyword for cls differs between tokenizers versions.
     tokenizer.post_processor = processors.RobertaProcessing(
-        sep=("</s>", eos), cls=("<s>", bos), trim_offsets=True, add_prefix_space=False
+        ("</s>", eos), ("<s>", bos), trim_offsets=True, add_prefix_space=False
     )
 
     try:
@@ -266,5 +288,7 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         tokenizer.save(str(tmp))
         os.replace(tmp, output)  # never leave a half-written tokenizer.json behind
     except OSError as e:
-        raise UserError(f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output.")
+        raise UserError(
+            f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output."
+        ) from None
     return tokenizer
