@@ -3,11 +3,14 @@
 One file per checkpoint, `checkpoint_XXXXXXXX.pt` with the zero-padded optimizer step, holding only
 tensors and builtins so that `torch.load(weights_only=True)` reads it. A file is written under a
 temporary name in the same folder, flushed, fsynced, then renamed: no partial file ever carries a
-checkpoint's name. Old checkpoints are deleted only after the new one is in place.
+checkpoint's name. Old checkpoints are deleted only after the new one is in place. Each checkpoint
+carries a digest of its whole content, checked on load: a file damaged after it was written (a bad
+disk, a copy cut short) is refused instead of silently resuming from wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -20,6 +23,33 @@ import torch
 from encoder_train.errors import UserError
 
 NAME = re.compile(r"^checkpoint_(\d{8,})\.pt$")
+TEMPORARY = re.compile(r"^\.checkpoint_\d{8,}\.pt\..*\.tmp$")
+
+
+def digest(obj: Any) -> str:
+    """A hash of a checkpoint's content: every tensor's dtype, shape and bytes, every builtin's repr."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(repr(obj).encode())
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
@@ -56,9 +86,19 @@ def ensure_writable(directory: str | Path) -> Path:
     return directory
 
 
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete half-written temporary files left by a run killed while saving (never a named checkpoint)."""
+    directory = Path(directory)
+    stale = [p for p in directory.iterdir() if TEMPORARY.match(p.name)] if directory.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
     """Write `state` atomically as the checkpoint of `step`; returns its path."""
     final = checkpoint_path(directory, step)
+    state = {**state, "checksum": digest(state)}
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -108,4 +148,19 @@ def load(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"checkpoint {path} is not an encoder-train checkpoint (no model and step inside).")
+    if state.pop("checksum", None) != digest(state):
+        raise UserError(
+            f"checkpoint {path} fails verification (its content does not match its checksum); "
+            "resume from an earlier checkpoint instead."
+        )
     return state
+
+
+def load_latest_good(directory: str | Path, note=print) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that loads and verifies; newer damaged ones are skipped, and said so."""
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return load(path), path
+        except UserError as e:
+            note(f"skipping {path.name}: {e}")
+    return None

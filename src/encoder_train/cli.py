@@ -65,8 +65,9 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from encoder_train.train import train  # imports torch: kept out of `--help`
 
-    train(config_from_args(args))
-    return 0
+    result = train(config_from_args(args))
+    # Stopped by a signal: exit as a shell would (128 + signal), so a job chain does not carry on.
+    return 128 + result.stopped_by if result.stopped_by else 0
 
 
 def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:

@@ -102,6 +102,8 @@ class TrainingConfig(Section):
     """Clip the gradient's global L2 norm to this value; 0 disables clipping (flag --gradient_clip)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
+    max_nonfinite_steps: int = Field(default=5, ge=1)
+    """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped)."""
     seed: int = 0
     """Seeds initialisation, dropout, data order and masking."""
     log_interval: int = Field(default=10, ge=1)

@@ -24,6 +24,7 @@ class Tracker:
         metrics_path: Path,
         total_steps: int,
         start_step: int,
+        fresh: bool,
         wandb_enabled: bool,
         wandb_project: str,
         wandb_run_id: str | None,
@@ -33,6 +34,15 @@ class Tracker:
     ):
         self.metrics_path = metrics_path
         self.wandb_log_freq = wandb_log_freq
+        # Steps already recorded, per kind of record. A resumed run repeats the steps between its
+        # checkpoint and the crash; resume is exact, so those records exist already, with the same values.
+        self.logged = {"train": 0, "eval": 0}
+        if metrics_path.exists():
+            if fresh:  # a new run: an old file belongs to a run that left no checkpoint
+                aside = metrics_path.with_name(f"metrics.{int(metrics_path.stat().st_mtime)}.jsonl")
+                metrics_path.rename(aside)
+            else:
+                self.logged = _last_logged(metrics_path)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr)
         self.run = None
@@ -52,6 +62,11 @@ class Tracker:
             loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
             refresh=False,
         )
+        self._append("train", metrics)
+
+    def _append(self, kind: str, metrics: dict[str, float | int]) -> None:
+        if metrics["step"] <= self.logged[kind]:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -61,13 +76,12 @@ class Tracker:
             f"step {metrics['step']}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.4f}, "
             f"perplexity {metrics['val_perplexity']:.2f}"
         )
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self.log_wandb(metrics)
+        self._append("eval", metrics)
+        self.log_wandb(metrics, kind="eval")
 
-    def log_wandb(self, metrics: dict[str, float | int]) -> None:
-        if self.run is not None:
-            step = int(metrics["step"])
+    def log_wandb(self, metrics: dict[str, float | int], kind: str = "train") -> None:
+        step = int(metrics["step"])
+        if self.run is not None and step > self.logged[kind]:
             self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
     def write(self, message: str) -> None:
@@ -79,6 +93,23 @@ class Tracker:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def _last_logged(path: Path) -> dict[str, int]:
+    """The last step of each kind of record; a last line cut short by a kill is removed."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    last = {"train": 0, "eval": 0}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        kind = "eval" if "val_loss" in record else "train"
+        last[kind] = max(last[kind], int(record.get("step", 0)))
+    return last
 
 
 def _start_wandb(project: str, run_id: str | None, config: dict[str, Any], directory: Path) -> Any:

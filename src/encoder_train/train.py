@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,37 @@ class TrainResult:
     tokens_seen: int
     last_loss: float | None
     checkpoint: Path | None
+    stopped_by: int | None = None  # the signal that stopped the run early, if one did
+
+
+class GracefulStop:
+    """First SIGTERM or SIGINT: finish the current optimizer step, checkpoint, exit. Second SIGINT: at once.
+
+    Preemptible machines send SIGTERM some seconds before the kill; finishing one step and writing a
+    checkpoint in that time loses nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def pick_device() -> torch.device:
@@ -103,12 +136,18 @@ def find_resume(config: Config) -> tuple[dict[str, Any] | None, Path | None]:
             )
         return None, None
     if wanted == "latest":
-        path = checkpoint.latest(directory)
-        if path is None:
+        if not existing:
             print(f"no checkpoint in {directory} yet; starting a fresh run.")
             return None, None
-    else:
-        path = Path(wanted)
+        found = checkpoint.load_latest_good(directory)
+        if found is None:
+            raise UserError(
+                f"none of the {len(existing)} checkpoints in {directory} loads; pass a good one with "
+                "--load_checkpoint, or pass another --checkpoint_dir."
+            )
+        # Checkpoints newer than the good one are damaged: the run will write good ones in their place.
+        return found
+    path = Path(wanted)
     state = checkpoint.load(path)
     newer = [s for s, p in existing if s > state["step"] and p.resolve() != path.resolve()]
     if newer:
@@ -133,6 +172,8 @@ def train(config: Config) -> TrainResult:
     val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens) if cfg_d.val_data_dir else None
     spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer_vocab, cfg_d.mask_probability)
     ckpt_dir = checkpoint.ensure_writable(cfg_c.checkpoint_dir)
+    for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
+        print(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
     state, resumed_from = find_resume(config)
 
     torch.manual_seed(cfg_t.seed)
@@ -190,6 +231,7 @@ def train(config: Config) -> TrainResult:
         metrics_path=ckpt_dir / "metrics.jsonl",
         total_steps=cfg_t.max_steps,
         start_step=step,
+        fresh=state is None,
         wandb_enabled=config.wandb.enabled,
         wandb_project=config.wandb.project,
         wandb_run_id=wandb_run_id,
@@ -221,68 +263,104 @@ def train(config: Config) -> TrainResult:
 
     # ---- loop -----------------------------------------------------------------------------------
     model.train()
+    rows_per_epoch = sum(s.rows for s in shards)
     last_path: Path | None = None
     last_loss: float | None = None
     loss_sum = torch.zeros((), device=device)  # summed on the device; read back only at log time
     norm_sum = torch.zeros((), device=device)
     steps_since_log, tokens_since_log, t_log = 0, 0, time.perf_counter()
+    nonfinite_in_a_row = 0
+    saved_step = None if state is None else step
+
+    def save() -> None:
+        nonlocal last_path, saved_step
+        last_path, saved_step = checkpoint.save(snapshot(), ckpt_dir, step), step
+        deleted = checkpoint.rotate(ckpt_dir, cfg_c.max_checkpoints)
+        tracker.write(f"step {step}: saved {last_path}" + (f", removed {len(deleted)} old" if deleted else ""))
+
     try:
-        while step < cfg_t.max_steps:
-            micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
-            # Token-weighted mean over the whole step: each micro-batch's summed loss / all predictions.
-            predicted = max(1, sum(b.num_predicted for b in micro))
-            for b in micro:
-                b = b.to(device)
-                with autocast:
-                    out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum")
-                loss = out.loss / predicted
-                loss.backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            norm_sum += grad_norm.detach()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        with GracefulStop() as stop:
+            while step < cfg_t.max_steps and stop.signum is None:
+                micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
+                # Token-weighted mean over the whole step: each micro-batch's summed loss / all predictions.
+                predicted = max(1, sum(b.num_predicted for b in micro))
+                step_loss = torch.zeros((), device=device)
+                for b in micro:
+                    b = b.to(device)
+                    with autocast:
+                        out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum")
+                    loss = out.loss / predicted
+                    loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                rows_consumed += rows_per_step
+                step_tokens = sum(b.num_tokens for b in micro)
+                tokens_seen += step_tokens
 
-            step += 1
-            rows_consumed += rows_per_step
-            step_tokens = sum(b.num_tokens for b in micro)
-            tokens_seen += step_tokens
-            tokens_since_log += step_tokens
-            steps_since_log += 1
-            tracker.advance()
+                # The one host-device sync of a step: a NaN/inf loss or gradient must not reach the weights.
+                if not bool(torch.isfinite(step_loss + grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite_in_a_row += 1
+                    tracker.write(f"step {step + 1}: loss or gradient norm is not finite; update skipped "
+                                  f"({nonfinite_in_a_row} in a row)")
+                    if nonfinite_in_a_row >= cfg_t.max_nonfinite_steps:
+                        raise UserError(
+                            f"the loss or gradient norm was not finite for {nonfinite_in_a_row} steps in a row "
+                            f"after step {step}; the last good checkpoint is {last_path or resumed_from or 'none'}: "
+                            "lower training.learning_rate or raise training.warmup_steps, then resume from it."
+                        )
+                    continue
+                nonfinite_in_a_row = 0
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum += step_loss
+                norm_sum += grad_norm.detach()
+                tokens_since_log += step_tokens
+                steps_since_log += 1
+                tracker.advance()
 
-            wandb_due = tracker.run is not None and step % config.wandb.log_freq == 0
-            if step % cfg_t.log_interval == 0 or step == cfg_t.max_steps or wandb_due:
-                now = time.perf_counter()
-                metrics = {
-                    "step": step,
-                    "loss": loss_sum.item() / steps_since_log,  # host waits for the device here
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": norm_sum.item() / steps_since_log,
-                    "tokens_per_second": tokens_since_log / max(now - t_log, 1e-9),
-                    "tokens_seen": tokens_seen,
-                    "epoch": rows_consumed / sum(s.rows for s in shards),
-                }
-                last_loss = metrics["loss"]
-                tracker.log(metrics)
-                if wandb_due or step == cfg_t.max_steps:
-                    tracker.log_wandb(metrics)
-                loss_sum.zero_()
-                norm_sum.zero_()
-                steps_since_log, tokens_since_log, t_log = 0, 0, now
+                wandb_due = tracker.run is not None and step % config.wandb.log_freq == 0
+                if step % cfg_t.log_interval == 0 or step == cfg_t.max_steps or wandb_due:
+                    now = time.perf_counter()
+                    metrics = {
+                        "step": step,
+                        "loss": loss_sum.item() / steps_since_log,  # host waits for the device here
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": norm_sum.item() / steps_since_log,
+                        "tokens_per_second": tokens_since_log / max(now - t_log, 1e-9),
+                        "tokens_seen": tokens_seen,
+                        "epoch": rows_consumed / rows_per_epoch,
+                    }
+                    last_loss = metrics["loss"]
+                    tracker.log(metrics)
+                    if wandb_due or step == cfg_t.max_steps:
+                        tracker.log_wandb(metrics)
+                    loss_sum.zero_()
+                    norm_sum.zero_()
+                    steps_since_log, tokens_since_log, t_log = 0, 0, now
 
-            if val_shards and (step % cfg_t.eval_every == 0 or step == cfg_t.max_steps):
-                result = evaluate(model, val_shards, spec, batch_size=cfg_t.batch_size, device=device,
-                                  autocast=autocast, max_batches=cfg_t.eval_batches)
-                tracker.log_eval({"step": step, **{f"val_{k}": v for k, v in result.items()}})
+                if val_shards and (step % cfg_t.eval_every == 0 or step == cfg_t.max_steps):
+                    result = evaluate(model, val_shards, spec, batch_size=cfg_t.batch_size, device=device,
+                                      autocast=autocast, max_batches=cfg_t.eval_batches)
+                    tracker.log_eval({"step": step, **{f"val_{k}": v for k, v in result.items()}})
 
-            if step % cfg_c.checkpoint_every == 0 or step == cfg_t.max_steps:
-                last_path = checkpoint.save(snapshot(), ckpt_dir, step)
-                deleted = checkpoint.rotate(ckpt_dir, cfg_c.max_checkpoints)
-                tracker.write(f"step {step}: saved {last_path}" + (f", removed {len(deleted)} old" if deleted else ""))
+                if step % cfg_c.checkpoint_every == 0 or step == cfg_t.max_steps:
+                    save()
+            if stop.signum is not None and step != saved_step:
+                save()
     finally:
         stream.close()
         tracker.close()
+    if stop.signum is not None:
+        where = last_path or resumed_from
+        print(
+            f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
+            + (f"checkpoint {where}. Resume with the same command plus --load_checkpoint latest."
+               if where else "no step had finished, so there is nothing to resume."),
+            file=sys.stderr,
+        )
+        return TrainResult(step, tokens_seen, last_loss, last_path, stopped_by=stop.signum)
     print(f"done: step {step}, loss {last_loss:.4f}, {tokens_seen} tokens seen; last checkpoint {last_path}")
     return TrainResult(step, tokens_seen, last_loss, last_path)
