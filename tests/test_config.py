@@ -112,3 +112,14 @@ def test_every_field_is_documented():
 def test_resolved_config_round_trips_through_yaml():
     cfg = Config()
     assert Config.model_validate(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_readme_documents_every_config_field_and_train_flag():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for sname, section in Config.model_fields.items():
+        for name in section.annotation.model_fields:
+            assert f"`{sname}.{name}`" in readme, f"README lacks {sname}.{name}"
+    from encoder_train.config import FLAG_TO_KEY
+
+    for flag in FLAG_TO_KEY:
+        assert f"`--{flag}`" in readme, f"README lacks --{flag}"

@@ -126,12 +126,108 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokenizer",
+        help="train a byte-level BPE tokenizer (RoBERTa's) on text",
+        description="Train a byte-level BPE tokenizer with RoBERTa's special tokens (<s> <pad> </s> <unk> <mask>) "
+        "and post-processing, from plain-text (paragraphs separated by blank lines), .jsonl (a \"text\" field) "
+        "and .gz files, streaming. The output loads with tokenizers.Tokenizer.from_file.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text, .jsonl or .gz files")
+    p.add_argument("--output", default="tokenizer.json", help="where to write the tokenizer (default tokenizer.json)")
+    p.add_argument("--vocab_size", type=positive_int, default=50265,
+                   help="vocabulary size including the 5 special tokens (default 50265, RoBERTa's)")
+    p.add_argument("--min_frequency", type=positive_int, default=2,
+                   help="merge only pairs seen at least this often (default 2)")
+    p.set_defaults(func=run_tokenizer)
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from encoder_train.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency)
+    print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
+          + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else ""))
+    return 0
+
+
+def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretokenize",
+        help="tokenize text into packed .pt shards for `train`",
+        description="Tokenize text into rows of --seq_len tokens packed as RoBERTa's FULL-SENTENCES (documents "
+        "run on across rows, separated by </s>), written as .pt shards in OUTPUT_DIR/train and OUTPUT_DIR/val. "
+        "Uses every CPU core (set RAYON_NUM_THREADS to use fewer); the same input gives the same shards.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text, .jsonl or .gz files")
+    p.add_argument("--tokenizer_filepath", required=True, help="tokenizer.json to tokenize with")
+    p.add_argument("--output_dir", required=True, help="folder for train/ and val/ shards")
+    p.add_argument("--seq_len", type=positive_int, default=512,
+                   help="tokens per row including <s> and </s> (default 512; the model needs "
+                   "max_position_embeddings >= seq_len + 2)")
+    p.add_argument("--rows_per_shard", type=positive_int, default=8192, help="rows per .pt file (default 8192)")
+    p.add_argument("--val_fraction", type=float, default=0.01,
+                   help="share of rows held out in OUTPUT_DIR/val (default 0.01; 0 holds out none)")
+    p.add_argument("--config_file", default=None,
+                   help="optional config: refuse a --seq_len longer than its model's positions")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output_dir")
+    p.set_defaults(func=run_pretokenize)
+
+
+def run_pretokenize(args: argparse.Namespace) -> int:
+    from encoder_train.data.prepare import pretokenize
+
+    max_positions = None
+    if args.config_file:
+        from encoder_train.tokenizer import load_tokenizer, special_tokens
+
+        config = load_config(resolve_config_path(args.config_file, None))
+        pad = special_tokens(load_tokenizer(args.tokenizer_filepath), args.tokenizer_filepath).pad
+        max_positions = config.model.max_position_embeddings - pad - 1
+    report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
+                         rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
+                         overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty())
+    print(f"wrote {report.train_rows} training rows in {report.train_shards} shards to {args.output_dir}/train and "
+          f"{report.val_rows} held-out rows in {report.val_shards} shards to {args.output_dir}/val; "
+          f"fill ratio {report.fill_ratio:.4f}; {report.megabytes_per_second:.1f} MB/s")
+    return 0
+
+
+def add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the quickstart: train a small encoder on CPython's own documentation, no download",
+        description="Build a corpus from the documentation that ships with Python, train a tokenizer, "
+        "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and fill in "
+        "masked words. Running it again resumes where it stopped.",
+    )
+    p.add_argument("--workdir", default="runs/demo", help="folder for every artefact (default runs/demo)")
+    p.add_argument("--max_steps", type=positive_int, default=None, help="override demo.yaml's training.max_steps")
+    p.add_argument("--corpus_bytes", type=positive_int, default=None, help="cap the corpus at this many bytes")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from encoder_train.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(workdir=Path(args.workdir), max_steps=args.max_steps, corpus_bytes=args.corpus_bytes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="encoder-train",
         description="Pretrain BERT/RoBERTa-style encoders with masked-language modelling.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_parser(sub)
+    add_tokenizer_parser(sub)
+    add_pretokenize_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_fill_mask_parser(sub)

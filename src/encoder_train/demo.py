@@ -1,0 +1,114 @@
+"""The quickstart: corpus -> tokenizer -> pre-tokenized shards -> training -> evaluation -> fill-mask.
+
+Runs on any machine with Python, no download: the corpus is the documentation that ships with
+CPython itself (`pydoc_data.topics` and the standard library's docstrings). Each stage writes into
+one work folder and is skipped when its output is already there, so running the demo again resumes
+it (training continues from its latest checkpoint) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
+from encoder_train.corpus import write_stdlib_corpus
+from encoder_train.data.prepare import pretokenize
+from encoder_train.data.shards import scan_shards
+from encoder_train.evaluate import evaluate, fill_mask, load_trained
+from encoder_train.tokenizer import train_tokenizer
+from encoder_train.train import autocast_for, pick_device, train
+
+FILL_MASK_EXAMPLES = (
+    "Return a new <mask> containing the items of the iterable.",
+    "The import statement is used to load a <mask>.",
+    "Raise a ValueError if the <mask> is not found.",
+    "Open a file and return a file <mask>.",
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: Path = Path("runs/demo")
+    config_file: Path = BUNDLED_CONFIG_DIR / "demo.yaml"
+    vocab_size: int = 8192
+    seq_len: int = 128
+    corpus_bytes: int | None = None  # cap the corpus (tests); None: all of it
+    max_steps: int | None = None  # override the config's training.max_steps (tests)
+    val_fraction: float = 0.05
+
+
+def run_demo(s: DemoSettings) -> dict[str, float]:
+    """Run every stage, print where each artefact went; returns the untrained and trained held-out losses."""
+    t0 = time.perf_counter()
+    work = s.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, tok_path, data = work / "corpus.txt", work / "tokenizer.json", work / "data"
+    ckpt_dir = work / "checkpoints"
+
+    print(f"[1/5] corpus: {corpus}")
+    if not corpus.exists():
+        info = write_stdlib_corpus(corpus, max_bytes=s.corpus_bytes)
+        print(f"      {info.documents} documents, {info.bytes / 1e6:.1f} MB of CPython's own documentation")
+    else:
+        print("      already there")
+
+    print(f"[2/5] tokenizer: {tok_path}")
+    if not tok_path.exists():
+        tok = train_tokenizer([corpus], tok_path, vocab_size=s.vocab_size)
+        print(f"      byte-level BPE, {tok.get_vocab_size()} tokens")
+    else:
+        print("      already there")
+
+    print(f"[3/5] shards: {data / 'train'} and {data / 'val'}")
+    if not (data / "train").is_dir():
+        report = pretokenize([corpus], tok_path, data, seq_len=s.seq_len, val_fraction=s.val_fraction,
+                             progress=False)
+        print(f"      {report.train_rows} training rows, {report.val_rows} held-out rows of {s.seq_len} tokens, "
+              f"fill ratio {report.fill_ratio:.3f}")
+    else:
+        print("      already there")
+
+    overrides = {
+        "data.data_dir": str(data / "train"),
+        "data.val_data_dir": str(data / "val"),
+        "data.tokenizer_filepath": str(tok_path),
+        "checkpoint.checkpoint_dir": str(ckpt_dir),
+        "checkpoint.load_checkpoint": "latest",
+    }
+    if s.max_steps is not None:
+        overrides["training.max_steps"] = s.max_steps
+    config = load_config(s.config_file, overrides)
+    print(f"[4/5] training ({s.config_file.name}): checkpoints and metrics.jsonl in {ckpt_dir}")
+    result = train(config)
+    if result.stopped_by:
+        return {}
+
+    print("[5/5] evaluation on the held-out rows (fixed masks)")
+    device = pick_device()
+    trained = load_trained(result.checkpoint, device)
+    val = scan_shards(data / "val", trained.model.dims.max_tokens)
+    autocast = autocast_for(config.training.precision, device)
+    batch = config.training.batch_size
+    torch.manual_seed(config.training.seed)
+    untrained_model = type(trained.model)(trained.model.dims).to(device)  # the same initialisation as step 0
+    before = evaluate(untrained_model, val, trained.spec, batch_size=batch, device=device, autocast=autocast)
+    after = evaluate(trained.model, val, trained.spec, batch_size=batch, device=device, autocast=autocast)
+    print(f"      untrained model: loss {before['loss']:.3f}, accuracy {before['accuracy']:.3f}, "
+          f"perplexity {before['perplexity']:.0f}")
+    print(f"      trained model:   loss {after['loss']:.3f}, accuracy {after['accuracy']:.3f}, "
+          f"perplexity {after['perplexity']:.1f}   (step {trained.state['step']})")
+    for text in FILL_MASK_EXAMPLES:
+        guesses = fill_mask(trained, text, top_k=3, device=device)[0]
+        print(f"      {text}\n        -> " + ", ".join(f"{t.strip()!r} {p:.2f}" for t, p in guesses))
+    summary = {"untrained_loss": before["loss"], "trained_loss": after["loss"], "trained_accuracy": after["accuracy"],
+               "step": trained.state["step"], "seconds": time.perf_counter() - t0}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"done in {summary['seconds']:.0f} s. Artefacts in {work}; try:\n"
+          f"  encoder-train fill-mask --checkpoint {result.checkpoint} \"Return the <mask> of the list.\"\n"
+          f"  encoder-train evaluate --checkpoint {result.checkpoint} --data_dir {data / 'val'}")
+    return summary
