@@ -36,7 +36,8 @@ def test_pretokenize_errors_exit_2(capsys, tmp_path):
     tok = tmp_path / "tok.json"
     main(["tokenizer", "--input", str(corpus), "--output", str(tok), "--vocab_size", "300"])
     capsys.readouterr()
-    base = ["pretokenize", "--input", str(corpus), "--tokenizer_filepath", str(tok), "--output_dir", str(tmp_path / "d")]
+    out_dir = str(tmp_path / "d")
+    base = ["pretokenize", "--input", str(corpus), "--tokenizer_filepath", str(tok), "--output_dir", out_dir]
     assert main([*base, "--seq_len", "600", "--config_file", "tiny.yaml"]) == 2
     assert "seq_len" in capsys.readouterr().err
     assert main([*base, "--seq_len", "32"]) == 0

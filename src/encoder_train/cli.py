@@ -13,8 +13,18 @@ from encoder_train.config import FLAG_TO_KEY, load_config, resolve_config_path
 from encoder_train.errors import UserError
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage mistakes reported like every other user error: one line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"encoder-train: error: {message}; see `{self.prog} --help`.\n")
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
@@ -220,7 +230,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="encoder-train",
         description="Pretrain BERT/RoBERTa-style encoders with masked-language modelling.",
     )

@@ -230,17 +230,23 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         if raw[section] is None:
             raw[section] = {}
         raw[section][key] = value
-    config = validate(raw, str(path))
+    config = validate(raw, str(path), overrides or {})
     config.check_consistency(str(path))
     return config
 
 
-def validate(raw: dict[str, Any], source: str) -> Config:
+def validate(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
     """Validate a nested dict against the schema; the first problem becomes one clear sentence."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(describe_error(e.errors()[0], source)) from None
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if key in (overrides or {}):  # the value came from the command line, not the file
+            flag = {k: f for f, k in FLAG_TO_KEY.items()}.get(key, key)
+            msg = err["msg"][0].lower() + err["msg"][1:]
+            raise UserError(f"--{flag} {err.get('input')!r} is invalid ({key}): {msg}.") from None
+        raise UserError(describe_error(err, source)) from None
 
 
 def describe_error(err: Any, source: str) -> str:
