@@ -1,0 +1,422 @@
+"""Hugging Face interop: export a checkpoint as a `RobertaForMaskedLM` folder, import one to train on.
+
+Our model was designed so that both directions are a pure renaming of parameters (`NAMES` below):
+same shapes, same positions (`pad_id + cumsum` of the real tokens), one token type, exact GELU,
+post-LN blocks, an MLM head whose decoder is tied to the word embeddings. Nothing is reshaped,
+transposed or fused, so an exported model gives the same logits as ours, and export -> import gives
+the same tensors bit for bit.
+
+An exported folder holds what `from_pretrained` reads:
+
+    config.json            RobertaConfig (written by the installed `transformers`)
+    model.safetensors      the weights under Hugging Face's names; the decoder weight is tied, not stored
+    tokenizer.json         the checkpoint's own `tokenizers` tokenizer, unchanged
+    tokenizer_config.json  which token plays which role (bos, eos, sep, cls, pad, unk, mask)
+
+so `AutoModelForMaskedLM`, `AutoTokenizer` and `pipeline("fill-mask", model=DIR)` work on it.
+
+What cannot be expressed is refused rather than approximated: pre-LN models (RoBERTa has no final
+LayerNorm and normalises after each block), and BERT (it numbers positions from 0 for every token,
+pads included, where we count real tokens from `pad_id + 1`).
+
+`transformers` and `safetensors` are optional (`pip install 'encoder-train[hf]'`) and imported
+only when needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+from encoder_train.errors import UserError
+from encoder_train.evaluate import load_trained
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.tokenizer import ROBERTA_SPECIAL_TOKENS, SpecialTokens, special_tokens
+
+# Our module -> RobertaForMaskedLM's; `{i}` is a layer index. Each module's `weight` / `bias` keep
+# their names; `head` -> `lm_head` covers the decoder bias `head.bias` -> `lm_head.bias`. The
+# decoder weight is the word-embedding matrix on both sides and is stored once.
+NAMES: dict[str, str] = {
+    "embeddings.word_embeddings": "roberta.embeddings.word_embeddings",  # (V, H)
+    "embeddings.position_embeddings": "roberta.embeddings.position_embeddings",  # (max_position_embeddings, H)
+    "embeddings.token_type_embeddings": "roberta.embeddings.token_type_embeddings",  # (1, H)
+    "embeddings.norm": "roberta.embeddings.LayerNorm",
+    "encoder.layers.{i}.attention.query": "roberta.encoder.layer.{i}.attention.self.query",  # (H, H)
+    "encoder.layers.{i}.attention.key": "roberta.encoder.layer.{i}.attention.self.key",
+    "encoder.layers.{i}.attention.value": "roberta.encoder.layer.{i}.attention.self.value",
+    "encoder.layers.{i}.attention.output": "roberta.encoder.layer.{i}.attention.output.dense",
+    "encoder.layers.{i}.attention_norm": "roberta.encoder.layer.{i}.attention.output.LayerNorm",
+    "encoder.layers.{i}.feed_forward.up": "roberta.encoder.layer.{i}.intermediate.dense",  # (I, H)
+    "encoder.layers.{i}.feed_forward.down": "roberta.encoder.layer.{i}.output.dense",  # (H, I)
+    "encoder.layers.{i}.feed_forward_norm": "roberta.encoder.layer.{i}.output.LayerNorm",
+    "head": "lm_head",  # head.bias (V,): the decoder's bias
+    "head.dense": "lm_head.dense",
+    "head.norm": "lm_head.layer_norm",
+}
+
+# Tensors a Hugging Face file may hold that our model does without. The pooler serves sentence
+# classification, never masked-LM; `position_ids` is a constant buffer older versions saved; the
+# decoder's weight and bias are tied copies (checked to be copies, see `_tied`).
+IGNORED = re.compile(r"roberta\.pooler\..*|roberta\.embeddings\.position_ids|lm_head\.decoder\.(weight|bias)")
+
+ROBERTA_TYPES = ("roberta", "xlm-roberta")  # same architecture, same parameter names
+HF_EXTRA = "pip install 'encoder-train[hf]'"
+
+
+def hf_names(dims: ModelDims) -> dict[str, str]:
+    """Every tensor of `MaskedLM(dims)`: our name -> RobertaForMaskedLM's, in our state-dict order."""
+    if dims.pre_layer_norm:
+        raise UserError(
+            "this model uses pre-LN blocks (model.pre_layer_norm: true), which Hugging Face's RobertaForMaskedLM "
+            "cannot express; only post-LN models can be exported."
+        )
+    modules = {ours.format(i=i): hf.format(i=i) for ours, hf in NAMES.items() for i in range(dims.num_layers)}
+    names = {}
+    for name in _shapes(dims):
+        module, param = name.rsplit(".", 1)  # "encoder.layers.0.attention.query", "weight"
+        names[name] = f"{modules[module]}.{param}"
+    return names
+
+
+def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
+    """Our tensor names and shapes, from a model on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in MaskedLM(dims).state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Export.
+
+
+def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write an encoder-train checkpoint as a Hugging Face RobertaForMaskedLM folder; returns the folder.
+
+    The files are written to a temporary folder beside `output_dir` and moved into place one by one,
+    so no half-written model.safetensors ever sits under its final name. With `overwrite`, files of
+    these names already in `output_dir` are replaced and any others are left alone.
+    """
+    transformers = _require("transformers")
+    safetensors_torch = _require("safetensors.torch")
+    checkpoint_path, out = Path(checkpoint_path), Path(output_dir)
+    if not checkpoint_path.is_file():
+        raise UserError(f"checkpoint {checkpoint_path} does not exist; pass --checkpoint with a checkpoint file.")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; pass --output_dir with a folder to create.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty; pass an empty or new --output_dir, or --overwrite.")
+
+    trained = load_trained(checkpoint_path, torch.device("cpu"))
+    dims, tokenizer = trained.model.dims, trained.tokenizer
+    names = hf_names(dims)  # refuses pre-LN
+    special = special_tokens(tokenizer, f"stored in {checkpoint_path}")
+    if special.pad != dims.pad_id:
+        raise UserError(
+            f"checkpoint {checkpoint_path} is inconsistent: its tokenizer pads with id {special.pad} but its model "
+            f"with {dims.pad_id}; it cannot be exported."
+        )
+    config = transformers.RobertaConfig(
+        architectures=["RobertaForMaskedLM"],
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        intermediate_size=dims.intermediate_size,
+        hidden_act="gelu",  # exact (erf) GELU, as F.gelu
+        hidden_dropout_prob=dims.dropout,
+        attention_probs_dropout_prob=dims.attention_dropout,
+        max_position_embeddings=dims.max_position_embeddings,
+        type_vocab_size=1,
+        layer_norm_eps=dims.layer_norm_eps,
+        pad_token_id=special.pad,  # also RoBERTa's position offset: padding_idx = pad_token_id
+        bos_token_id=special.bos,
+        eos_token_id=special.eos,
+        tie_word_embeddings=True,
+    )
+    weights = {names[k]: v.contiguous() for k, v in trained.model.state_dict().items()}
+    # The tied decoder bias is stored under both names (a copy: safetensors refuses shared tensors):
+    # transformers 4.4x ties `lm_head.bias` to `lm_head.decoder.bias` after loading, in that direction,
+    # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
+    weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        try:
+            config.save_pretrained(tmp)
+            safetensors_torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            tokenizer_config = _tokenizer_config(tokenizer, special, dims)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"could not write to {out} ({e.strerror}); pass a writable --output_dir.") from None
+    return out
+
+
+def _tokenizer_config(tokenizer: Tokenizer, special: SpecialTokens, dims: ModelDims) -> dict[str, Any]:
+    """tokenizer_config.json: load tokenizer.json as it is, and name the special tokens' roles.
+
+    `PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5) loads tokenizer.json
+    unchanged in both transformers 4 and 5. Naming no class would make AutoTokenizer pick
+    `RobertaTokenizer`, which in transformers 5 rebuilds a byte-level BPE pipeline around the
+    vocabulary and so breaks any other tokenizer (WordPiece, WordLevel, ...).
+    """
+    token = tokenizer.id_to_token
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token(special.bos),
+        "eos_token": token(special.eos),
+        "cls_token": token(special.bos),  # RoBERTa: <s> A </s></s> B </s>
+        "sep_token": token(special.eos),
+        "pad_token": token(special.pad),
+        "unk_token": token(special.unk),
+        "mask_token": token(special.mask),
+        "model_max_length": dims.max_tokens,  # positions past pad_id + 1 run out here
+        "clean_up_tokenization_spaces": False,  # decode exactly what the tokenizer decodes
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Import.
+
+
+@dataclass
+class HFModel:
+    """A Hugging Face masked-LM folder, read into our terms: `MaskedLM(dims).load_state_dict(state_dict)`."""
+
+    dims: ModelDims
+    state_dict: dict[str, torch.Tensor]  # our names, fp32
+    tokenizer: Tokenizer
+
+
+def import_hf(directory: str | Path) -> HFModel:
+    """Read a local RobertaForMaskedLM folder (config.json, weights, tokenizer) for continued pretraining.
+
+    Weights: model.safetensors or pytorch_model.bin (either possibly sharded, with its .index.json).
+    Tokenizer: tokenizer.json, or RoBERTa's vocab.json + merges.txt (byte-level BPE). Token types
+    other than type 0 are dropped (RobertaConfig defaults to 2 though RoBERTa uses one): type 0 is
+    what Hugging Face adds when no token_type_ids are given, so the logits are unchanged.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a folder; pass a folder written by save_pretrained.")
+    config_file = directory / "config.json"
+    config = _read_json(config_file, "pass a folder written by save_pretrained (config.json, model.safetensors, "
+                                     "tokenizer.json)")
+    dims = _dims(config, config_file)
+    shapes = _shapes(dims)
+    hf, weights_file = _read_weights(directory)
+
+    names = hf_names(dims)
+    state = {}
+    for ours, name in names.items():
+        tensor = hf.get(name)
+        if name == "lm_head.bias" and tensor is None:  # some versions store the tied copy instead
+            tensor = hf.get("lm_head.decoder.bias")
+        if tensor is None:
+            raise UserError(
+                f"{weights_file} has no {name}; pass a folder saved from RobertaForMaskedLM (a model with its "
+                "masked-LM head)."
+            )
+        if name.endswith("token_type_embeddings.weight"):
+            tensor = tensor[:1]  # (type_vocab_size, H) -> (1, H): type 0 only
+        if tensor.shape != shapes[ours]:
+            raise UserError(
+                f"{weights_file}: {name} has shape {tuple(tensor.shape)} but {config_file} implies "
+                f"{tuple(shapes[ours])}; re-save the model with save_pretrained so config and weights agree."
+            )
+        state[ours] = tensor.float() if tensor.is_floating_point() else tensor
+
+    unknown = sorted(k for k in set(hf) - set(names.values()) if not IGNORED.fullmatch(k))
+    if unknown:
+        raise UserError(
+            f"{weights_file} holds tensors our model has no place for ({', '.join(unknown[:3])}"
+            f"{', ...' if len(unknown) > 3 else ''}); only plain RoBERTa masked-LM models can be imported."
+        )
+    _tied(hf, state, weights_file)
+    tokenizer = _read_tokenizer(directory, dims, config_file)
+    return HFModel(dims, state, tokenizer)
+
+
+def _dims(config: dict[str, Any], path: Path) -> ModelDims:
+    """ModelDims from a config.json, refusing what our model computes differently."""
+    model_type = config.get("model_type")
+    if model_type == "bert":
+        raise UserError(
+            f"{path} describes a BERT model, which our encoder cannot reproduce exactly (BERT numbers positions from "
+            "0 for every token, we count real tokens from the pad id + 1); only RoBERTa-architecture folders "
+            "are supported."
+        )
+    if model_type not in ROBERTA_TYPES:
+        raise UserError(
+            f"{path} describes a {model_type!r} model; only RoBERTa-architecture folders "
+            "(model_type roberta, e.g. RobertaForMaskedLM) are supported."
+        )
+    # Each (key, value our model computes); a config that says otherwise is refused.
+    fixed = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
+             "add_cross_attention": False}
+    for key, value in fixed.items():
+        if config.get(key, value) != value:
+            raise UserError(f"{path} sets {key} to {config[key]!r}; our model supports only {value!r}.")
+    try:
+        dims = ModelDims(
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=int(config["hidden_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=int(config["num_attention_heads"]),
+            intermediate_size=int(config["intermediate_size"]),
+            max_position_embeddings=int(config["max_position_embeddings"]),
+            pad_id=int(config["pad_token_id"]),  # RoBERTa's position offset: it must be set
+            dropout=float(config.get("hidden_dropout_prob", 0.1)),
+            attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)),
+            layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),  # transformers' own default
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path} lacks a usable {e} entry; re-save the model with save_pretrained.") from None
+    if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
+        raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
+                        f"num_attention_heads {dims.num_heads} describe no usable model; fix the config.")
+    return dims
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """All tensors of the folder's weights file(s) under Hugging Face's names, and the file to name in errors."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        single, index = directory / name, directory / f"{name}.index.json"
+        if single.is_file():
+            files = [single]
+        elif index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
+            weight_map = _read_json(index, "re-save the model with save_pretrained").get("weight_map", {})
+            files = [directory / f for f in sorted(set(weight_map.values()))]
+        else:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(_read_tensors(f))
+        return tensors, files[0] if len(files) == 1 else index
+    raise UserError(
+        f"{directory} has no model.safetensors nor pytorch_model.bin; pass a folder written by save_pretrained."
+    )
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"weights file {path} is missing; copy the whole model folder, or re-save it.")
+    if path.suffix == ".safetensors":
+        safetensors_torch = _require("safetensors.torch")
+        try:
+            return safetensors_torch.load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (no public class)
+            raise UserError(f"weights file {path} could not be read ({e}); re-download or re-save it.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"weights file {path} holds objects that safe (weights_only) loading refuses; convert it to "
+            "model.safetensors with save_pretrained."
+        ) from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise UserError(f"weights file {path} could not be read ({e}); re-download or re-save it.") from None
+
+
+def _tied(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Refuse a stored decoder that is not a copy of what our head ties it to (an untied head)."""
+    ties = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight", "lm_head.decoder.bias": "head.bias"}
+    for name, ours in ties.items():
+        if name in hf and not torch.equal(hf[name].float(), state[ours]):
+            raise UserError(
+                f"{weights_file}: {name} differs from the tensor it is tied to in RoBERTa ({ours} here); our model "
+                "ties them, so an untied head cannot be imported."
+            )
+
+
+def _read_tokenizer(directory: Path, dims: ModelDims, config_file: Path) -> Tokenizer:
+    """tokenizer.json, else vocab.json + merges.txt built into RoBERTa's byte-level BPE tokenizer."""
+    path = directory / "tokenizer.json"
+    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    if path.is_file():
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for unparsable files
+            raise UserError(
+                f"{path} could not be read as a tokenizers JSON file ({e}); re-save the tokenizer."
+            ) from None
+    elif vocab.is_file() and merges.is_file():
+        path = vocab
+        tokenizer = _byte_level_bpe(vocab, merges)
+    else:
+        raise UserError(
+            f"{directory} has no tokenizer.json (nor vocab.json + merges.txt); save the tokenizer there with "
+            "tokenizer.save_pretrained."
+        )
+    if tokenizer.get_vocab_size() > dims.vocab_size:
+        raise UserError(
+            f"{path} has {tokenizer.get_vocab_size()} tokens but {config_file} gives the model only "
+            f"vocab_size {dims.vocab_size}; use the tokenizer the model was trained with."
+        )
+    special = special_tokens(tokenizer, path)
+    if special.pad != dims.pad_id:
+        raise UserError(
+            f"{path} pads with id {special.pad} but {config_file} has pad_token_id {dims.pad_id}; use the "
+            "tokenizer the model was trained with."
+        )
+    return tokenizer
+
+
+def _byte_level_bpe(vocab: Path, merges: Path) -> Tokenizer:
+    """RoBERTa's tokenizer from its two files: the pipeline `encoder-train tokenizer` also builds."""
+    try:
+        tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for unparsable files
+        raise UserError(f"{vocab} and {merges} could not be read as a BPE vocabulary ({e}); re-save them.") from None
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Only the special tokens the vocabulary holds; a missing one is reported by `special_tokens`.
+    tokenizer.add_special_tokens([t for t in ROBERTA_SPECIAL_TOKENS if tokenizer.token_to_id(t.content) is not None])
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    if bos is not None and eos is not None:
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos), trim_offsets=True,
+                                                                add_prefix_space=False)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def _require(module: str) -> ModuleType:
+    """Import an optional dependency of the `hf` extra, or tell the user how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(
+            f"Hugging Face interop needs the {module.split('.')[0]} package; install it with {HF_EXTRA}."
+        ) from None
+
+
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; {fix}.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} could not be read as JSON ({e}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a JSON object; {fix}.")
+    return data
+

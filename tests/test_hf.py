@@ -1,0 +1,269 @@
+"""Hugging Face interop against the real `transformers`: export parity with RobertaForMaskedLM, a bit-exact
+export -> import round trip, import of a model made by transformers itself, AutoTokenizer and the fill-mask
+pipeline on an export, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    BertConfig,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    pipeline,
+)
+
+from conftest import PAD, VOCAB, make_tokenizer
+from encoder_train import checkpoint
+from encoder_train.data.loader import MaskSpec
+from encoder_train.errors import UserError
+from encoder_train.hf import export_checkpoint, import_hf
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.tokenizer import special_tokens, train_tokenizer
+
+TEXT = "the model reads a token and the café writes {i} words, then the model stops.\n\n"
+
+
+def dims_for(vocab_size: int, **changes) -> ModelDims:
+    return ModelDims(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                     max_position_embeddings=40, pad_id=PAD, **changes)
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Move every parameter off its initial value: zero biases and unit LayerNorms would hide a swapped name."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def write_checkpoint(folder: Path, tokenizer: Tokenizer, dims: ModelDims) -> tuple[Path, MaskedLM]:
+    """A checkpoint as training writes it (the keys export reads), and its model in eval mode."""
+    folder.mkdir()
+    torch.manual_seed(0)
+    model = MaskedLM(dims)
+    perturb(model)
+    special = special_tokens(tokenizer)
+    spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer.get_vocab_size(), 0.15)
+    state = {"model": model.state_dict(), "step": 2, "dims": asdict(dims),
+             "tokenizer": {"json": tokenizer.to_str(), "mask_spec": asdict(spec)}}
+    return checkpoint.save(state, folder, 2), model.eval()
+
+
+def padded_batch(vocab_size: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (B, T) ids, row i holding lengths[i] real tokens (never the pad id), right-padded; and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(PAD + 1, vocab_size, (len(lengths), max(lengths)), generator=g)
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return ids.masked_fill(~mask, PAD), mask
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
+
+
+@pytest.fixture
+def word_tokenizer(tmp_path) -> Tokenizer:
+    return Tokenizer.from_file(str(make_tokenizer(tmp_path / "word.json")))
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A byte-level BPE tokenizer as `encoder-train tokenizer` trains it."""
+    folder = tmp_path_factory.mktemp("bpe")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join(TEXT.format(i=i) for i in range(200)), encoding="utf-8")
+    return train_tokenizer([corpus], folder / "tokenizer.json", vocab_size=300)
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_export_gives_our_logits(tmp_path, word_tokenizer):
+    dims = dims_for(VOCAB + 8)  # embedding rows padded past the tokenizer, as pad_vocab_multiple does
+    path, ours = write_checkpoint(tmp_path / "ckpt", word_tokenizer, dims)
+    out = export_checkpoint(path, tmp_path / "hf")
+
+    theirs = AutoModelForMaskedLM.from_pretrained(str(out)).eval()
+    assert type(theirs) is RobertaForMaskedLM
+    config = json.loads((out / "config.json").read_text())
+    assert (config["pad_token_id"], config["bos_token_id"], config["eos_token_id"]) == (1, 0, 2)
+    assert config["type_vocab_size"] == 1 and config["layer_norm_eps"] == dims.layer_norm_eps
+
+    ids, mask = padded_batch(dims.vocab_size, [17, 9, 3, 1])
+    with torch.no_grad():
+        expected = ours(ids, mask, return_logits=True).logits
+        got = theirs(input_ids=ids, attention_mask=mask.long()).logits
+    assert_same_logits(expected, got)
+
+
+def test_export_then_import_is_bit_exact(tmp_path, word_tokenizer):
+    dims = dims_for(VOCAB, dropout=0.05, attention_dropout=0.0, layer_norm_eps=1e-6)
+    path, ours = write_checkpoint(tmp_path / "ckpt", word_tokenizer, dims)
+    back = import_hf(export_checkpoint(path, tmp_path / "hf"))
+
+    assert back.dims == dims
+    expected = ours.state_dict()
+    assert back.state_dict.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(back.state_dict[name], tensor), name
+    assert back.tokenizer.to_str() == word_tokenizer.to_str()
+
+
+def test_autotokenizer_and_fill_mask_pipeline(tmp_path, bpe_tokenizer):
+    path, _ = write_checkpoint(tmp_path / "ckpt", bpe_tokenizer, dims_for(bpe_tokenizer.get_vocab_size()))
+    out = export_checkpoint(path, tmp_path / "hf")
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.is_fast
+    roles = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>",
+             "pad_token": "<pad>", "unk_token": "<unk>", "mask_token": "<mask>"}
+    assert {k: getattr(tok, k) for k in roles} == roles
+    ids = (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id)
+    assert ids == (0, 1, 2, 3, 4)
+    text = "the model <mask> a token."
+    assert tok(text)["input_ids"] == bpe_tokenizer.encode(text).ids  # <s> ... </s>, <mask> as one token
+
+    fill = pipeline("fill-mask", model=str(out), tokenizer=str(out))
+    results = fill(text, top_k=3)
+    assert len(results) == 3
+    assert all(r["token_str"] and r["sequence"].startswith("the model") for r in results)
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+
+
+def test_export_refuses_pre_layer_norm(tmp_path, word_tokenizer):
+    path, _ = write_checkpoint(tmp_path / "ckpt", word_tokenizer, dims_for(VOCAB, pre_layer_norm=True))
+    with pytest.raises(UserError, match="pre-LN"):
+        export_checkpoint(path, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_without_transformers_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
+    with pytest.raises(UserError, match=r"pip install 'encoder-train\[hf\]'"):
+        export_checkpoint(tmp_path / "checkpoint_00000002.pt", tmp_path / "hf")
+
+
+def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path, word_tokenizer):
+    path, _ = write_checkpoint(tmp_path / "ckpt", word_tokenizer, dims_for(VOCAB))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        export_checkpoint(path, out)
+    export_checkpoint(path, out, overwrite=True)
+    export_checkpoint(path, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    with pytest.raises(UserError, match="does not exist"):
+        export_checkpoint(tmp_path / "nowhere.pt", tmp_path / "hf2")
+
+
+# ---- import -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def transformers_folder(tmp_path, word_tokenizer) -> tuple[Path, RobertaForMaskedLM]:
+    """A RobertaForMaskedLM made and saved by transformers itself, with a tokenizer.json beside it."""
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=40, pad_token_id=PAD, layer_norm_eps=1e-5,
+                           type_vocab_size=2)  # RobertaConfig's default; only type 0 is ever used
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(config)
+    perturb(model, seed=1)
+    folder = tmp_path / "roberta"
+    model.save_pretrained(folder)
+    word_tokenizer.save(str(folder / "tokenizer.json"))
+    return folder, model.eval()
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_import_of_a_transformers_model_gives_its_logits(transformers_folder, weights):
+    folder, theirs = transformers_folder
+    if weights == "pytorch_model.bin":  # the older format, with the tied decoder stored twice
+        torch.save(theirs.state_dict(), folder / weights)
+        (folder / "model.safetensors").unlink()
+
+    hf = import_hf(folder)
+    ours = MaskedLM(hf.dims).eval()
+    ours.load_state_dict(hf.state_dict)
+    ids, mask = padded_batch(VOCAB, [20, 11, 4])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask.long()).logits
+        got = ours(ids, mask, return_logits=True).logits
+    assert_same_logits(expected, got)
+    assert hf.dims.max_tokens == 38 and special_tokens(hf.tokenizer).mask == 4
+
+
+def test_import_refusals(transformers_folder, tmp_path):
+    folder, _ = transformers_folder
+    with pytest.raises(UserError, match="is not a folder"):
+        import_hf(tmp_path / "nowhere")
+
+    bert = tmp_path / "bert"
+    BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=64).save_pretrained(bert)
+    with pytest.raises(UserError, match="BERT.*only RoBERTa-architecture folders are supported"):
+        import_hf(bert)
+
+    make_tokenizer(folder / "tokenizer.json", vocab=VOCAB + 10)
+    with pytest.raises(UserError, match=f"tokenizer.json has {VOCAB + 10} tokens.*vocab_size {VOCAB}"):
+        import_hf(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="no tokenizer.json"):
+        import_hf(folder)
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(UserError, match=r"model.safetensors: .*intermediate.dense.weight has shape \(64, 32\)"):
+        import_hf(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no model.safetensors nor pytorch_model.bin"):
+        import_hf(folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(UserError, match="config.json does not exist"):
+        import_hf(folder)
+
+
+def test_import_refuses_what_our_model_cannot_compute(transformers_folder):
+    folder, theirs = transformers_folder
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
+    with pytest.raises(UserError, match="hidden_act to 'gelu_new'; our model supports only 'gelu'"):
+        import_hf(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(UserError, match="'gpt2' model; only RoBERTa-architecture folders"):
+        import_hf(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+
+    (folder / "model.safetensors").unlink()
+    weights = theirs.state_dict()
+    untied = {**weights, "lm_head.decoder.weight": weights["lm_head.decoder.weight"] + 1}
+    torch.save(untied, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="lm_head.decoder.weight differs .* untied head cannot be imported"):
+        import_hf(folder)
+    extra = {**weights, "roberta.encoder.layer.0.attention.self.distance_embedding.weight": torch.zeros(79, 16)}
+    torch.save(extra, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match="no place for .*distance_embedding"):
+        import_hf(folder)
+
+
+def test_import_reads_vocab_and_merges_without_tokenizer_json(tmp_path, bpe_tokenizer):
+    path, _ = write_checkpoint(tmp_path / "ckpt", bpe_tokenizer, dims_for(bpe_tokenizer.get_vocab_size()))
+    out = export_checkpoint(path, tmp_path / "hf")
+    (out / "tokenizer.json").unlink()
+    bpe_tokenizer.model.save(str(out))  # RoBERTa's two files: vocab.json, merges.txt
+
+    tok = import_hf(out).tokenizer
+    for text in ["the model <mask> a token.", "café writes 12 words"]:
+        assert tok.encode(text).ids == bpe_tokenizer.encode(text).ids
+        assert tok.decode(tok.encode(text).ids) == bpe_tokenizer.decode(bpe_tokenizer.encode(text).ids)
