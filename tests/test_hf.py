@@ -267,3 +267,36 @@ def test_import_reads_vocab_and_merges_without_tokenizer_json(tmp_path, bpe_toke
     for text in ["the model <mask> a token.", "café writes 12 words"]:
         assert tok.encode(text).ids == bpe_tokenizer.encode(text).ids
         assert tok.decode(tok.encode(text).ids) == bpe_tokenizer.decode(bpe_tokenizer.encode(text).ids)
+
+
+def test_cli_export_then_continue_pretraining_from_it(capsys, tmp_path, shard_dir, tokenizer_file):
+    """train -> export -> train --init_from_hf: the second run starts from the exported weights."""
+    from encoder_train.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, "
+                   "max_position_embeddings: 130}\ntraining: {batch_size: 8, max_steps: 3, precision: fp32}\n")
+    base = ["--data_dir", str(shard_dir), "--config_file", str(cfg)]
+    assert main(["train", *base, "--tokenizer_filepath", str(tokenizer_file), "--checkpoint_dir",
+                 str(tmp_path / "a")]) == 0
+    first = torch.load(tmp_path / "a" / "checkpoint_00000003.pt", weights_only=True)["model"]
+    assert main(["export", "--checkpoint", str(tmp_path / "a" / "checkpoint_00000003.pt"), "--output_dir",
+                 str(tmp_path / "hf")]) == 0
+    assert RobertaForMaskedLM.from_pretrained(tmp_path / "hf") is not None
+
+    # A tiny learning rate: after training, the weights are still those of the export, not a new init.
+    tiny_lr = tmp_path / "tiny_lr.yaml"
+    tiny_lr.write_text(cfg.read_text().replace("precision: fp32", "precision: fp32, learning_rate: 1.0e-12"))
+    capsys.readouterr()
+    assert main(["train", "--data_dir", str(shard_dir), "--config_file", str(tiny_lr), "--init_from_hf",
+                 str(tmp_path / "hf"), "--checkpoint_dir", str(tmp_path / "b")]) == 0
+    assert "starting from the weights in" in capsys.readouterr().out
+    second = torch.load(tmp_path / "b" / "checkpoint_00000003.pt", weights_only=True)["model"]
+    assert second.keys() == first.keys()
+    for k in first:
+        torch.testing.assert_close(second[k], first[k], rtol=0, atol=1e-6)
+
+    # Exporting again into the same folder is refused without --overwrite.
+    rc = main(["export", "--checkpoint", str(tmp_path / "a" / "checkpoint_00000003.pt"), "--output_dir",
+               str(tmp_path / "hf")])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -17,8 +18,18 @@ BLOCK, HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    data = Path(path).read_bytes()
+def read_records(path: Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The file's records, once complete: W&B's service process may still be writing after `finish()`
+    returns (it flushes on its own), so wait for the run's closing `exit` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = _parse(Path(path).read_bytes(), path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def _parse(data: bytes, path: Path) -> list[wandb_internal_pb2.Record]:
     assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
     pos, records, pending = HEADER, [], b""
     while pos + HEADER <= len(data):
@@ -27,6 +38,8 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
             pos += left_in_block
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # a record still being written
+            break
         payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:

@@ -49,6 +49,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder of held-out .pt shards, evaluated every training.eval_every steps and at the end")
     p.add_argument("--checkpoint_dir", default=None,
                    help="folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (default: ./checkpoints)")
+    p.add_argument("--init_from_hf", default=None,
+                   help="start from a local Hugging Face RoBERTa masked-LM folder (weights, config.json, tokenizer); "
+                   "the YAML's training section still applies")
     p.add_argument("--load_checkpoint", default=None,
                    help="checkpoint file to resume from, or 'latest' for the newest in --checkpoint_dir")
     p.add_argument("--checkpoint_every", type=positive_int, default=None,
@@ -229,6 +232,28 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face RobertaForMaskedLM folder",
+        description="Write config.json, model.safetensors and the tokenizer so that "
+        "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
+        "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    p.add_argument("--output_dir", required=True, help="folder to write (refused when it holds files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from encoder_train.hf import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+    print(f"wrote {out}: load it with transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="encoder-train",
@@ -241,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_fill_mask_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

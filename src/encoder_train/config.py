@@ -36,6 +36,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    init_from_hf: str | None = None
+    """Local Hugging Face RoBERTa masked-LM folder to start from (flag --init_from_hf); its config.json and
+    tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
     vocab_size: int | None = Field(default=None, ge=8)
     """Vocabulary size; absent: the tokenizer's size rounded up to a multiple of `pad_vocab_multiple`."""
     pad_vocab_multiple: int = Field(default=64, ge=1)
@@ -164,6 +167,7 @@ class Config(Section):
 
 # Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML.
 FLAG_TO_KEY: dict[str, str] = {
+    "init_from_hf": "model.init_from_hf",
     "data_dir": "data.data_dir",
     "tokenizer_filepath": "data.tokenizer_filepath",
     "val_data_dir": "data.val_data_dir",

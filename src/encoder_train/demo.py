@@ -81,7 +81,10 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
         "checkpoint.load_checkpoint": "latest",
     }
     if s.max_steps is not None:
+        # A shorter run keeps the config's warmup share.
+        planned = load_config(s.config_file).training
         overrides["training.max_steps"] = s.max_steps
+        overrides["training.warmup_steps"] = planned.warmup_steps * s.max_steps // planned.max_steps
     config = load_config(s.config_file, overrides)
     print(f"[4/5] training ({s.config_file.name}): checkpoints and metrics.jsonl in {ckpt_dir}")
     result = train(config)

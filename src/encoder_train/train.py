@@ -162,12 +162,19 @@ def train(config: Config) -> TrainResult:
     # ---- set up ---------------------------------------------------------------------------------
     cfg_t, cfg_d, cfg_c = config.training, config.data, config.checkpoint
     device = pick_device()
-    if cfg_d.tokenizer_filepath is None:
+    hf_start = None
+    if config.model.init_from_hf:
+        from encoder_train.hf import import_hf
+
+        hf_start = import_hf(config.model.init_from_hf)  # shape, weights and tokenizer from the folder
+        tokenizer, tokenizer_source = hf_start.tokenizer, config.model.init_from_hf
+    elif cfg_d.tokenizer_filepath is None:
         raise UserError("no tokenizer given; pass --tokenizer_filepath with a tokenizer.json.")
-    tokenizer = load_tokenizer(cfg_d.tokenizer_filepath)
-    special: SpecialTokens = special_tokens(tokenizer, cfg_d.tokenizer_filepath)
+    else:
+        tokenizer, tokenizer_source = load_tokenizer(cfg_d.tokenizer_filepath), cfg_d.tokenizer_filepath
+    special: SpecialTokens = special_tokens(tokenizer, tokenizer_source)
     tokenizer_vocab = tokenizer.get_vocab_size()
-    dims = model_dims(config.model, tokenizer_vocab, special.pad, "config")
+    dims = hf_start.dims if hf_start else model_dims(config.model, tokenizer_vocab, special.pad, "config")
     shards = scan_shards(cfg_d.data_dir, dims.max_tokens)
     val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens) if cfg_d.val_data_dir else None
     spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer_vocab, cfg_d.mask_probability)
@@ -177,7 +184,11 @@ def train(config: Config) -> TrainResult:
     state, resumed_from = find_resume(config)
 
     torch.manual_seed(cfg_t.seed)
-    model = MaskedLM(dims).to(device)
+    model = MaskedLM(dims)
+    if hf_start is not None and state is None:
+        model.load_state_dict(hf_start.state_dict)
+        print(f"starting from the weights in {config.model.init_from_hf}")
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg_t, device)
     scheduler = build_scheduler(optimizer, cfg_t)
     step, tokens_seen, rows_consumed = 0, 0, 0
