@@ -96,3 +96,27 @@ def test_gradients_reach_every_parameter():
     missing = [n for n, p in m.named_parameters() if p.grad is None]
     # token type 0 is added everywhere, so it gets a gradient too; only pad rows stay zero.
     assert not missing
+
+
+@pytest.mark.parametrize("pre_ln", [False, True])
+def test_unpadded_path_equals_padded_dense_loss_and_gradients(pre_ln):
+    from encoder_train.data.loader import MaskSpec, collate
+
+    ids, mask = padded_batch(seed=3)
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)
+    b = collate(ids, spec, torch.Generator().manual_seed(0))
+    assert b.packing is not None and len(b.token_index) == int(mask.sum())
+    results = []
+    for packing in (None, b.packing):
+        torch.manual_seed(0)
+        m = MaskedLM(dims(pre_layer_norm=pre_ln, dropout=0.0, attention_dropout=0.0))
+        out = m(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=packing)
+        out.loss.backward()
+        logits = m(b.input_ids, b.attention_mask, packing=packing, return_logits=True).logits
+        results.append((out.loss.detach(), {n: p.grad for n, p in m.named_parameters()}, logits.detach()))
+    (loss_a, grads_a, logits_a), (loss_b, grads_b, logits_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+    real = b.attention_mask
+    torch.testing.assert_close(logits_b[real], logits_a[real], rtol=1e-5, atol=1e-5)

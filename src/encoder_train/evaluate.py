@@ -22,7 +22,7 @@ from encoder_train import checkpoint
 from encoder_train.data.loader import Batch, MaskSpec, collate
 from encoder_train.data.shards import ShardInfo, check_values, derive_seed, load_shard, scan_shards
 from encoder_train.errors import UserError
-from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.model import MaskedLM, ModelDims, make_layout
 
 EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
 
@@ -62,8 +62,9 @@ def evaluate(
         for b in eval_batches(shards, spec, batch_size, max_batches):
             b = b.to(device)
             with autocast or contextlib.nullcontext():
-                hidden = model.encode(b.input_ids, b.attention_mask)
-                logits = model.predict(hidden, b.predict_positions).float()  # (N, V)
+                layout = make_layout(b.attention_mask, b.packing)
+                hidden = model.encode(b.input_ids, layout)
+                logits = model.predict(hidden, b.predict_positions, layout).float()  # (N, V)
             target = b.labels.reshape(-1).index_select(0, b.predict_positions)
             loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
             # Padded vocabulary rows are no tokens: the prediction is over the tokenizer's ids only.

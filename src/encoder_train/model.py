@@ -21,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # variable-length FlashAttention for the unpadded path on CUDA, when the package is installed
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
 IGNORE_INDEX = -100  # label of positions that are not predicted
 
 
@@ -46,6 +51,71 @@ class ModelDims:
         return self.max_position_embeddings - self.pad_id - 1
 
 
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, num_heads: int,
+                     dropout_p: float) -> torch.Tensor:
+    """q, k, v (B, T, H), mask (B, 1, 1, T) with True on real keys -> (B, T, H)."""
+    B, T, H = q.shape
+    # (B, T, H) -> (B, nh, T, hs)
+    q, k, v = (t.view(B, T, num_heads, H // num_heads).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, H)
+
+
+class Padded:
+    """Attention over right-padded rows: activations are (B, T, H); padded keys are masked out."""
+
+    def __init__(self, attention_mask: torch.Tensor):
+        self.mask = attention_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T): broadcast over heads and queries
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float):
+        return padded_attention(q, k, v, self.mask, num_heads, dropout_p)
+
+
+class Packed:
+    """Unpadded activations: only the N real tokens of the batch, (N, H). Embeddings, projections,
+    feed-forward and LayerNorms skip the padding entirely; attention puts q, k, v back into rows for
+    SDPA (or, on CUDA with the flash-attn package, runs variable-length FlashAttention on them as they are).
+
+    token_index (N,): flat positions of the real tokens in the (B, T) batch; cu_seqlens (B + 1,): where
+    each row starts in the packed order; both come from the data workers, so the host never waits.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, token_index: torch.Tensor, cu_seqlens: torch.Tensor,
+                 max_seqlen: int):
+        self.mask = attention_mask[:, None, None, :]
+        self.shape = attention_mask.shape  # (B, T)
+        self.index = token_index
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the pads"""
+        B, T = self.shape
+        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float):
+        N, H = q.shape
+        if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            qkv = (t.view(N, num_heads, H // num_heads) for t in (q, k, v))  # (N, nh, hs)
+            y = flash_attn_varlen_func(*qkv, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                       dropout_p=dropout_p)
+            return y.reshape(N, H)
+        y = padded_attention(self.unpack(q), self.unpack(k), self.unpack(v), self.mask, num_heads, dropout_p)
+        return self.pack(y)  # (B, T, H) -> (N, H)
+
+
+Layout = Padded | Packed
+
+
+def make_layout(attention_mask: torch.Tensor, packing: tuple[torch.Tensor, torch.Tensor, int] | None) -> Layout:
+    """Packed when the batch comes with its packing (it has padding to skip), else Padded."""
+    return Packed(attention_mask, *packing) if packing is not None else Padded(attention_mask)
+
+
 class Embeddings(nn.Module):
     def __init__(self, d: ModelDims):
         super().__init__()
@@ -56,13 +126,15 @@ class Embeddings(nn.Module):
         self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
         self.dropout = nn.Dropout(d.dropout)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
         # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
-        keep = attention_mask.long()  # (B, T)
+        keep = layout.mask[:, 0, 0, :].long()  # (B, T)
         positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
+        if isinstance(layout, Packed):  # embed the real tokens only: (N,)
+            input_ids, positions = layout.pack(input_ids), layout.pack(positions)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         x = x + self.token_type_embeddings.weight[0]
-        return self.dropout(self.norm(x))  # (B, T, H)
+        return self.dropout(self.norm(x))  # (B, T, H) or (N, H)
 
 
 class SelfAttention(nn.Module):
@@ -77,17 +149,9 @@ class SelfAttention(nn.Module):
         self.attention_dropout = d.attention_dropout
         self.dropout = nn.Dropout(d.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        B, T, H = x.shape
-        nh, hs = self.num_heads, H // self.num_heads
-        # (B, T, H) -> (B, nh, T, hs)
-        q = self.query(x).view(B, T, nh, hs).transpose(1, 2)
-        k = self.key(x).view(B, T, nh, hs).transpose(1, 2)
-        v = self.value(x).view(B, T, nh, hs).transpose(1, 2)
-        # attn_mask (B, 1, 1, T), True = attend: every query ignores the padded keys.
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         p = self.attention_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, H)
+        y = layout.attend(self.query(x), self.key(x), self.value(x), self.num_heads, p)  # same shape as x
         return self.dropout(self.output(y))
 
 
@@ -99,7 +163,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(d.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))  # (B, T, H) -> (B, T, 4H) -> (B, T, H)
+        return self.dropout(self.down(F.gelu(self.up(x))))  # (..., H) -> (..., 4H) -> (..., H)
 
 
 class EncoderLayer(nn.Module):
@@ -111,11 +175,11 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(d)
         self.feed_forward_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         if self.pre_layer_norm:
-            x = x + self.attention(self.attention_norm(x), attn_mask)
+            x = x + self.attention(self.attention_norm(x), layout)
             return x + self.feed_forward(self.feed_forward_norm(x))
-        x = self.attention_norm(x + self.attention(x, attn_mask))
+        x = self.attention_norm(x + self.attention(x, layout))
         return self.feed_forward_norm(x + self.feed_forward(x))
 
 
@@ -126,10 +190,9 @@ class Encoder(nn.Module):
         # Pre-LN leaves the residual stream un-normalised; one LayerNorm closes it.
         self.final_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps) if d.pre_layer_norm else None
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        attn_mask = attention_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T), broadcast over heads, queries
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         for layer in self.layers:
-            x = layer(x, attn_mask)
+            x = layer(x, layout)
         return x if self.final_norm is None else self.final_norm(x)
 
 
@@ -191,30 +254,43 @@ class MaskedLM(nn.Module):
         predict_positions: torch.Tensor | None = None,
         reduction: str = "mean",
         return_logits: bool = False,
+        packing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     ) -> MLMOutput:
         """input_ids, attention_mask (True = real token), labels: (B, T); labels are -100 where unpredicted.
 
         The head runs on the predicted positions only (sparse prediction: about 15% of tokens), which
         saves most of the vocabulary projection. `predict_positions` (N,) are those positions as flat
         indices into B*T, computed by the data workers so the device never waits on a `nonzero`.
+        `packing` = (token_index, cu_seqlens, max_seqlen) runs the unpadded path (see `Packed`);
+        without it the rows are computed padded. Both give the same result.
         """
         if attention_mask is None:
             attention_mask = input_ids != self.dims.pad_id
-        h = self.encode(input_ids, attention_mask)  # (B, T, H)
-        logits = self.head(h) if return_logits else None
+        layout = make_layout(attention_mask, packing)
+        h = self.encode(input_ids, layout)  # (B, T, H) or (N_tokens, H)
+        logits = None
+        if return_logits:
+            logits = self.head(layout.unpack(h) if isinstance(layout, Packed) else h)
         loss = None
         if labels is not None:
             flat_labels = labels.reshape(-1)
             if predict_positions is None:
                 predict_positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)  # host waits here
             target = flat_labels.index_select(0, predict_positions)  # (N,)
-            loss = F.cross_entropy(self.predict(h, predict_positions).float(), target, reduction=reduction)
+            loss = F.cross_entropy(self.predict(h, predict_positions, layout).float(), target, reduction=reduction)
         return MLMOutput(loss=loss, logits=logits)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids and mask -> (B, T, H) final hidden states."""
-        return self.encoder(self.embeddings(input_ids, attention_mask), attention_mask)
+    def encode(self, input_ids: torch.Tensor, layout: Layout | torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> final hidden states: (B, T, H) padded, or (N_tokens, H) packed.
+        A bare (B, T) attention mask means the padded layout."""
+        if isinstance(layout, torch.Tensor):
+            layout = Padded(layout)
+        return self.encoder(self.embeddings(input_ids, layout), layout)
 
-    def predict(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits at flat positions only: hidden (B, T, H), positions (N,) -> (N, V)."""
+    def predict(self, hidden: torch.Tensor, positions: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        """Vocabulary logits at flat (B*T) positions only -> (N, V)."""
+        if isinstance(layout, Packed):
+            # flat (B*T) position -> its row in the packed (N_tokens, H) activations
+            packed_row = torch.cumsum(layout.mask.reshape(-1).long(), 0) - 1
+            positions = packed_row.index_select(0, positions)
         return self.head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))

@@ -299,7 +299,8 @@ def train(config: Config) -> TrainResult:
                 for b in micro:
                     b = b.to(device)
                     with autocast:
-                        out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum")
+                        out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum",
+                                    packing=b.packing)
                     loss = out.loss / predicted
                     loss.backward()
                     step_loss += loss.detach()

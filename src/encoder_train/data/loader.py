@@ -36,6 +36,14 @@ class Batch:
     num_tokens: int  # real (non-pad) tokens
     num_predicted: int  # N
     first_row: int  # position of this batch's first row in the endless row stream
+    # The unpadded layout (model.Packed), when the batch has padding; None when every row is full.
+    token_index: torch.Tensor | None = None  # (num_tokens,) flat indices of the real tokens in B*T
+    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, cumulative row lengths
+    max_seqlen: int = 0
+
+    @property
+    def packing(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        return None if self.token_index is None else (self.token_index, self.cu_seqlens, self.max_seqlen)
 
     def to(self, device: torch.device) -> Batch:
         # non_blocking: with pinned memory the copy overlaps with compute instead of stalling the host.
@@ -91,7 +99,7 @@ def collate(rows: torch.Tensor, spec: MaskSpec, generator: torch.Generator, firs
         generator=generator,
     )
     positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
-    return Batch(
+    batch = Batch(
         input_ids=inputs,
         attention_mask=real,
         labels=labels,
@@ -100,6 +108,12 @@ def collate(rows: torch.Tensor, spec: MaskSpec, generator: torch.Generator, firs
         num_predicted=len(positions),
         first_row=first_row,
     )
+    if batch.num_tokens < real.numel():  # padding to skip: describe the packed layout
+        lengths = real.sum(1)
+        batch.token_index = torch.nonzero(real.reshape(-1)).squeeze(1)
+        batch.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+        batch.max_seqlen = int(lengths.max())
+    return batch
 
 
 class MLMBatches(IterableDataset):
