@@ -104,7 +104,7 @@ def test_unpadded_path_equals_padded_dense_loss_and_gradients(pre_ln):
 
     ids, mask = padded_batch(seed=3)
     spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)
-    b = collate(ids, spec, torch.Generator().manual_seed(0))
+    b = collate(list(ids), spec, seed=0)
     assert b.packing is not None and len(b.token_index) == int(mask.sum())
     results = []
     for packing in (None, b.packing):

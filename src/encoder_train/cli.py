@@ -6,6 +6,7 @@ A `UserError` from anywhere below becomes one line on stderr and exit code 2, wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -275,7 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"encoder-train: error: {e}", file=sys.stderr)
+        # Under torchrun, say which rank failed; torchrun then stops the others.
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}encoder-train: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("encoder-train: interrupted.", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Held-out MLM loss, masked-token accuracy and perplexity; fill-mask; loading a trained checkpoint.
 
 Evaluation reads the validation shards in a fixed order (sorted files, rows in order) and masks each
-batch with a generator seeded from `EVAL_SEED` and the batch's index, never from the training seed:
-the same rows get the same masks in every run and at every checkpoint, so numbers compare.
+row with a generator seeded from `EVAL_SEED` and the row's index, never from the training seed: the
+same rows get the same masks in every run, at every checkpoint and with any batch size, so numbers compare.
 """
 
 from __future__ import annotations
@@ -15,35 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from encoder_train import checkpoint
 from encoder_train.data.loader import Batch, MaskSpec, collate
-from encoder_train.data.shards import ShardInfo, check_values, derive_seed, load_shard, scan_shards
+from encoder_train.data.shards import ShardInfo, check_values, load_shard, scan_shards
 from encoder_train.errors import UserError
-from encoder_train.model import MaskedLM, ModelDims, make_layout
+from encoder_train.model import MaskedLM, ModelDims
 
 EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
 
 
 def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
     """Every row of every shard, in order, `batch_size` rows at a time, masked with the fixed eval seed."""
-    index = 0
+    index, row = 0, 0  # batches and rows so far: a row's mask depends on its position only
     for shard in shards:
         t = load_shard(shard.path)
         check_values(shard.path, t, spec.vocab_size)
         for start in range(0, shard.rows, batch_size):
             if max_batches is not None and index >= max_batches:
                 return
-            g = torch.Generator().manual_seed(derive_seed(EVAL_SEED, index))
-            yield collate(t[start : start + batch_size], spec, g)
-            index += 1
+            chunk = t[start : start + batch_size]
+            yield collate(list(chunk), spec, EVAL_SEED, row)
+            index, row = index + 1, row + len(chunk)
 
 
 @torch.no_grad()
 def evaluate(
-    model: MaskedLM,
+    model: torch.nn.Module,
     shards: list[ShardInfo],
     spec: MaskSpec,
     *,
@@ -62,11 +61,12 @@ def evaluate(
         for b in eval_batches(shards, spec, batch_size, max_batches):
             b = b.to(device)
             with autocast or contextlib.nullcontext():
-                layout = make_layout(b.attention_mask, b.packing)
-                hidden = model.encode(b.input_ids, layout)
-                logits = model.predict(hidden, b.predict_positions, layout).float()  # (N, V)
+                # Through forward(), so a DDP- or FSDP-wrapped model works too.
+                out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum",
+                            packing=b.packing, return_predicted_logits=True)
+            logits = out.predicted_logits.float()  # (N, V)
             target = b.labels.reshape(-1).index_select(0, b.predict_positions)
-            loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+            loss_sum += out.loss.double()
             # Padded vocabulary rows are no tokens: the prediction is over the tokenizer's ids only.
             correct += (logits[:, : spec.vocab_size].argmax(-1) == target).sum()
             predicted += b.num_predicted

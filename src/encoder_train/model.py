@@ -215,6 +215,7 @@ class MLMHead(nn.Module):
 class MLMOutput:
     loss: torch.Tensor | None  # scalar: mean (or sum, see `reduction`) over predicted positions
     logits: torch.Tensor | None  # (B, T, V) when asked for, else None
+    predicted_logits: torch.Tensor | None = None  # (N, V) at the predicted positions, when asked for
 
 
 class MaskedLM(nn.Module):
@@ -255,6 +256,7 @@ class MaskedLM(nn.Module):
         reduction: str = "mean",
         return_logits: bool = False,
         packing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        return_predicted_logits: bool = False,
     ) -> MLMOutput:
         """input_ids, attention_mask (True = real token), labels: (B, T); labels are -100 where unpredicted.
 
@@ -268,7 +270,7 @@ class MaskedLM(nn.Module):
             attention_mask = input_ids != self.dims.pad_id
         layout = make_layout(attention_mask, packing)
         h = self.encode(input_ids, layout)  # (B, T, H) or (N_tokens, H)
-        logits = None
+        logits = predicted = None
         if return_logits:
             logits = self.head(layout.unpack(h) if isinstance(layout, Packed) else h)
         loss = None
@@ -277,8 +279,9 @@ class MaskedLM(nn.Module):
             if predict_positions is None:
                 predict_positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)  # host waits here
             target = flat_labels.index_select(0, predict_positions)  # (N,)
-            loss = F.cross_entropy(self.predict(h, predict_positions, layout).float(), target, reduction=reduction)
-        return MLMOutput(loss=loss, logits=logits)
+            predicted = self.predict(h, predict_positions, layout)  # (N, V)
+            loss = F.cross_entropy(predicted.float(), target, reduction=reduction)
+        return MLMOutput(loss=loss, logits=logits, predicted_logits=predicted if return_predicted_logits else None)
 
     def encode(self, input_ids: torch.Tensor, layout: Layout | torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> final hidden states: (B, T, H) padded, or (N_tokens, H) packed.

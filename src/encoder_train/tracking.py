@@ -31,22 +31,24 @@ class Tracker:
         wandb_log_freq: int,
         config: dict[str, Any],
         wandb_dir: Path,
+        enabled: bool = True,
     ):
+        self.enabled = enabled  # False on every rank but 0: nothing is printed, written or sent
         self.metrics_path = metrics_path
         self.wandb_log_freq = wandb_log_freq
         # Steps already recorded, per kind of record. A resumed run repeats the steps between its
         # checkpoint and the crash; resume is exact, so those records exist already, with the same values.
         self.logged = {"train": 0, "eval": 0}
-        if metrics_path.exists():
+        if enabled and metrics_path.exists():
             if fresh:  # a new run: an old file belongs to a run that left no checkpoint
                 aside = metrics_path.with_name(f"metrics.{int(metrics_path.stat().st_mtime)}.jsonl")
                 metrics_path.rename(aside)
             else:
                 self.logged = _last_logged(metrics_path)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr)
+                        file=sys.stderr, disable=not enabled)
         self.run = None
-        if wandb_enabled:
+        if wandb_enabled and enabled:
             self.run = _start_wandb(wandb_project, wandb_run_id, config, wandb_dir)
 
     @property
@@ -65,7 +67,7 @@ class Tracker:
         self._append("train", metrics)
 
     def _append(self, kind: str, metrics: dict[str, float | int]) -> None:
-        if metrics["step"] <= self.logged[kind]:
+        if not self.enabled or metrics["step"] <= self.logged[kind]:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -86,7 +88,8 @@ class Tracker:
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
-        self.bar.write(message, file=sys.stderr)
+        if self.enabled:
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

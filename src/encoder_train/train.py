@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import threading
@@ -20,10 +21,11 @@ from typing import Any
 
 import torch
 
-from encoder_train import checkpoint
+from encoder_train import checkpoint, distributed
 from encoder_train.config import Config, ModelConfig, dump_yaml, resolved_vocab_size
 from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
-from encoder_train.data.shards import scan_shards
+from encoder_train.data.shards import derive_seed, scan_shards
+from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims
@@ -123,7 +125,7 @@ def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None
         )
 
 
-def find_resume(config: Config) -> tuple[dict[str, Any] | None, Path | None]:
+def find_resume(config: Config, say=print) -> tuple[dict[str, Any] | None, Path | None]:
     """The checkpoint to resume from, if any, refusing anything that would overwrite newer checkpoints."""
     directory = Path(config.checkpoint.checkpoint_dir)
     existing = checkpoint.list_checkpoints(directory)
@@ -137,9 +139,9 @@ def find_resume(config: Config) -> tuple[dict[str, Any] | None, Path | None]:
         return None, None
     if wanted == "latest":
         if not existing:
-            print(f"no checkpoint in {directory} yet; starting a fresh run.")
+            say(f"no checkpoint in {directory} yet; starting a fresh run.")
             return None, None
-        found = checkpoint.load_latest_good(directory)
+        found = checkpoint.load_latest_good(directory, note=say)
         if found is None:
             raise UserError(
                 f"none of the {len(existing)} checkpoints in {directory} loads; pass a good one with "
@@ -159,9 +161,19 @@ def find_resume(config: Config) -> tuple[dict[str, Any] | None, Path | None]:
 
 
 def train(config: Config) -> TrainResult:
+    """Train from `config`; under torchrun, every rank calls this and they train one model together."""
+    world = distributed.init()
+    try:
+        return _train(config, world)
+    finally:
+        distributed.close(world)
+
+
+def _train(config: Config, world: World) -> TrainResult:
     # ---- set up ---------------------------------------------------------------------------------
     cfg_t, cfg_d, cfg_c = config.training, config.data, config.checkpoint
-    device = pick_device()
+    device = world.device
+    say = print if world.is_main else (lambda *a, **k: None)  # noqa: E731 - only rank 0 speaks
     hf_start = None
     if config.model.init_from_hf:
         from encoder_train.hf import import_hf
@@ -178,53 +190,75 @@ def train(config: Config) -> TrainResult:
     shards = scan_shards(cfg_d.data_dir, dims.max_tokens)
     val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens) if cfg_d.val_data_dir else None
     spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer_vocab, cfg_d.mask_probability)
-    ckpt_dir = checkpoint.ensure_writable(cfg_c.checkpoint_dir)
-    for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
-        print(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
-    state, resumed_from = find_resume(config)
+    ckpt_dir = Path(cfg_c.checkpoint_dir)
+    if world.is_main:
+        checkpoint.ensure_writable(ckpt_dir)
+        for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
+            say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
+    state, resumed_from = find_resume(config, say)
+    fsdp = world.distributed and cfg_t.data_parallel == "fsdp"
+    if state is not None and state.get("sharded_optimizer", False) != fsdp:
+        raise UserError(
+            f"checkpoint {resumed_from} was written with training.data_parallel = "
+            f"{'fsdp' if state.get('sharded_optimizer') else 'ddp'} and resumes only that way; set it accordingly."
+        )
 
-    torch.manual_seed(cfg_t.seed)
+    torch.manual_seed(cfg_t.seed)  # the same initial weights on every rank
     model = MaskedLM(dims)
-    if hf_start is not None and state is None:
+    if state is not None:
+        check_same_shape(state.get("dims", {}), dims, resumed_from)
+        model.load_state_dict(state["model"])
+    elif hf_start is not None:
         model.load_state_dict(hf_start.state_dict)
-        print(f"starting from the weights in {config.model.init_from_hf}")
-    model = model.to(device)
+        say(f"starting from the weights in {config.model.init_from_hf}")
+    model = distributed.wrap(model.to(device), world, cfg_t.data_parallel)
     optimizer = build_optimizer(model, cfg_t, device)
     scheduler = build_scheduler(optimizer, cfg_t)
+    if world.distributed:  # dropout differs between ranks
+        torch.manual_seed(derive_seed(cfg_t.seed, "dropout", world.rank))
     step, tokens_seen, rows_consumed = 0, 0, 0
     wandb_run_id = config.wandb.run_id
     if state is not None:
-        assert resumed_from is not None
-        check_same_shape(state.get("dims", {}), dims, resumed_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(model, optimizer, state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         step, tokens_seen = state["step"], state["tokens_seen"]
         rows_consumed = state["data"]["rows_consumed"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        saved_world = len(state["rng"])
+        if saved_world == world.world_size:  # each rank continues its own random stream
+            torch.set_rng_state(state["rng"][world.rank]["torch"])
+            if device.type == "cuda" and state["rng"][world.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"][world.rank]["cuda"])
+        else:
+            torch.manual_seed(derive_seed(cfg_t.seed, "dropout", world.rank, step))
+            say(f"resuming {saved_world} processes' run with {world.world_size}: the data continues from the same "
+                f"row, but each step now takes a different number of rows and dropout is reseeded, so the run "
+                "differs from one that kept its world size.")
         wandb_run_id = wandb_run_id or state.get("wandb_run_id")
 
-    rows_per_step = cfg_t.batch_size * cfg_t.gradient_accumulation_steps
-    print("resolved config:\n" + dump_yaml(config).rstrip())
-    print(
-        f"model: {model.num_parameters() / 1e6:.2f}M parameters ({model.num_parameters(True) / 1e6:.2f}M "
-        f"without embeddings), vocabulary {dims.vocab_size} (tokenizer {tokenizer_vocab}), rows up to "
-        f"{dims.max_tokens} tokens; device {device}, precision {cfg_t.precision}"
+    rows_per_step = cfg_t.batch_size * cfg_t.gradient_accumulation_steps * world.world_size
+    raw_model = distributed.unwrap(model)
+    say("resolved config:\n" + dump_yaml(config).rstrip())
+    say(
+        f"model: {raw_model.num_parameters() / 1e6:.2f}M parameters "
+        f"({raw_model.num_parameters(True) / 1e6:.2f}M without embeddings), vocabulary {dims.vocab_size} "
+        f"(tokenizer {tokenizer_vocab}), rows up to {dims.max_tokens} tokens; device {device}, "
+        f"precision {cfg_t.precision}"
     )
-    print(
-        f"data: {len(shards)} shards, {sum(s.rows for s in shards)} rows; {rows_per_step} rows per step "
-        f"({cfg_t.batch_size} x {cfg_t.gradient_accumulation_steps} accumulation)"
+    say(
+        f"data: {len(shards)} shards, {sum(s.rows for s in shards)} rows; global batch {rows_per_step} rows per "
+        f"step = {cfg_t.batch_size} per micro-batch x {cfg_t.gradient_accumulation_steps} accumulation x "
+        f"{world.world_size} processes" + (f" ({cfg_t.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val_shards)} rows" if val_shards else "")
     )
     if resumed_from is not None:
-        print(f"resuming from {resumed_from} at step {step} (learning rate {scheduler.get_last_lr()[0]:.3e})")
+        say(f"resuming from {resumed_from} at step {step} (learning rate {scheduler.get_last_lr()[0]:.3e})")
     sys.stdout.flush()
     if step >= cfg_t.max_steps:
-        print(f"step {step} already reached training.max_steps ({cfg_t.max_steps}); nothing to do.")
+        say(f"step {step} already reached training.max_steps ({cfg_t.max_steps}); nothing to do.")
         return TrainResult(step, tokens_seen, None, resumed_from)
 
+    # Rank r takes micro-batches r, r + W, r + 2W, ... of the one global stream: ranks read disjoint rows,
+    # and together they read exactly what one process would.
     stream = BatchStream(
         MLMBatches(
             shards,
@@ -232,7 +266,8 @@ def train(config: Config) -> TrainResult:
             batch_size=cfg_t.batch_size,
             seed=cfg_t.seed,
             shuffle_files=cfg_d.shuffle_files,
-            start_row=rows_consumed,
+            start_row=rows_consumed + world.rank * cfg_t.batch_size,
+            stride=world.world_size,
         ),
         num_workers=cfg_d.num_workers,
         prefetch=cfg_d.prefetch_batches,
@@ -249,22 +284,25 @@ def train(config: Config) -> TrainResult:
         wandb_log_freq=config.wandb.log_freq,
         config=config.to_dict(),
         wandb_dir=ckpt_dir,
+        enabled=world.is_main,
     )
     autocast = autocast_for(cfg_t.precision, device, note=tracker.write)
     clip = cfg_t.gradient_clip if cfg_t.gradient_clip > 0 else float("inf")
 
     def snapshot() -> dict[str, Any]:
+        """The whole training state; a collective under torchrun (every rank calls it, rank 0 writes it)."""
+        model_state, optimizer_state = full_state(model, optimizer, fsdp)
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
         return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "sharded_optimizer": fsdp,
             "scheduler": scheduler.state_dict(),
             "step": step,
             "tokens_seen": tokens_seen,
-            "data": {"rows_consumed": rows_consumed},
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-            },
+            # The position of every rank follows from it: rank r reads from rows_consumed + r * batch_size.
+            "data": {"rows_consumed": rows_consumed, "world_size": world.world_size},
+            "rng": distributed.gather_objects(rng, world),  # one entry per rank
             "dims": dataclasses.asdict(dims),
             # The tokenizer travels with the weights: evaluate, fill-mask and export need no other file.
             "tokenizer": {"json": tokenizer.to_str(), "mask_spec": dataclasses.asdict(spec)},
@@ -285,32 +323,45 @@ def train(config: Config) -> TrainResult:
 
     def save() -> None:
         nonlocal last_path, saved_step
-        last_path, saved_step = checkpoint.save(snapshot(), ckpt_dir, step), step
-        deleted = checkpoint.rotate(ckpt_dir, cfg_c.max_checkpoints)
-        tracker.write(f"step {step}: saved {last_path}" + (f", removed {len(deleted)} old" if deleted else ""))
+        snap = snapshot()
+        saved_step = step
+        if world.is_main:
+            last_path = checkpoint.save(snap, ckpt_dir, step)
+            deleted = checkpoint.rotate(ckpt_dir, cfg_c.max_checkpoints)
+            tracker.write(f"step {step}: saved {last_path}" + (f", removed {len(deleted)} old" if deleted else ""))
 
     try:
         with GracefulStop() as stop:
-            while step < cfg_t.max_steps and stop.signum is None:
+            stop_votes = 0.0
+            while step < cfg_t.max_steps and not stop_votes:
                 micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
-                # Token-weighted mean over the whole step: each micro-batch's summed loss / all predictions.
-                predicted = max(1, sum(b.num_predicted for b in micro))
+                # Token-weighted mean over the whole global step: each micro-batch's summed loss over all
+                # predicted tokens of all ranks. Data-parallel gradients are averaged over ranks, hence x W.
+                predicted, step_tokens = distributed.sum_ints(
+                    [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro)], world)
+                scale = world.world_size / max(1, predicted)
                 step_loss = torch.zeros((), device=device)
-                for b in micro:
+                for i, b in enumerate(micro):
                     b = b.to(device)
-                    with autocast:
+                    with distributed.gradient_sync(model, world, i == len(micro) - 1), autocast:
                         out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum",
                                     packing=b.packing)
-                    loss = out.loss / predicted
+                        loss = out.loss * scale
                     loss.backward()
-                    step_loss += loss.detach()
+                    step_loss += loss.detach() / world.world_size
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
                 rows_consumed += rows_per_step
-                step_tokens = sum(b.num_tokens for b in micro)
                 tokens_seen += step_tokens
 
-                # The one host-device sync of a step: a NaN/inf loss or gradient must not reach the weights.
-                if not bool(torch.isfinite(step_loss + grad_norm)):
+                # The one host-device sync of a step (and, under torchrun, one small all-reduce): the global
+                # loss, and whether any rank was asked to stop, so that all ranks stop after the same step.
+                status = distributed.sum_all(
+                    torch.stack([step_loss.float(), torch.tensor(float(stop.signum is not None), device=device)]),
+                    world)
+                global_loss, stop_votes = status.tolist()
+                if not math.isfinite(global_loss + float(grad_norm)):
+                    # A NaN/inf loss or gradient must not reach the weights.
                     optimizer.zero_grad(set_to_none=True)
                     nonfinite_in_a_row += 1
                     tracker.write(f"step {step + 1}: loss or gradient norm is not finite; update skipped "
@@ -327,7 +378,7 @@ def train(config: Config) -> TrainResult:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                loss_sum += step_loss
+                loss_sum += global_loss
                 norm_sum += grad_norm.detach()
                 tokens_since_log += step_tokens
                 steps_since_log += 1
@@ -338,7 +389,7 @@ def train(config: Config) -> TrainResult:
                     now = time.perf_counter()
                     metrics = {
                         "step": step,
-                        "loss": loss_sum.item() / steps_since_log,  # host waits for the device here
+                        "loss": loss_sum.item() / steps_since_log,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": norm_sum.item() / steps_since_log,
                         "tokens_per_second": tokens_since_log / max(now - t_log, 1e-9),
@@ -354,25 +405,51 @@ def train(config: Config) -> TrainResult:
                     steps_since_log, tokens_since_log, t_log = 0, 0, now
 
                 if val_shards and (step % cfg_t.eval_every == 0 or step == cfg_t.max_steps):
+                    # Every rank evaluates the same rows (FSDP needs all ranks in the forward); rank 0 logs.
                     result = evaluate(model, val_shards, spec, batch_size=cfg_t.batch_size, device=device,
                                       autocast=autocast, max_batches=cfg_t.eval_batches)
                     tracker.log_eval({"step": step, **{f"val_{k}": v for k, v in result.items()}})
 
                 if step % cfg_c.checkpoint_every == 0 or step == cfg_t.max_steps:
                     save()
-            if stop.signum is not None and step != saved_step:
+            if stop_votes and step != saved_step:
                 save()
     finally:
         stream.close()
         tracker.close()
-    if stop.signum is not None:
+    if stop_votes:
         where = last_path or resumed_from
-        print(
-            f"stopped by {signal.Signals(stop.signum).name} at step {step}; "
-            + (f"checkpoint {where}. Resume with the same command plus --load_checkpoint latest."
-               if where else "no step had finished, so there is nothing to resume."),
-            file=sys.stderr,
-        )
-        return TrainResult(step, tokens_seen, last_loss, last_path, stopped_by=stop.signum)
-    print(f"done: step {step}, loss {last_loss:.4f}, {tokens_seen} tokens seen; last checkpoint {last_path}")
+        signum = stop.signum or signal.SIGTERM  # a rank asked to stop by its neighbours stops as they do
+        if world.is_main:
+            print(
+                f"stopped by {signal.Signals(signum).name} at step {step}; "
+                + (f"checkpoint {where}. Resume with the same command plus --load_checkpoint latest."
+                   if where else "no step had finished, so there is nothing to resume."),
+                file=sys.stderr,
+            )
+        return TrainResult(step, tokens_seen, last_loss, last_path, stopped_by=signum)
+    say(f"done: step {step}, loss {last_loss:.4f}, {tokens_seen} tokens seen; last checkpoint {last_path}")
     return TrainResult(step, tokens_seen, last_loss, last_path)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU. With FSDP2 every rank must call it (it gathers)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return distributed.unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, sharded: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)

@@ -7,7 +7,7 @@ pinned memory on CUDA).
 A batch is a pure function of (seed, shards, position of its first row): worker w of n builds batches
 j = w, w + n, w + 2n, ... and the DataLoader hands them out round-robin, so the loop sees j = 0, 1, 2, ...
 in order whatever the number of workers. Resuming at row r (start_row) costs nothing: no data is
-replayed. The mask's seed comes from the batch's first row, so each pass over a row masks it anew.
+replayed. A row's mask is seeded by its position in the stream, so each pass over a row masks it anew.
 """
 
 from __future__ import annotations
@@ -85,19 +85,26 @@ class MaskSpec:
     probability: float
 
 
-def collate(rows: torch.Tensor, spec: MaskSpec, generator: torch.Generator, first_row: int = 0) -> Batch:
-    """rows (B, W) right-padded ids -> a masked Batch trimmed to its longest row: (B, T), T <= W."""
-    real = rows != spec.pad_id
+def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int, first_row: int = 0) -> Batch:
+    """Right-padded rows of ids (each (W_i,), widths may differ) -> a masked Batch trimmed to its longest row.
+
+    Each row is masked with its own generator, seeded from (seed, its position in the stream): a row's
+    mask does not depend on which batch it lands in, so one process with batch 2b and two with batch b
+    see the same masks, and so do evaluations with different batch sizes.
+    """
+    B, W = len(rows), max(len(r) for r in rows)
+    special = torch.tensor(spec.special_ids, dtype=torch.long)
+    inputs = torch.full((B, W), spec.pad_id, dtype=torch.long)
+    labels = torch.full((B, W), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        g = torch.Generator().manual_seed(derive_seed(seed, "mask", first_row + i))
+        masked, target = mask_tokens(row[None].long(), mask_probability=spec.probability, mask_id=spec.mask_id,
+                                     special_ids=special, vocab_size=spec.vocab_size, generator=g)
+        inputs[i, : len(row)], labels[i, : len(row)] = masked[0], target[0]
+    # Masking never creates or removes a pad, so the pads still mark the padding. Trim: (B, W) -> (B, T).
+    real = inputs != spec.pad_id
     width = int(torch.nonzero(real.any(0)).max()) + 1 if real.any() else 1
-    rows, real = rows[:, :width].long(), real[:, :width]
-    inputs, labels = mask_tokens(
-        rows,
-        mask_probability=spec.probability,
-        mask_id=spec.mask_id,
-        special_ids=torch.tensor(spec.special_ids, dtype=torch.long),
-        vocab_size=spec.vocab_size,
-        generator=generator,
-    )
+    inputs, labels, real = inputs[:, :width], labels[:, :width], real[:, :width]
     positions = torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).squeeze(1)
     batch = Batch(
         input_ids=inputs,
@@ -156,9 +163,8 @@ class MLMBatches(IterableDataset):
             except UserError as e:
                 yield DataError(str(e))
                 return
-            # The mask's seed comes from the batch's position: fresh on every pass, reproducible on resume.
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "mask", first))
-            yield collate(torch.stack(rows), self.spec, g, first)
+            # Masks are seeded by the rows' positions in the stream: fresh on every pass, reproducible on resume.
+            yield collate(rows, self.spec, self.seed, first)
 
     def _row(self, where: tuple[int, int], opened: OrderedDict, checked: set[int]) -> torch.Tensor:
         shard, row = where

@@ -1,7 +1,7 @@
 """Dynamic masking as in RoBERTa: a pure function of (tokens, special ids, generator).
 
-Every time a row is seen it gets a fresh mask (the generator is seeded per batch from the run seed
-and the batch's position in the stream, so a mask is new per epoch yet reproducible on resume).
+Every time a row is seen it gets a fresh mask (the loader seeds a generator per row from the run seed
+and the row's position in the stream, so a mask is new per epoch yet reproducible on resume).
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+"""torchrun process group, rank helpers, and wrapping the model for data-parallel training.
+
+Launched by `torchrun`, each process finds RANK / WORLD_SIZE / LOCAL_RANK in its environment and joins
+the default process group (NCCL on CUDA, gloo on the CPU). Launched plainly, it is a world of one and
+nothing here communicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, writes metrics.jsonl and checkpoints, and talks to W&B."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init() -> World:
+    """Join the torchrun process group if there is one; pick this process's device."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return World(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    # A rank that dies leaves the others waiting in a collective: torchrun stops them, and the timeout
+    # bounds the wait where it does not.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=10))
+    return World(rank, world_size, local_rank, device)
+
+
+def close(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
+    """DDP (replicated weights, all-reduced gradients) or FSDP2 (`fully_shard`: sharded weights, gradients
+    and optimizer state, for models whose optimizer state does not fit on one device)."""
+    if not world.distributed:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.encoder.layers:  # shard per layer, so only one layer is gathered at a time
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def sum_all(value: torch.Tensor, world: World) -> torch.Tensor:
+    """Sum a tensor over all ranks (in place); a no-op in a world of one."""
+    if world.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def sum_ints(values: list[int], world: World) -> list[int]:
+    """Sum host integers over all ranks (one small all-reduce)."""
+    if not world.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def gradient_sync(model: nn.Module, world: World, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on accumulation micro-steps; only the last one of a step syncs."""
+    if not world.distributed or sync:
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: a switch, not a context
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()  # DDP
+
+
+def gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
