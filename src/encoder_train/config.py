@@ -105,6 +105,8 @@ class TrainingConfig(Section):
     """Clip the gradient's global L2 norm to this value; 0 disables clipping (flag --gradient_clip)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
+    compile: bool = False
+    """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (weights replicated) or FSDP2 (weights, gradients and optimizer state sharded)."""
     max_nonfinite_steps: int = Field(default=5, ge=1)

@@ -211,6 +211,9 @@ def _train(config: Config, world: World) -> TrainResult:
     elif hf_start is not None:
         model.load_state_dict(hf_start.state_dict)
         say(f"starting from the weights in {config.model.init_from_hf}")
+    if cfg_t.compile:
+        for layer in model.encoder.layers:  # in place: parameter names, and so checkpoints, are unchanged
+            layer.compile(dynamic=True)
     model = distributed.wrap(model.to(device), world, cfg_t.data_parallel)
     optimizer = build_optimizer(model, cfg_t, device)
     scheduler = build_scheduler(optimizer, cfg_t)

@@ -1,0 +1,113 @@
+"""Is the data loader ever the bottleneck? Step time fed by the real loader vs. by batches already in memory.
+
+The same optimizer steps on the same batches, twice: once pulling each batch from `BatchStream`
+(background workers reading memory-mapped shards, masking, collating, prefetching), once from a list
+built beforehand. If the loader keeps ahead of the model, the two times match.
+
+    python benchmarks/loader_overhead.py                    # the demo-sized model, rows of 128, 30% padding
+    python benchmarks/loader_overhead.py --precision fp32 --steps 60 --workers 2
+
+Prints a table: seconds per step with each source, and the loader's overhead in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from encoder_train.config import TrainingConfig
+from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
+from encoder_train.data.shards import scan_shards
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.optim import build_optimizer
+
+
+def make_shards(folder: Path, vocab: int, rows: int, width: int, files: int = 4) -> None:
+    """Rows of 40% to 100% of `width` real tokens (about 30% padding), Zipf-distributed ids."""
+    g = torch.Generator().manual_seed(0)
+    zipf = 1.0 / torch.arange(1, vocab - 4, dtype=torch.float64)
+    for f in range(files):
+        t = torch.full((rows, width), 1, dtype=torch.int32)
+        lengths = torch.randint(int(0.4 * width), width + 1, (rows,), generator=g)
+        for i, n in enumerate(lengths.tolist()):
+            t[i, :n] = (torch.multinomial(zipf, n, replacement=True, generator=g) + 5).to(torch.int32)
+            t[i, 0], t[i, n - 1] = 0, 2
+        torch.save(t, folder / f"shard_{f}.pt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    args = ap.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vocab = 8192
+    dims = ModelDims(vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                     max_position_embeddings=args.seq_len + 2, pad_id=1)
+    spec = MaskSpec(pad_id=1, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab, probability=0.15)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    n = args.warmup + args.steps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shards(Path(tmp), vocab, rows=max(256, n * args.batch_size // 4 + 1), width=args.seq_len)
+        shards = scan_shards(tmp, dims.max_tokens)
+
+        def stream() -> BatchStream:
+            ds = MLMBatches(shards, spec, batch_size=args.batch_size, seed=0, shuffle_files=4)
+            return BatchStream(ds, num_workers=args.workers, prefetch=4, pin_memory=device.type == "cuda")
+
+        s = stream()
+        in_memory = [next(s) for _ in range(n)]
+        s.close()
+
+        def run(source) -> float:
+            torch.manual_seed(0)
+            model = MaskedLM(dims).to(device).train()
+            opt = build_optimizer(model, TrainingConfig(), device)
+            for i in range(n):
+                if i == args.warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                b = next(source).to(device)
+                with autocast:
+                    out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) / args.steps
+
+        memory_s = run(iter(in_memory))
+        live = stream()
+        loader_s = run(live)
+        live.close()
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {cpu}, {torch.get_num_threads()} threads, device {device}, torch {torch.__version__}")
+    print(f"model 4 x 256, vocab {vocab}, batch {args.batch_size} x {args.seq_len}, {args.precision}, "
+          f"{args.workers} loader worker(s), {args.steps} timed steps\n")
+    print("| source | s/step |\n|---|---|")
+    print(f"| batches in memory | {memory_s:.4f} |")
+    print(f"| real loader (workers, prefetch) | {loader_s:.4f} |")
+    print(f"\nloader overhead: {100 * (loader_s / memory_s - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
