@@ -328,6 +328,8 @@ def run_encoder_train(
     """Train W + N steps; time steps W+1..W+N from metrics.jsonl. Returns the timing and the final checkpoint."""
     config_file = encoder_train_config(run_dir, data_dir, tokenizer, w)
     result = quietly(lambda: train(load_config(config_file)), verbose)
+    if result.stopped_by is not None:
+        raise RuntimeError(f"encoder-train was stopped by signal {result.stopped_by} at step {result.step}")
     records = [json.loads(line) for line in (run_dir / "checkpoints" / "metrics.jsonl").read_text().splitlines()]
     seen = {r["step"]: r for r in records if "tokens_per_second" in r}  # training records, not evaluations
     timing = Timing([], [])
@@ -483,18 +485,6 @@ def run_hf(
 # ---- one workload: both sides ---------------------------------------------------------------------
 
 
-def again_if_killed(run, run_dir: Path, *args, tries: int = 3):
-    """run(run_dir, *args); again, in a fresh folder, if a loader worker was killed from outside (it happens
-    on shared machines)."""
-    for attempt in range(tries):
-        try:
-            return run(run_dir.with_name(f"{run_dir.name}_again{attempt}") if attempt else run_dir, *args)
-        except RuntimeError as e:
-            if "DataLoader worker" not in str(e) or attempt == tries - 1:
-                raise
-            print(f"  a loader worker was killed from outside ({e}); running again", flush=True)
-
-
 @dataclass
 class Row:
     workload: Workload
@@ -516,12 +506,8 @@ def bench(
 
     ours_runs, hf_runs = [], []
     for r in range(repeats):
-        ours_runs.append(
-            again_if_killed(run_encoder_train, work / f"ours_{w.name}_{r}", data_dir, tokenizer, w, verbose)[0]
-        )
-        hf_runs.append(
-            again_if_killed(run_hf, work / f"hf_{w.name}_{r}", rows, tokenizer, w, device, hf_workers, verbose)[0]
-        )
+        ours_runs.append(run_encoder_train(work / f"ours_{w.name}_{r}", data_dir, tokenizer, w, verbose)[0])
+        hf_runs.append(run_hf(work / f"hf_{w.name}_{r}", rows, tokenizer, w, device, hf_workers, verbose)[0])
     print(
         f"  {w.name} s/step of each run: encoder-train "
         + " ".join(f"{t.seconds / w.steps:.3f}" for t in ours_runs)
@@ -576,12 +562,12 @@ def quality(work: Path, steps: int, precision: str, device: torch.device, hf_wor
     val_dir = write_shard(work / "quality_val", make_rows(16 * w.batch, w.seq_len, w.size.vocab, seed=SEED + 1))
     rows = rows_in_loader_order(data_dir, w.seq_len, n_rows)
 
-    _, checkpoint = again_if_killed(run_encoder_train, work / "quality_ours", data_dir, tokenizer, w, verbose)
+    _, checkpoint = run_encoder_train(work / "quality_ours", data_dir, tokenizer, w, verbose)
     trained = load_trained(checkpoint, device)
     autocast = autocast_for(precision, device)
     shards = scan_shards(val_dir, w.seq_len)
     ours = evaluate(trained.model, shards, trained.spec, batch_size=w.batch, device=device, autocast=autocast)
-    _, model = again_if_killed(run_hf, work / "quality_hf", rows, tokenizer, w, device, hf_workers, verbose)
+    _, model = run_hf(work / "quality_hf", rows, tokenizer, w, device, hf_workers, verbose)
     hf = hf_heldout(model, val_dir, trained.spec, w.batch, device, precision)
     return (
         f"equal quality (small, {w.seq_len}, {precision}, {steps} steps of {w.batch} rows, lr {w.lr:g}, "
