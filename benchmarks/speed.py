@@ -2,7 +2,9 @@
 
     python benchmarks/speed.py                                   # small + base, bf16 + fp32
     python benchmarks/speed.py --quick                           # smoke run: small model, a few steps
-    python benchmarks/speed.py --sizes small --precisions bf16 --steps 50 --warmup 5 --quality
+    python benchmarks/speed.py --sizes small --repeats 3         # a shared machine: fastest of 3 per step
+    python benchmarks/speed.py --sizes base --seq_lens 512 --batch_size 8   # a CPU with < 48 GB
+    python benchmarks/speed.py --sizes --quality --quality_steps 200        # equal quality only
 
 What runs. For each (size, row length, precision) the script writes `.pt` shards and a word-level
 tokenizer into a temp folder, then trains the same model dimensions on the same rows, 32 rows per
