@@ -28,14 +28,12 @@ class Tracker:
         wandb_enabled: bool,
         wandb_project: str,
         wandb_run_id: str | None,
-        wandb_log_freq: int,
         config: dict[str, Any],
         wandb_dir: Path,
         enabled: bool = True,
     ):
         self.enabled = enabled  # False on every rank but 0: nothing is printed, written or sent
         self.metrics_path = metrics_path
-        self.wandb_log_freq = wandb_log_freq
         # Steps already recorded, per kind of record. A resumed run repeats the steps between its
         # checkpoint and the crash; resume is exact, so those records exist already, with the same values.
         self.logged = {"train": 0, "eval": 0}

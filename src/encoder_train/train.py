@@ -284,7 +284,6 @@ def _train(config: Config, world: World) -> TrainResult:
         wandb_enabled=config.wandb.enabled,
         wandb_project=config.wandb.project,
         wandb_run_id=wandb_run_id,
-        wandb_log_freq=config.wandb.log_freq,
         config=config.to_dict(),
         wandb_dir=ckpt_dir,
         enabled=world.is_main,

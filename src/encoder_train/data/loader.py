@@ -45,26 +45,17 @@ class Batch:
     def packing(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None if self.token_index is None else (self.token_index, self.cu_seqlens, self.max_seqlen)
 
+    def _map_tensors(self, fn) -> Batch:
+        return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                        for f in fields(self)})
+
     def to(self, device: torch.device) -> Batch:
         # non_blocking: with pinned memory the copy overlaps with compute instead of stalling the host.
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=True)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-            else getattr(self, f.name)
-            for f in fields(self)
-        }
-        return Batch(**moved)
+        return self._map_tensors(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread when pin_memory=True."""
-        return Batch(
-            **{
-                f.name: getattr(self, f.name).pin_memory()
-                if isinstance(getattr(self, f.name), torch.Tensor)
-                else getattr(self, f.name)
-                for f in fields(self)
-            }
-        )
+        return self._map_tensors(lambda t: t.pin_memory())
 
 
 @dataclass
