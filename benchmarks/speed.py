@@ -11,7 +11,8 @@ tokenizer into a temp folder, then trains the same model dimensions on the same 
 step (`--batch_size`), twice:
 
   encoder-train  `encoder_train.train.train(config)`, the config loaded from a small YAML file;
-                 its own loader (one background worker), masking, sparse MLM head, AdamW.
+                 its own loader (default workers: inline on a CPU, 2 on a GPU), masking,
+                 sparse MLM head, AdamW.
   HF Trainer     `transformers.Trainer` + `RobertaForMaskedLM` (attn_implementation="sdpa") +
                  `DataCollatorForLanguageModeling` (mlm_probability 0.15), as `run_mlm.py` would:
                  the rows without their padding (with `special_tokens_mask`, as the tokenizer gives
@@ -58,8 +59,7 @@ such words, so a model has something to learn beyond word frequencies (copying n
 that makes `--quality`, held-out MLM loss of both after the same steps on the same rows, evaluated
 on the same held-out rows with the same masks (encoder-train's evaluation batches), a real check.
 
-Caveats: timings vary with the machine and its load; the header prints the machine. On a CPU,
-encoder-train's one loader worker is a second process beside the training threads. base at 512
+Caveats: timings vary with the machine and its load; the header prints the machine. base at 512
 tokens and 32 rows needs about 24 GB (encoder-train) and well over 30 GB (HF) of host memory on a
 CPU, where attention with dropout materialises (B, heads, T, T) tensors; use `--batch_size 8` there.
 """
@@ -129,10 +129,11 @@ class Workload:
     batch: int = 32
     lr: float = 1e-4
     lr_warmup: int = 0  # learning-rate warm-up steps (a schedule, not the untimed steps)
+    compile: bool = False  # torch.compile on both sides (training.compile; the Trainer's torch_compile)
 
     @property
     def name(self) -> str:
-        return f"{self.size.name}_{self.seq_len}_{self.precision}_b{self.batch}"
+        return f"{self.size.name}_{self.seq_len}_{self.precision}_b{self.batch}" + ("_compiled" if self.compile else "")
 
     @property
     def total_steps(self) -> int:
@@ -297,7 +298,6 @@ def encoder_train_config(run_dir: Path, data_dir: Path, tokenizer: Path, w: Work
         "data": {
             "data_dir": str(data_dir),
             "tokenizer_filepath": str(tokenizer),
-            "num_workers": 1,
             "mask_probability": MASK_PROBABILITY,
             "shuffle_files": 1,
         },
@@ -314,6 +314,7 @@ def encoder_train_config(run_dir: Path, data_dir: Path, tokenizer: Path, w: Work
             "precision": w.precision,
             "seed": SEED,
             "log_interval": 1,  # a record per step: its tokens and tokens/s give its time
+            "compile": w.compile,
         },
         # Only the final checkpoint is written, after the last timed step.
         "checkpoint": {"checkpoint_dir": str(run_dir / "checkpoints"), "checkpoint_every": w.total_steps + 1},
@@ -467,6 +468,7 @@ def run_hf(
         report_to=[],
         disable_tqdm=not verbose,
         seed=SEED,
+        torch_compile=w.compile,
     )
     clock = StepClock()
     trainer = transformers.Trainer(
@@ -632,7 +634,8 @@ def table(rows: list[Row], rates: MatmulRates) -> str:
         w = r.workload
         mfu = [r.flops / t.seconds / 1e9 / rates.peak(w) for t in (r.ours, r.hf)]
         lines.append(
-            f"| {w.size.name} | {w.seq_len} | {w.precision} | {r.ours.tokens_per_second:,.0f} | "
+            f"| {w.size.name} | {w.seq_len} | {w.precision}{' compiled' if w.compile else ''} | "
+            f"{r.ours.tokens_per_second:,.0f} | "
             f"{r.hf.tokens_per_second:,.0f} | {r.ours.tokens_per_second / r.hf.tokens_per_second:.2f}x | "
             f"{mfu[0]:.1%} | {mfu[1]:.1%} |"
         )
@@ -667,6 +670,7 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also compare held-out MLM loss (small model)")
     parser.add_argument("--quality_steps", type=int, default=300, help="training steps of the quality check")
     parser.add_argument("--hf_workers", type=int, default=0, help="HF dataloader_num_workers (its default: 0)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides (warm-up steps compile)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small model, 1 + 2 steps, 20 quality steps")
     parser.add_argument("--work_dir", type=Path, help="where data and checkpoints go (default: a temp dir)")
     parser.add_argument("--verbose", action="store_true", help="show both trainers' own output")
@@ -691,7 +695,8 @@ def main() -> None:
             for seq_len in seq_lens:
                 for precision in args.precisions:
                     warmup, steps = DEFAULT_STEPS.get((size.name, seq_len), (2, 3))
-                    w = Workload(size, seq_len, precision, args.warmup or warmup, args.steps or steps, args.batch_size)
+                    w = Workload(size, seq_len, precision, args.warmup or warmup, args.steps or steps, args.batch_size,
+                                 compile=args.compile)
                     start = time.perf_counter()
                     results.append(bench(work, w, device, rates, args.repeats, args.hf_workers, args.verbose))
                     print(

@@ -300,3 +300,53 @@ def test_cli_export_then_continue_pretraining_from_it(capsys, tmp_path, shard_di
     rc = main(["export", "--checkpoint", str(tmp_path / "a" / "checkpoint_00000003.pt"), "--output_dir",
                str(tmp_path / "hf")])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+# ---- the fast training path against a straightforward dense computation --------------------------
+
+
+def test_training_loss_and_gradients_equal_a_dense_transformers_computation():
+    """Our training step's fast path (unpadded activations, attention in length groups, a loss over the
+    predicted positions only, the fused cross-entropy) against transformers' RobertaForMaskedLM with
+    eager attention: every row padded to the longest, logits at every position, F.cross_entropy with
+    ignore_index. Same weights, same masked batch: same loss, same gradient for every parameter."""
+    from encoder_train.data.loader import collate
+    from encoder_train.hf import hf_names
+    from encoder_train.model import Packed
+
+    dims = dims_for(VOCAB, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    ours = MaskedLM(dims)
+    perturb(ours)
+    theirs = RobertaForMaskedLM(RobertaConfig(
+        vocab_size=dims.vocab_size, hidden_size=dims.hidden_size, num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads, intermediate_size=dims.intermediate_size, hidden_act="gelu",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=dims.max_position_embeddings,
+        type_vocab_size=1, layer_norm_eps=dims.layer_norm_eps, pad_token_id=PAD, tie_word_embeddings=True,
+        attn_implementation="eager"))
+    names = hf_names(dims)
+    missing, _ = theirs.load_state_dict({names[k]: v for k, v in ours.state_dict().items()}, strict=False)
+    assert all(n.startswith("lm_head.decoder") or "position_ids" in n for n in missing), missing
+    theirs.tie_weights()
+
+    # Rows of very different lengths, so that attention runs in more than one length group.
+    g = torch.Generator().manual_seed(1)
+    lengths = [30, 29, 28, 12, 11, 10, 4, 3]
+    rows = [torch.cat([torch.tensor([0]), torch.randint(5, VOCAB, (n - 2,), generator=g), torch.tensor([2])])
+            for n in lengths]
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB, probability=0.3)
+    b = collate(rows, spec, seed=0)
+    layout = Packed(b.attention_mask, *b.packing)
+    assert len(layout.groups()) > 1
+
+    loss = ours(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss
+    loss.backward()
+    theirs.train()  # dropout is 0: train mode only makes the comparison about the training code path
+    logits = theirs(input_ids=b.input_ids, attention_mask=b.attention_mask.long()).logits  # (B, T, V)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), b.labels.reshape(-1), ignore_index=-100)
+    expected.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    hf_params = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, hf_params[names[name]].grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -63,3 +63,11 @@ def test_bad_ids_found_in_a_worker_become_a_user_error(tmp_path):
     shards = scan_shards(tmp_path, 128)
     with pytest.raises(UserError, match="token id 500"):
         take(dataset(shards), 2, workers=1)
+
+
+def test_default_workers_build_batches_inline_on_a_cpu_and_in_background_for_a_gpu():
+    from encoder_train.train import loader_workers
+
+    assert loader_workers(None, torch.device("cpu")) == 0
+    assert loader_workers(None, torch.device("cuda")) == 2
+    assert loader_workers(3, torch.device("cpu")) == 3 and loader_workers(0, torch.device("cuda")) == 0

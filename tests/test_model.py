@@ -120,3 +120,61 @@ def test_unpadded_path_equals_padded_dense_loss_and_gradients(pre_ln):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
     real = b.attention_mask
     torch.testing.assert_close(logits_b[real], logits_a[real], rtol=1e-5, atol=1e-5)
+
+
+# ---- the pieces of the fast path ------------------------------------------------------------------
+
+
+def test_cpu_dropout_keeps_1_minus_p_scales_and_backpropagates_through_the_same_mask():
+    from encoder_train.model import dropout
+
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.002  # 1e6 draws: standard deviation 0.0003
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 65536 / (65536 - 6554)))  # p rounds to 6554/65536
+    assert abs(y.mean().item() - 1.0) < 0.003  # unbiased
+    # Neighbouring elements come from different bits of one 64-bit draw: no lane is favoured.
+    assert all(abs(kept.view(-1, 4)[:, i].float().mean().item() - 0.9) < 0.004 for i in range(4))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, y.detach() * 2.0)  # the gradient flows exactly where the value did
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.1, training=True), y)  # the global generator drives it, as F.dropout
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+    assert not dropout(x, 1.0, training=True).any()
+
+
+def test_length_groups_partition_the_sorted_rows_and_save_work():
+    from encoder_train.model import length_groups
+
+    lengths = sorted(torch.randint(51, 129, (32,), generator=torch.Generator().manual_seed(0)).tolist(), reverse=True)
+    runs = length_groups(lengths)
+    assert runs[0][0] == 0 and runs[-1][1] == 32 and 1 < len(runs) <= 4
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))  # contiguous, in order, each row once
+    work = sum((end - start) * lengths[start] ** 2 for start, end in runs)
+    assert work < 0.8 * 32 * lengths[0] ** 2
+    assert length_groups([64] * 8) == [(0, 8)]  # nothing to gain: one group
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_cross_entropy_equals_cross_entropy_on_the_logits(precision):
+    from encoder_train.model import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 32, generator=g, requires_grad=True)
+    w = (0.2 * torch.randn(300, 32, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(300, generator=g)).requires_grad_()
+    target = torch.randint(0, 300, (50,), generator=g)
+    grads = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        for fused in (True, False):
+            if fused:
+                loss = LinearCrossEntropy.apply(x, w, b, target)
+            else:
+                loss = F.cross_entropy(F.linear(x, w, b).float(), target, reduction="sum")
+            grads.append((loss, *torch.autograd.grad(loss * 0.5, (x, w, b))))
+    tol = dict(rtol=1e-5, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-2)
+    for got, expected in zip(*grads, strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, **tol)

@@ -15,6 +15,7 @@ is a pure renaming (`hf.py`): `embeddings.word_embeddings` <-> `roberta.embeddin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # variable-length FlashAttention for the unpadded path on CUDA, when the package is installed
-    from flash_attn import flash_attn_varlen_func
+    from flash_attn import flash_attn_varlen_qkvpacked_func
 except ImportError:
-    flash_attn_varlen_func = None
+    flash_attn_varlen_qkvpacked_func = None
 
 IGNORE_INDEX = -100  # label of positions that are not predicted
 
@@ -51,30 +52,134 @@ class ModelDims:
         return self.max_position_embeddings - self.pad_id - 1
 
 
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, num_heads: int,
-                     dropout_p: float) -> torch.Tensor:
-    """q, k, v (B, T, H), mask (B, 1, 1, T) with True on real keys -> (B, T, H)."""
-    B, T, H = q.shape
-    # (B, T, H) -> (B, nh, T, hs)
-    q, k, v = (t.view(B, T, num_heads, H // num_heads).transpose(1, 2) for t in (q, k, v))
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hs)
-    return y.transpose(1, 2).reshape(B, T, H)
+# ---- Dropout -------------------------------------------------------------------------------------------
+# On the CPU, F.dropout draws one Bernoulli sample per element, which costs more than the matmuls of a
+# small layer (about 7 ms for a (32, 4, 128, 128) attention map on 2 cores). `_CPUDropout` draws 64
+# random bits per 4 elements instead and compares each 16-bit lane with a threshold: p is rounded to a
+# multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by 1 / (1 - that p), so the
+# expectation is exact. It uses torch's CPU generator, so `torch.manual_seed` and a restored RNG state
+# reproduce it as they do F.dropout. On CUDA, F.dropout is already fast and is used as is.
+
+
+class _CPUDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        n = x.numel()
+        drop = round(p * 65536)
+        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        keep = (bits >= drop - 32768).view(x.shape)  # P(keep) = 1 - drop / 65536
+        ctx.scale = 65536 / (65536 - drop)
+        ctx.save_for_backward(keep)
+        return torch.ops.aten.native_dropout_backward(x, keep, ctx.scale)  # x * keep * scale, one pass
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    if x.device.type == "cpu" and p < 1.0:
+        return _CPUDropout.apply(x, p)
+    return F.dropout(x, p, training=True)
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the fast CPU mask of `dropout`."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# ---- Attention -----------------------------------------------------------------------------------------
+# q, k, v arrive fused: one (..., 3H) projection, split into heads here.
+
+
+def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, T, 3H) -> q, k, v, each (b, nh, T, hs) (views, no copy)."""
+    b, T, H3 = qkv.shape
+    x = qkv.view(b, T, 3, num_heads, H3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return x[0], x[1], x[2]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
+    """q, k, v (b, nh, T, hs); bias (b, 1, 1, T) additive, -inf on padded keys, or None -> (b, nh, T, hs).
+
+    On CUDA, SDPA picks a fused kernel. On the CPU, SDPA with dropout falls back to a generic path that
+    also scans the scores for fully masked rows; written out, the same computation runs leaner and its
+    dropout is the fast one above."""
+    if q.device.type != "cpu":
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))  # (b, nh, T, T)
+    if bias is not None:
+        scores = scores + bias
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
+    return torch.matmul(probs, v)
+
+
+def key_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """(b, T) True on real tokens -> (b, 1, 1, T) additive: 0 on real keys, -inf on pads; None if no pads."""
+    if attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+        return None
+    bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return bias.masked_fill_(~attention_mask, float("-inf"))[:, None, None, :]
 
 
 class Padded:
     """Attention over right-padded rows: activations are (B, T, H); padded keys are masked out."""
 
     def __init__(self, attention_mask: torch.Tensor):
-        self.mask = attention_mask[:, None, None, :]  # (B, T) -> (B, 1, 1, T): broadcast over heads and queries
+        self.mask = attention_mask  # (B, T)
+        self.bias = key_bias(attention_mask, torch.float32)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float):
-        return padded_attention(q, k, v, self.mask, num_heads, dropout_p)
+    def attend(self, qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
+        """(B, T, 3H) -> (B, T, H)"""
+        B, T, H3 = qkv.shape
+        y = attention(*split_heads(qkv, num_heads), self.bias, dropout_p)  # (B, nh, T, hs)
+        return y.transpose(1, 2).reshape(B, T, H3 // 3)
+
+
+def length_groups(lengths: list[int], max_groups: int = 4) -> list[tuple[int, int]]:
+    """Rows sorted longest first -> at most `max_groups` runs [start, end) of consecutive rows, chosen to
+    minimise the attention work once each run is padded to its longest row: sum of rows x longest^2, plus
+    a fixed cost per extra run (its share of kernel launches) of an eighth of the whole batch padded.
+
+    Dynamic programming over (runs used, rows covered); B <= a few hundred rows, so it is cheap."""
+    B = len(lengths)
+    overhead = B * lengths[0] ** 2 / 8
+    cost = [[math.inf] * (B + 1) for _ in range(max_groups + 1)]  # cost[g][i]: first i rows in g runs
+    cut = [[0] * (B + 1) for _ in range(max_groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for i in range(g, B + 1):
+            for j in range(g - 1, i):  # the last run is rows j..i-1, padded to lengths[j]
+                c = cost[g - 1][j] + (i - j) * lengths[j] ** 2 + overhead
+                if c < cost[g][i]:
+                    cost[g][i], cut[g][i] = c, j
+    used = min(range(1, max_groups + 1), key=lambda g: cost[g][B])
+    runs, i = [], B
+    for g in range(used, 0, -1):
+        runs.append((cut[g][i], i))
+        i = cut[g][i]
+    return runs[::-1]
 
 
 class Packed:
     """Unpadded activations: only the N real tokens of the batch, (N, H). Embeddings, projections,
-    feed-forward and LayerNorms skip the padding entirely; attention puts q, k, v back into rows for
-    SDPA (or, on CUDA with the flash-attn package, runs variable-length FlashAttention on them as they are).
+    feed-forward and LayerNorms skip the padding entirely. Attention:
+      - CUDA with the flash-attn package: variable-length FlashAttention on the packed tokens as they are;
+      - CPU: rows sorted by length into a few groups (`length_groups`), each padded only to its own
+        longest row; with lengths spread evenly over [0.4 T, T] that cuts the padded attention work by
+        a quarter to a third against padding every row to T;
+      - otherwise: rows padded back to (B, T) for SDPA.
 
     token_index (N,): flat positions of the real tokens in the (B, T) batch; cu_seqlens (B + 1,): where
     each row starts in the packed order; both come from the data workers, so the host never waits.
@@ -82,11 +187,11 @@ class Packed:
 
     def __init__(self, attention_mask: torch.Tensor, token_index: torch.Tensor, cu_seqlens: torch.Tensor,
                  max_seqlen: int):
-        self.mask = attention_mask[:, None, None, :]
-        self.shape = attention_mask.shape  # (B, T)
+        self.mask = attention_mask  # (B, T)
         self.index = token_index
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
+        self._groups = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)"""
@@ -94,18 +199,48 @@ class Packed:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...), zeros at the pads"""
-        B, T = self.shape
+        B, T = self.mask.shape
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, dropout_p: float):
-        N, H = q.shape
-        if flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            qkv = (t.view(N, num_heads, H // num_heads) for t in (q, k, v))  # (N, nh, hs)
-            y = flash_attn_varlen_func(*qkv, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
-                                       dropout_p=dropout_p)
-            return y.reshape(N, H)
-        y = padded_attention(self.unpack(q), self.unpack(k), self.unpack(v), self.mask, num_heads, dropout_p)
-        return self.pack(y)  # (B, T, H) -> (N, H)
+    def attend(self, qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
+        """(N, 3H) -> (N, H)"""
+        N, H3 = qkv.shape
+        if flash_attn_varlen_qkvpacked_func is not None and qkv.is_cuda and qkv.dtype in (torch.float16,
+                                                                                         torch.bfloat16):
+            y = flash_attn_varlen_qkvpacked_func(qkv.view(N, 3, num_heads, H3 // (3 * num_heads)),
+                                                 self.cu_seqlens, self.max_seqlen, dropout_p=dropout_p)
+            return y.reshape(N, H3 // 3)
+        if qkv.device.type != "cpu":
+            return self.pack(Padded(self.mask).attend(self.unpack(qkv), num_heads, dropout_p))
+        outputs = []
+        for rows, T, bias in self.groups():
+            # (b * T,) indices into the packed tokens -> (b, T, 3H) -> (b, nh, T, hs) -> (b * T, H)
+            y = attention(*split_heads(qkv.index_select(0, rows).view(-1, T, H3), num_heads), bias, dropout_p)
+            outputs.append(y.transpose(1, 2).reshape(-1, H3 // 3))
+        return torch.cat(outputs).index_select(0, self._slot)  # back to packed order: (N, H)
+
+    @torch.compiler.disable  # host-side bookkeeping on Python ints: keep it out of compiled graphs
+    def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+        """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None. Built once
+        per batch on the host and shared by every layer; sets self._slot, each packed token's row in the
+        concatenated group outputs."""
+        if self._groups is not None:
+            return self._groups
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+        self._groups, self._slot, done = [], torch.empty(len(self.index), dtype=torch.long), 0
+        for start, end in length_groups([lengths[r] for r in order]):
+            rows = torch.tensor(order[start:end])
+            n = torch.tensor([lengths[r] for r in order[start:end]])  # (b,)
+            T = int(n[0])
+            t = torch.arange(T)
+            real = t[None, :] < n[:, None]  # (b, T)
+            # pads gather the row's last token: harmless (masked as keys, discarded as queries), no zeros
+            gather = self.cu_seqlens[rows][:, None] + torch.minimum(t[None, :], n[:, None] - 1)
+            self._slot[gather[real]] = done + torch.nonzero(real.reshape(-1)).squeeze(1)
+            self._groups.append((gather.reshape(-1), T, key_bias(real, torch.float32)))
+            done += real.numel()
+        return self._groups
 
 
 Layout = Padded | Packed
@@ -124,11 +259,11 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id)
         self.token_type_embeddings = nn.Embedding(1, d.hidden_size)  # RoBERTa: one type, added everywhere
         self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
-        self.dropout = nn.Dropout(d.dropout)
+        self.dropout = Dropout(d.dropout)
 
     def forward(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
         # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
-        keep = layout.mask[:, 0, 0, :].long()  # (B, T)
+        keep = layout.mask.long()  # (B, T)
         positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         if isinstance(layout, Packed):  # embed the real tokens only: (N,)
             input_ids, positions = layout.pack(input_ids), layout.pack(positions)
@@ -141,17 +276,19 @@ class SelfAttention(nn.Module):
     def __init__(self, d: ModelDims):
         super().__init__()
         self.num_heads = d.num_heads
-        # Separate q/k/v projections (not one fused matrix) keep the export a pure renaming.
+        # Separate q/k/v parameters keep the export a pure renaming; forward fuses them into one matmul.
         self.query = nn.Linear(d.hidden_size, d.hidden_size)
         self.key = nn.Linear(d.hidden_size, d.hidden_size)
         self.value = nn.Linear(d.hidden_size, d.hidden_size)
         self.output = nn.Linear(d.hidden_size, d.hidden_size)
         self.attention_dropout = d.attention_dropout
-        self.dropout = nn.Dropout(d.dropout)
+        self.dropout = Dropout(d.dropout)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         p = self.attention_dropout if self.training else 0.0
-        y = layout.attend(self.query(x), self.key(x), self.value(x), self.num_heads, p)  # same shape as x
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        y = layout.attend(F.linear(x, weight, bias), self.num_heads, p)  # (..., 3H) -> (..., H)
         return self.dropout(self.output(y))
 
 
@@ -160,7 +297,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(d.hidden_size, d.intermediate_size)
         self.down = nn.Linear(d.intermediate_size, d.hidden_size)
-        self.dropout = nn.Dropout(d.dropout)
+        self.dropout = Dropout(d.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down(F.gelu(self.up(x))))  # (..., H) -> (..., 4H) -> (..., H)
@@ -196,6 +333,45 @@ class Encoder(nn.Module):
         return x if self.final_norm is None else self.final_norm(x)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits x @ W^T + b against targets, the logits never kept.
+
+    x (N, H), W (V, H), b (V,), target (N,) -> scalar. F.cross_entropy on the logits would keep the
+    logits, their log-softmax and, in the backward pass, a zero-filled (N, V) gradient it then writes
+    into: on a CPU that is as slow as the vocabulary matmul itself. Here the forward pass turns the
+    fp32 logits into the softmax in place and keeps that one (N, V) tensor; the backward pass
+    subtracts 1 at the targets, in place, and is the gradient. Under autocast the matmuls run in
+    its dtype (bf16) and the softmax in fp32, as they would through autocast's own casts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(device, enabled=False):
+            logits = F.linear(xc, wc, bc).float()  # (N, V)
+        # loss = sum over rows of log(sum(exp(logits))) - logits[target], shifted by the row max for range
+        shifted = logits.sub_(logits.amax(dim=1, keepdim=True))  # (N, V), in place
+        at_target = shifted.gather(1, target[:, None])  # (N, 1)
+        total = shifted.exp_().sum(dim=1, keepdim=True)  # shifted now holds exp(shifted); total (N, 1)
+        loss = (total.log() - at_target).sum()
+        probs = shifted.div_(total)  # softmax, in place
+        ctx.save_for_backward(xc, wc, probs, target)
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        xc, wc, probs, target = ctx.saved_tensors
+        # d loss / d logits = softmax - onehot(target)
+        grad = probs.index_put_((torch.arange(len(target), device=target.device), target),
+                                torch.tensor(-1.0, device=probs.device), accumulate=True)
+        grad = grad.mul_(grad_loss)
+        gc = grad.to(xc.dtype)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (gc @ wc).to(x_dtype), (gc.t() @ xc).to(w_dtype), grad.sum(0).to(b_dtype), None
+
+
 class MLMHead(nn.Module):
     """dense -> GELU -> LayerNorm -> decoder. The decoder's weight is the word-embedding matrix."""
 
@@ -209,6 +385,11 @@ class MLMHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(F.gelu(self.dense(x)))
         return F.linear(x, self.word_embeddings[0].weight, self.bias)  # (..., H) -> (..., V)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(N, H) hidden states at the predicted positions, (N,) targets -> summed cross-entropy."""
+        x = self.norm(F.gelu(self.dense(x)))
+        return LinearCrossEntropy.apply(x, self.word_embeddings[0].weight, self.bias, target)
 
 
 @dataclass
@@ -279,8 +460,13 @@ class MaskedLM(nn.Module):
             if predict_positions is None:
                 predict_positions = torch.nonzero(flat_labels != IGNORE_INDEX).squeeze(1)  # host waits here
             target = flat_labels.index_select(0, predict_positions)  # (N,)
-            predicted = self.predict(h, predict_positions, layout)  # (N, V)
-            loss = F.cross_entropy(predicted.float(), target, reduction=reduction)
+            if return_predicted_logits:
+                predicted = self.predict(h, predict_positions, layout)  # (N, V)
+                loss = F.cross_entropy(predicted.float(), target, reduction="sum")
+            else:
+                loss = self.head.loss(self.select(h, predict_positions, layout), target)
+            if reduction == "mean":
+                loss = loss / max(1, len(target))
         return MLMOutput(loss=loss, logits=logits, predicted_logits=predicted if return_predicted_logits else None)
 
     def encode(self, input_ids: torch.Tensor, layout: Layout | torch.Tensor) -> torch.Tensor:
@@ -292,8 +478,13 @@ class MaskedLM(nn.Module):
 
     def predict(self, hidden: torch.Tensor, positions: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
         """Vocabulary logits at flat (B*T) positions only -> (N, V)."""
+        return self.head(self.select(hidden, positions, layout))
+
+    @staticmethod
+    def select(hidden: torch.Tensor, positions: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        """Hidden states (B, T, H) or packed (N_tokens, H) at flat (B*T) positions -> (N, H)."""
         if isinstance(layout, Packed):
             # flat (B*T) position -> its row in the packed (N_tokens, H) activations
             packed_row = torch.cumsum(layout.mask.reshape(-1).long(), 0) - 1
             positions = packed_row.index_select(0, positions)
-        return self.head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)

@@ -20,8 +20,9 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, device: torch.device)
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # fused on CUDA (one kernel for all parameters), foreach elsewhere (one op per tensor list).
-    fused = device.type == "cuda"
+    # fused (one kernel per parameter group) on CUDA and on the CPU, where it is 3-4x faster than foreach
+    # (small model, 2 cores: 2.8 ms against 10 ms a step); foreach elsewhere (one op per tensor list).
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         groups,
         lr=cfg.learning_rate,

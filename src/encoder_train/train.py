@@ -77,6 +77,15 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def loader_workers(configured: int | None, device: torch.device) -> int:
+    """data.num_workers, or when unset: 2 background workers feeding a GPU; none on a CPU, where the batch
+    (a few ms of masking and collating) is cheaper built inline than by a process that preempts the
+    compute threads mid-matmul."""
+    if configured is not None:
+        return configured
+    return 2 if device.type == "cuda" else 0
+
+
 def autocast_for(precision: str, device: torch.device, note=print) -> contextlib.AbstractContextManager:
     """bf16 autocast (fp32 master weights) where the device supports it, else plain fp32."""
     if precision == "bf16":
@@ -272,7 +281,7 @@ def _train(config: Config, world: World) -> TrainResult:
             start_row=rows_consumed + world.rank * cfg_t.batch_size,
             stride=world.world_size,
         ),
-        num_workers=cfg_d.num_workers,
+        num_workers=loader_workers(cfg_d.num_workers, device),
         prefetch=cfg_d.prefetch_batches,
         pin_memory=device.type == "cuda",
     )
