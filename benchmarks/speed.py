@@ -4,7 +4,7 @@
     python benchmarks/speed.py --quick                           # smoke run: small model, a few steps
     python benchmarks/speed.py --sizes small --repeats 3         # a shared machine: fastest of 3 per step
     python benchmarks/speed.py --sizes base --seq_lens 512 --batch_size 8   # a CPU with < 48 GB
-    python benchmarks/speed.py --sizes --quality --quality_steps 200        # equal quality only
+    python benchmarks/speed.py --sizes --quality --quality_seeds 3          # equal quality only, with its noise
 
 What runs. For each (size, row length, precision) the script writes `.pt` shards and a word-level
 tokenizer into a temp folder, then trains the same model dimensions on the same rows, 32 rows per
@@ -130,6 +130,7 @@ class Workload:
     lr: float = 1e-4
     lr_warmup: int = 0  # learning-rate warm-up steps (a schedule, not the untimed steps)
     compile: bool = False  # torch.compile on both sides (training.compile; the Trainer's torch_compile)
+    seed: int = SEED  # initial weights, dropout, masks (and encoder-train's row order, which HF follows)
 
     @property
     def name(self) -> str:
@@ -209,10 +210,10 @@ def write_shard(directory: Path, rows: torch.Tensor) -> Path:
     return directory
 
 
-def rows_in_loader_order(data_dir: Path, seq_len: int, count: int) -> list[torch.Tensor]:
-    """The first `count` rows encoder-train's loader reads (seed SEED, one shard), padding removed."""
+def rows_in_loader_order(data_dir: Path, seq_len: int, count: int, seed: int = SEED) -> list[torch.Tensor]:
+    """The first `count` rows encoder-train's loader reads (with this seed, one shard), padding removed."""
     shards = scan_shards(data_dir, seq_len)
-    order = RowOrder(shards, SEED, shuffle_files=1)
+    order = RowOrder(shards, seed, shuffle_files=1)
     table = torch.load(shards[0].path, weights_only=True)
     out = []
     for position in range(count):
@@ -312,7 +313,7 @@ def encoder_train_config(run_dir: Path, data_dir: Path, tokenizer: Path, w: Work
             "weight_decay": 0.01,
             "gradient_clip": 1.0,
             "precision": w.precision,
-            "seed": SEED,
+            "seed": w.seed,
             "log_interval": 1,  # a record per step: its tokens and tokens/s give its time
             "compile": w.compile,
         },
@@ -387,7 +388,7 @@ class CountingCollator:
         return batch
 
 
-def hf_model(size: Size, seq_len: int):
+def hf_model(size: Size, seq_len: int, seed: int = SEED):
     """RobertaForMaskedLM of the same shape, dropout and RoBERTa conventions as encoder-train's model."""
     import transformers
 
@@ -408,7 +409,7 @@ def hf_model(size: Size, seq_len: int):
         eos_token_id=EOS,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     model = transformers.AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
     assert isinstance(model, transformers.RobertaForMaskedLM) and model.config._attn_implementation == "sdpa"
     return model
@@ -467,12 +468,12 @@ def run_hf(
         save_strategy="no",
         report_to=[],
         disable_tqdm=not verbose,
-        seed=SEED,
+        seed=w.seed,
         torch_compile=w.compile,
     )
     clock = StepClock()
     trainer = transformers.Trainer(
-        model=hf_model(w.size, w.seq_len),
+        model=hf_model(w.size, w.seq_len, w.seed),
         args=args,
         train_dataset=RowsDataset(rows),
         data_collator=collator,
@@ -556,30 +557,53 @@ def hf_heldout(model, val_dir: Path, spec, batch: int, device: torch.device, pre
     return {"loss": loss_sum / predicted, "accuracy": correct / predicted, "tokens": predicted}
 
 
-def quality(work: Path, steps: int, precision: str, device: torch.device, hf_workers: int, verbose: bool) -> str:
-    """Small model, `steps` steps of both on the same rows; held-out loss on the same masked rows."""
-    # One untimed step: the timing of these runs is a by-product, the losses are what count.
-    w = Workload(SIZES["small"], 128, precision, 1, steps - 1, lr=5e-4, lr_warmup=max(1, steps // 10))
-    tokenizer = write_tokenizer(work / f"tokenizer_{w.size.vocab}.json", w.size.vocab)
-    n_rows = steps * w.batch
-    data_dir = write_shard(work / "quality_train", make_rows(n_rows, w.seq_len, w.size.vocab, seed=SEED))
-    val_dir = write_shard(work / "quality_val", make_rows(16 * w.batch, w.seq_len, w.size.vocab, seed=SEED + 1))
-    rows = rows_in_loader_order(data_dir, w.seq_len, n_rows)
-
-    _, checkpoint = run_encoder_train(work / "quality_ours", data_dir, tokenizer, w, verbose)
-    trained = load_trained(checkpoint, device)
+def quality(work: Path, steps: int, precision: str, device: torch.device, hf_workers: int, verbose: bool,
+            seeds: int = 1) -> str:
+    """Small model, `steps` steps of both on the same rows; held-out loss on the same masked rows. With
+    several seeds (initial weights, dropout, masks, row order), the spread between seeds of one trainer is
+    the run-to-run noise that a difference between the trainers is measured against."""
+    tokenizer = write_tokenizer(work / "tokenizer_quality.json", SIZES["small"].vocab)
+    n_rows = steps * 32
+    data_dir = write_shard(work / "quality_train", make_rows(n_rows, 128, SIZES["small"].vocab, seed=SEED))
+    val_dir = write_shard(work / "quality_val", make_rows(16 * 32, 128, SIZES["small"].vocab, seed=SEED + 1))
+    shards = scan_shards(val_dir, 128)
     autocast = autocast_for(precision, device)
-    shards = scan_shards(val_dir, w.seq_len)
-    ours = evaluate(trained.model, shards, trained.spec, batch_size=w.batch, device=device, autocast=autocast)
-    _, model = run_hf(work / "quality_hf", rows, tokenizer, w, device, hf_workers, verbose)
-    hf = hf_heldout(model, val_dir, trained.spec, w.batch, device, precision)
-    return (
-        f"equal quality (small, {w.seq_len}, {precision}, {steps} steps of {w.batch} rows, lr {w.lr:g}, "
-        f"lr warm-up {w.lr_warmup}; {ours['tokens']} held-out predictions, same masks): held-out MLM loss "
-        f"encoder-train {ours['loss']:.4f} (accuracy {ours['accuracy']:.4f}), HF Trainer {hf['loss']:.4f} "
-        f"(accuracy {hf['accuracy']:.4f}); a model knowing only word frequencies scores "
-        f"{unigram_entropy(w.size.vocab):.2f}"
-    )
+    losses: dict[str, list[float]] = {"encoder-train": [], "HF Trainer": []}
+    lines = []
+    for seed in range(seeds):
+        # One untimed step: the timing of these runs is a by-product, the losses are what count.
+        w = Workload(SIZES["small"], 128, precision, 1, steps - 1, lr=5e-4, lr_warmup=max(1, steps // 10), seed=seed)
+        rows = rows_in_loader_order(data_dir, w.seq_len, n_rows, seed)
+        _, checkpoint = run_encoder_train(work / f"quality_ours_{seed}", data_dir, tokenizer, w, verbose)
+        trained = load_trained(checkpoint, device)
+        ours = evaluate(trained.model, shards, trained.spec, batch_size=w.batch, device=device, autocast=autocast)
+        _, model = run_hf(work / f"quality_hf_{seed}", rows, tokenizer, w, device, hf_workers, verbose)
+        hf = hf_heldout(model, val_dir, trained.spec, w.batch, device, precision)
+        losses["encoder-train"].append(ours["loss"])
+        losses["HF Trainer"].append(hf["loss"])
+        lines.append(f"| {seed} | {ours['loss']:.4f} | {ours['accuracy']:.4f} | "
+                     f"{hf['loss']:.4f} | {hf['accuracy']:.4f} |")
+        print(f"  quality seed {seed}: encoder-train {ours['loss']:.4f}, HF {hf['loss']:.4f}", flush=True)
+
+    def spread(xs: list[float]) -> str:
+        mean = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return f"{mean:.4f}"
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+        return f"{mean:.4f} +- {std:.4f} (sd over {len(xs)} seeds)"
+
+    return "\n".join([
+        f"equal quality (small, 128, {precision}, {steps} steps of 32 rows, lr 5e-4, lr warm-up {max(1, steps // 10)}; "
+        f"{ours['tokens']} held-out predictions, same masks for both; a model knowing only word frequencies "
+        f"scores {unigram_entropy(SIZES['small'].vocab):.2f}):",
+        "",
+        "| seed | encoder-train loss | accuracy | HF Trainer loss | accuracy |",
+        "|---:|---:|---:|---:|---:|",
+        *lines,
+        "",
+        f"held-out MLM loss: encoder-train {spread(losses['encoder-train'])}, "
+        f"HF Trainer {spread(losses['HF Trainer'])}",
+    ])
 
 
 def unigram_entropy(vocab: int) -> float:
@@ -669,6 +693,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating; the fastest counts")
     parser.add_argument("--quality", action="store_true", help="also compare held-out MLM loss (small model)")
     parser.add_argument("--quality_steps", type=int, default=300, help="training steps of the quality check")
+    parser.add_argument("--quality_seeds", type=int, default=1, help="seeds of the quality check (noise: 3 or more)")
     parser.add_argument("--hf_workers", type=int, default=0, help="HF dataloader_num_workers (its default: 0)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (warm-up steps compile)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small model, 1 + 2 steps, 20 quality steps")
@@ -727,7 +752,8 @@ def main() -> None:
             )
         if args.quality:
             print()
-            print(quality(work, args.quality_steps, args.precisions[0], device, args.hf_workers, args.verbose))
+            print(quality(work, args.quality_steps, args.precisions[0], device, args.hf_workers, args.verbose,
+                          args.quality_seeds))
 
 
 if __name__ == "__main__":

@@ -178,3 +178,49 @@ def test_fused_cross_entropy_equals_cross_entropy_on_the_logits(precision):
     for got, expected in zip(*grads, strict=True):
         assert got.dtype == expected.dtype
         torch.testing.assert_close(got, expected, **tol)
+
+
+def test_compiled_layers_do_not_recompile_as_batch_lengths_change():
+    """training.compile: once the first batches have compiled (static shapes, then dynamic ones), new
+    token counts, row lengths and numbers of length groups reuse the graphs. A counting backend sees
+    each compilation; it runs the graphs as traced, so the test needs no C++ compiler."""
+    from encoder_train.data.loader import MaskSpec, collate
+    from encoder_train.model import compile_layers
+
+    compiled = []
+
+    def counting_backend(graph, example_inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = MaskedLM(dims(dropout=0.1, attention_dropout=0.1, max_position_embeddings=70))
+    compile_layers(m, backend=counting_backend)
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for step in range(8):
+        lengths = torch.randint(4, 60, (6,), generator=g).tolist()
+        b = collate([torch.randint(5, 128, (n,), generator=g) for n in lengths], spec, seed=0, first_row=step)
+        m(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss.backward()
+        counts.append(len(compiled))
+    assert counts[0] > 0
+    assert counts[-1] == counts[2], counts  # nothing compiled after the third batch
+    torch._dynamo.reset()
+
+
+def test_full_rows_run_padded_without_a_mask_and_give_the_masked_result():
+    from encoder_train.data.loader import MaskSpec, collate
+    from encoder_train.model import Padded, make_layout
+
+    ids = torch.randint(5, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)
+    b = collate(list(ids), spec, seed=0)
+    layout = make_layout(b.attention_mask, b.packing)
+    assert isinstance(layout, Padded) and layout.bias is None  # the loader's packing says: no pads
+    torch.manual_seed(0)
+    m = MaskedLM(dims())
+    fast = m(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss
+    masked = m(b.input_ids, b.attention_mask, b.labels, b.predict_positions).loss
+    torch.testing.assert_close(fast, masked)

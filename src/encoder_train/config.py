@@ -108,7 +108,8 @@ class TrainingConfig(Section):
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
     compile: bool = False
-    """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only."""
+    """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only,
+    and measured slower than eager on a CPU (see the README's Speed section)."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (weights replicated) or FSDP2 (weights, gradients and optimizer state sharded)."""
     max_nonfinite_steps: int = Field(default=5, ge=1)

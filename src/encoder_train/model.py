@@ -16,6 +16,7 @@ is a pure renaming (`hf.py`): `embeddings.word_embeddings` <-> `roberta.embeddin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +121,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-1, -2))  # (b, nh, T, T)
     if bias is not None:
-        scores = scores + bias
-    probs = dropout(torch.softmax(scores, dim=-1), dropout_p, training=True)
-    return torch.matmul(probs, v)
+        scores = scores + bias  # fp32 bias: fp32 scores
+    # The softmax in fp32 whatever the scores' dtype (CPU autocast would leave bf16 scores in bf16).
+    probs = dropout(torch.softmax(scores, dim=-1, dtype=torch.float32), dropout_p, training=True)
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def key_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -136,9 +138,10 @@ def key_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor |
 class Padded:
     """Attention over right-padded rows: activations are (B, T, H); padded keys are masked out."""
 
-    def __init__(self, attention_mask: torch.Tensor):
+    def __init__(self, attention_mask: torch.Tensor, has_pads: bool = True):
         self.mask = attention_mask  # (B, T)
-        self.bias = key_bias(attention_mask, torch.float32)
+        # No mask at all when the rows are known to be full: on CUDA, SDPA can then pick FlashAttention.
+        self.bias = key_bias(attention_mask, torch.float32) if has_pads else None
 
     def attend(self, qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
         """(B, T, 3H) -> (B, T, H)"""
@@ -192,6 +195,7 @@ class Packed:
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
         self._groups = None
+        self._padded = None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)"""
@@ -211,7 +215,16 @@ class Packed:
                                                  self.cu_seqlens, self.max_seqlen, dropout_p=dropout_p)
             return y.reshape(N, H3 // 3)
         if qkv.device.type != "cpu":
-            return self.pack(Padded(self.mask).attend(self.unpack(qkv), num_heads, dropout_p))
+            self._padded = self._padded or Padded(self.mask)  # its key bias, built once for all layers
+            return self.pack(self._padded.attend(self.unpack(qkv), num_heads, dropout_p))
+        return self.attend_in_groups(qkv, num_heads, dropout_p)
+
+    # Eager under training.compile: how many groups, and their lengths, change from batch to batch, and a
+    # compiled graph would be specialised (and recompiled) on each; the layer around it compiles once.
+    @torch.compiler.disable
+    def attend_in_groups(self, qkv: torch.Tensor, num_heads: int, dropout_p: float) -> torch.Tensor:
+        """(N, 3H) -> (N, H), on the CPU"""
+        H3 = qkv.shape[1]
         outputs = []
         for rows, T, bias in self.groups():
             # (b * T,) indices into the packed tokens -> (b, T, 3H) -> (b, nh, T, hs) -> (b * T, H)
@@ -219,7 +232,6 @@ class Packed:
             outputs.append(y.transpose(1, 2).reshape(-1, H3 // 3))
         return torch.cat(outputs).index_select(0, self._slot)  # back to packed order: (N, H)
 
-    @torch.compiler.disable  # host-side bookkeeping on Python ints: keep it out of compiled graphs
     def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
         """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None. Built once
         per batch on the host and shared by every layer; sets self._slot, each packed token's row in the
@@ -247,8 +259,13 @@ Layout = Padded | Packed
 
 
 def make_layout(attention_mask: torch.Tensor, packing: tuple[torch.Tensor, torch.Tensor, int] | None) -> Layout:
-    """Packed when the batch comes with its packing (it has padding to skip), else Padded."""
-    return Packed(attention_mask, *packing) if packing is not None else Padded(attention_mask)
+    """Packed when the batch has padding to skip; Padded when it comes without its packing, or when its
+    packing says every row is full (then with no mask: nothing to unpad, nothing to hide)."""
+    if packing is None:
+        return Padded(attention_mask)
+    if packing[0].numel() == attention_mask.numel():  # a shape, known on the host: no device sync
+        return Padded(attention_mask, has_pads=False)
+    return Packed(attention_mask, *packing)
 
 
 class Embeddings(nn.Module):
@@ -364,8 +381,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         xc, wc, probs, target = ctx.saved_tensors
         # d loss / d logits = softmax - onehot(target)
-        grad = probs.index_put_((torch.arange(len(target), device=target.device), target),
-                                torch.tensor(-1.0, device=probs.device), accumulate=True)
+        # (new_full fills on the device: no host-to-device copy, so no sync on CUDA)
+        grad = probs.scatter_add_(1, target[:, None], probs.new_full((len(target), 1), -1.0))
         grad = grad.mul_(grad_loss)
         gc = grad.to(xc.dtype)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
@@ -397,6 +414,13 @@ class MLMOutput:
     loss: torch.Tensor | None  # scalar: mean (or sum, see `reduction`) over predicted positions
     logits: torch.Tensor | None  # (B, T, V) when asked for, else None
     predicted_logits: torch.Tensor | None = None  # (N, V) at the predicted positions, when asked for
+
+
+def compile_layers(model: MaskedLM, backend: str | Callable = "inductor") -> None:
+    """torch.compile each encoder layer in place (parameter names, and so checkpoints, are unchanged).
+    dynamic=True: the token count and row length change every batch; one graph covers them all."""
+    for layer in model.encoder.layers:
+        layer.compile(dynamic=True, backend=backend)
 
 
 class MaskedLM(nn.Module):

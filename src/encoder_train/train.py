@@ -28,7 +28,7 @@ from encoder_train.data.shards import derive_seed, scan_shards
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
-from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.model import MaskedLM, ModelDims, compile_layers
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.tokenizer import SpecialTokens, load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker
@@ -221,8 +221,7 @@ def _train(config: Config, world: World) -> TrainResult:
         model.load_state_dict(hf_start.state_dict)
         say(f"starting from the weights in {config.model.init_from_hf}")
     if cfg_t.compile:
-        for layer in model.encoder.layers:  # in place: parameter names, and so checkpoints, are unchanged
-            layer.compile(dynamic=True)
+        compile_layers(model)
     model = distributed.wrap(model.to(device), world, cfg_t.data_parallel)
     optimizer = build_optimizer(model, cfg_t, device)
     scheduler = build_scheduler(optimizer, cfg_t)

@@ -36,7 +36,7 @@ class Batch:
     num_tokens: int  # real (non-pad) tokens
     num_predicted: int  # N
     first_row: int  # position of this batch's first row in the endless row stream
-    # The unpadded layout (model.Packed), when the batch has padding; None when every row is full.
+    # The unpadded layout (model.Packed); when every row is full, the model sees that it has no pads to mask.
     token_index: torch.Tensor | None = None  # (num_tokens,) flat indices of the real tokens in B*T
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, cumulative row lengths
     max_seqlen: int = 0
@@ -106,11 +106,10 @@ def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int, 
         num_predicted=len(positions),
         first_row=first_row,
     )
-    if batch.num_tokens < real.numel():  # padding to skip: describe the packed layout
-        lengths = real.sum(1)
-        batch.token_index = torch.nonzero(real.reshape(-1)).squeeze(1)
-        batch.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
-        batch.max_seqlen = int(lengths.max())
+    lengths = real.sum(1)
+    batch.token_index = torch.nonzero(real.reshape(-1)).squeeze(1)
+    batch.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+    batch.max_seqlen = int(lengths.max())
     return batch
 
 
