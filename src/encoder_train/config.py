@@ -75,7 +75,8 @@ class DataConfig(Section):
     num_workers: int | None = Field(default=None, ge=0)
     """Background processes that read shards, mask and collate; 0 builds batches in the training process.
     Unset: 2 on a GPU; 0 on a CPU, where a worker takes turns with the compute threads on the same cores
-    and slows every matmul it interrupts (2 cores: one worker +26-35% step time, inline about +2%)."""
+    and slows every matmul it interrupts (2 cores, benchmarks/loader_overhead.py: +29% step time with one
+    worker, +4% inline)."""
     prefetch_batches: int = Field(default=4, ge=1)
     """Batches each worker keeps ready ahead of the training step."""
     shuffle_files: int = Field(default=4, ge=1)
