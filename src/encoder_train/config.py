@@ -110,7 +110,7 @@ class TrainingConfig(Section):
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
     compile: bool = False
     """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only,
-    and measured slower than eager on a CPU (see the README's Speed section)."""
+    and measured no faster than eager on a 2-core CPU or an H200 (see the README's Speed section)."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (weights replicated) or FSDP2 (weights, gradients and optimizer state sharded)."""
     max_nonfinite_steps: int = Field(default=5, ge=1)
