@@ -1,7 +1,8 @@
 """The encoder and its masked-language-modelling head: BERT's architecture with RoBERTa's choices.
 
-Read top-down: Embeddings -> SelfAttention -> FeedForward -> EncoderLayer -> Encoder -> MLMHead ->
-MaskedLM. Shapes use B = batch, T = tokens per row, H = hidden size, nh = heads, hs = head size,
+Read top-down: the pieces the layers use (Dropout, attention and the two activation layouts, Padded
+and Packed), then Embeddings -> SelfAttention -> FeedForward -> EncoderLayer -> Encoder -> MLMHead
+(with LinearCrossEntropy, the fused loss) -> MaskedLM. Shapes use B = batch, T = tokens per row, H = hidden size, nh = heads, hs = head size,
 V = vocabulary, N = predicted (masked) positions in the batch.
 
 RoBERTa's choices: learned absolute positions counted from `pad_id + 1` (pads sit at position
