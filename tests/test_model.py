@@ -145,6 +145,26 @@ def test_cpu_dropout_keeps_1_minus_p_scales_and_backpropagates_through_the_same_
     assert not dropout(x, 1.0, training=True).any()
 
 
+def test_dropout_random_bits_are_splitmix64_seeded_from_the_global_generator():
+    from encoder_train.model import random_words
+
+    def splitmix64(seed: int, count: int) -> list[int]:  # the reference, on Python's unbounded ints
+        out, state, m = [], seed, (1 << 64) - 1
+        for _ in range(count):
+            state = (state + 0x9E3779B97F4A7C15) & m
+            z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & m
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+            out.append(z ^ (z >> 31))
+        return out
+
+    torch.manual_seed(3)
+    seed = int(torch.randint(-(2**62), 2**62, (1,)))
+    torch.manual_seed(3)
+    words = random_words(1000)
+    assert [w & ((1 << 64) - 1) for w in words[:16].tolist()] == splitmix64(seed & ((1 << 64) - 1), 16)
+    assert words.unique().numel() == 1000
+
+
 def test_length_groups_partition_the_sorted_rows_and_save_work():
     from encoder_train.model import length_groups
 

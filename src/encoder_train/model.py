@@ -2,8 +2,8 @@
 
 Read top-down: the pieces the layers use (Dropout, attention and the two activation layouts, Padded
 and Packed), then Embeddings -> SelfAttention -> FeedForward -> EncoderLayer -> Encoder -> MLMHead
-(with LinearCrossEntropy, the fused loss) -> MaskedLM. Shapes use B = batch, T = tokens per row, H = hidden size, nh = heads, hs = head size,
-V = vocabulary, N = predicted (masked) positions in the batch.
+(with LinearCrossEntropy, the fused loss) -> MaskedLM. Shapes use B = batch, T = tokens per row,
+H = hidden size, nh = heads, hs = head size, V = vocabulary, N = predicted (masked) positions.
 
 RoBERTa's choices: learned absolute positions counted from `pad_id + 1` (pads sit at position
 `pad_id`), a single token type, GELU, post-LN blocks (pre-LN as an option), input and output
@@ -56,11 +56,31 @@ class ModelDims:
 
 # ---- Dropout -------------------------------------------------------------------------------------------
 # On the CPU, F.dropout draws one Bernoulli sample per element, which costs more than the matmuls of a
-# small layer (about 7 ms for a (32, 4, 128, 128) attention map on 2 cores). `_CPUDropout` draws 64
-# random bits per 4 elements instead and compares each 16-bit lane with a threshold: p is rounded to a
-# multiple of 1/65536 (0.1 -> 0.100006) and the kept values are scaled by 1 / (1 - that p), so the
-# expectation is exact. It uses torch's CPU generator, so `torch.manual_seed` and a restored RNG state
-# reproduce it as they do F.dropout. On CUDA, F.dropout is already fast and is used as is.
+# small layer (about 7 ms for a (32, 4, 128, 128) attention map on 2 cores). `_CPUDropout` instead takes
+# one 62-bit seed from torch's CPU generator and makes the mask's random bits with SplitMix64's output
+# function over a counter (a few integer passes over n / 4 int64 words, spread over all cores), then
+# compares each 16-bit lane with a threshold: p is rounded to a multiple of 1/65536 (0.1 -> 0.100006) and
+# the kept values are scaled by 1 / (1 - that p), so the expectation is exact. The seed comes from the
+# global generator, so `torch.manual_seed` and a restored RNG state reproduce it as they do F.dropout.
+# On CUDA, F.dropout is already fast and is used as is.
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as an int64: SplitMix64's counter increment
+_MIX = ((30, -4658895280553007687), (27, -7723592293110705685), (31, None))  # (shift, multiplier 0xBF58.., 0x94D0..)
+
+
+def random_words(count: int) -> torch.Tensor:
+    """(count,) int64 of uniformly random bits: SplitMix64 at counters 1..count from a seed drawn from torch's
+    CPU generator. int64 products wrap (mod 2^64) as the unsigned ones of the reference do; the logical
+    right shift is an arithmetic one with the sign bits masked off."""
+    seed = int(torch.randint(-(2**62), 2**62, (1,)))
+    x = torch.arange(1, count + 1, dtype=torch.int64).mul_(_GOLDEN).add_(seed)
+    shifted = torch.empty_like(x)
+    for shift, multiplier in _MIX:
+        torch.bitwise_right_shift(x, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)
+        x.bitwise_xor_(shifted)
+        if multiplier is not None:
+            x.mul_(multiplier)
+    return x
 
 
 class _CPUDropout(torch.autograd.Function):
@@ -68,7 +88,7 @@ class _CPUDropout(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         n = x.numel()
         drop = round(p * 65536)
-        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64).view(torch.int16)[:n]
+        bits = random_words((n + 3) // 4).view(torch.int16)[:n]  # four 16-bit lanes per word
         keep = (bits >= drop - 32768).view(x.shape)  # P(keep) = 1 - drop / 65536
         ctx.scale = 65536 / (65536 - drop)
         ctx.save_for_backward(keep)
