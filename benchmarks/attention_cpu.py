@@ -19,11 +19,11 @@ Prints a table of milliseconds per layer with the machine it ran on.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
+from host import cpu_name
 
 from encoder_train.data.loader import MaskSpec, collate
 from encoder_train.model import Packed
@@ -78,11 +78,7 @@ def main() -> None:
             return f"fails ({str(e).splitlines()[0][:60]})"
         return f"{best * 1e3:.1f}"
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     padding = 1 - N / (len(lengths) * max(lengths))
     print(f"{args.rows} rows of {min(lengths)}..{max(lengths)} tokens ({padding:.0%} padding), {nh} heads of {hs}; "

@@ -16,12 +16,12 @@ Prints a table: seconds per step with each source, and the loader's overhead in 
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from host import cpu_name
 
 from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
@@ -105,11 +105,7 @@ def main() -> None:
             live.close()
         memory_s, loader_s = min(memory_runs), min(loader_runs)
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, device {device}, torch {torch.__version__}")
     print(f"model 4 x 256, vocab {vocab}, batch {args.batch_size} x {args.seq_len}, {args.precision}, "
           f"{args.workers} loader worker(s), {args.steps} timed steps, fastest of {args.repeats} alternating runs\n")

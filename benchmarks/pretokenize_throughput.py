@@ -20,6 +20,7 @@ from pathlib import Path
 
 import tokenizers
 import torch
+from host import cpu_name, usable_cores
 
 from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
@@ -97,15 +98,9 @@ def _one_thread_reference(inputs: list[Path], tokenizer_path: Path) -> float:
 
 def _machine() -> str:
     """CPU model, usable cores, library versions."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"machine: {cpu}, {cores} usable cores (RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}); "
+        f"machine: {cpu_name()}, {usable_cores()} usable cores "
+        f"(RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'unset')}); "
         f"python {platform.python_version()}, torch {torch.__version__}, tokenizers {tokenizers.__version__}"
     )
 

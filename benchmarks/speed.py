@@ -72,7 +72,6 @@ import importlib.metadata
 import io
 import json
 import math
-import os
 import platform
 import subprocess
 import tempfile
@@ -83,6 +82,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from host import cpu_name, usable_cores
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from encoder_train.config import load_config
@@ -618,10 +618,7 @@ def unigram_entropy(vocab: int) -> float:
 def machine(device: torch.device) -> str:
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
-        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpu, cores = cpu_name(), usable_cores()
     gpu = f", GPU {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
     return (
         f"machine: {cpu}, {cores} usable cores, torch threads {torch.get_num_threads()}{gpu}; device {device}; "

@@ -489,8 +489,9 @@ class MaskedLM(nn.Module):
         The head runs on the predicted positions only (sparse prediction: about 15% of tokens), which
         saves most of the vocabulary projection. `predict_positions` (N,) are those positions as flat
         indices into B*T, computed by the data workers so the device never waits on a `nonzero`.
-        `packing` = (token_index, cu_seqlens, max_seqlen) runs the unpadded path (see `Packed`);
-        without it the rows are computed padded. Both give the same result.
+        `packing` = (token_index, cu_seqlens, max_seqlen) runs the unpadded path (see `Packed`), or, when
+        it says every row is full, the padded one with no mask; without it the rows are computed padded
+        with a mask built from attention_mask. All give the same result (see `make_layout`).
         """
         if attention_mask is None:
             attention_mask = input_ids != self.dims.pad_id
