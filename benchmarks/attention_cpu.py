@@ -24,8 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 from host import cpu_name
+from synthetic import mask_spec
 
-from encoder_train.data.loader import MaskSpec, collate
+from encoder_train.data.loader import collate
 from encoder_train.model import Packed
 
 
@@ -42,7 +43,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(int(0.4 * args.max_len), args.max_len + 1, (args.rows,), generator=g).tolist()
-    spec = MaskSpec(pad_id=1, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=1000, probability=0.15)
+    spec = mask_spec(1000)
     batch = collate([torch.randint(5, 1000, (n,), generator=g) for n in lengths], spec, seed=0)
     N = batch.num_tokens
 

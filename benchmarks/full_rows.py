@@ -15,8 +15,10 @@ import argparse
 import time
 
 import torch
+from synthetic import mask_spec
+from workload import sync
 
-from encoder_train.data.loader import MaskSpec, collate
+from encoder_train.data.loader import collate
 from encoder_train.model import MaskedLM, ModelDims
 
 
@@ -34,15 +36,11 @@ def main() -> None:
     vocab = 50265
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(5, vocab, (args.seq_len,), generator=g) for _ in range(args.rows)]
-    spec = MaskSpec(pad_id=1, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab, probability=0.15)
+    spec = mask_spec(vocab)
     b = collate(rows, spec, seed=0).to(device)
     dims = ModelDims(vocab_size=50304, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                      intermediate_size=4 * args.hidden, max_position_embeddings=args.seq_len + 2, pad_id=1)
     model = MaskedLM(dims).to(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     def step(packing) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -58,11 +56,11 @@ def main() -> None:
         for label, packing in zip(results, (None, b.packing), strict=True):
             for _ in range(3):
                 step(packing)
-            sync()
+            sync(device)
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(packing)
-            sync()
+            sync(device)
             results[label].append((time.perf_counter() - start) / args.steps * 1e3)
     for label, times in results.items():
         print(f"| {label} | {times[0]:.1f} | {times[1]:.1f} |")

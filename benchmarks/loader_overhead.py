@@ -22,11 +22,13 @@ from pathlib import Path
 
 import torch
 from host import cpu_name
+from synthetic import mask_spec
+from workload import SIZES, sync
 
 from encoder_train.config import TrainingConfig
-from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
+from encoder_train.data.loader import BatchStream, MLMBatches
 from encoder_train.data.shards import scan_shards
-from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.model import MaskedLM
 from encoder_train.optim import build_optimizer
 from encoder_train.train import loader_workers
 
@@ -57,10 +59,9 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.workers = loader_workers(args.workers, device)
-    vocab = 8192
-    dims = ModelDims(vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
-                     max_position_embeddings=args.seq_len + 2, pad_id=1)
-    spec = MaskSpec(pad_id=1, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab, probability=0.15)
+    vocab = SIZES["small"].vocab
+    dims = SIZES["small"].model_dims(args.seq_len)
+    spec = mask_spec(vocab)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     n = args.warmup + args.steps
 
@@ -82,8 +83,7 @@ def main() -> None:
             opt = build_optimizer(model, TrainingConfig(), device)
             for i in range(n):
                 if i == args.warmup:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
+                    sync(device)
                     start = time.perf_counter()
                 b = next(source).to(device)
                 with autocast:
@@ -92,8 +92,7 @@ def main() -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             return (time.perf_counter() - start) / args.steps
 
         # Alternating, fastest of --repeats each: on a shared machine, the run least slowed by other work.

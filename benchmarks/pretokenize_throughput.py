@@ -47,7 +47,7 @@ def main() -> None:
         if tokenizer_path is None:
             tokenizer_path = work / "tokenizer.json"
             start = time.perf_counter()
-            train_tokenizer(inputs, tokenizer_path, args.vocab_size)
+            train_tokenizer(inputs, tokenizer_path, args.vocab_size, overwrite=True)
             train_seconds = time.perf_counter() - start
 
         report = pretokenize(

@@ -14,11 +14,13 @@ import argparse
 import contextlib
 
 import torch
+from synthetic import mask_spec
 from torch.profiler import ProfilerActivity, profile
+from workload import SIZES
 
 from encoder_train.config import TrainingConfig
-from encoder_train.data.loader import MaskSpec, collate
-from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.data.loader import collate
+from encoder_train.model import MaskedLM
 from encoder_train.optim import build_optimizer
 
 
@@ -32,12 +34,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    vocab = 8192
-    dims = ModelDims(vocab_size=vocab, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
-                     max_position_embeddings=args.seq_len + 2, pad_id=1)
+    vocab = SIZES["small"].vocab
+    dims = SIZES["small"].model_dims(args.seq_len)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(int(0.4 * args.seq_len), args.seq_len + 1, (args.rows,), generator=g).tolist()
-    spec = MaskSpec(pad_id=1, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=vocab, probability=0.15)
+    spec = mask_spec(vocab)
     b = collate([torch.randint(5, vocab, (n,), generator=g) for n in lengths], spec, seed=0)
     model = MaskedLM(dims).train()
     optimizer = build_optimizer(model, TrainingConfig(), torch.device("cpu"))

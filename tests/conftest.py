@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+
+from encoder_train.tokenizer import word_level_tokenizer
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BOS, PAD, EOS, UNK, MASK = range(5)
@@ -24,12 +25,7 @@ def _offline_wandb(monkeypatch):
 
 def make_tokenizer(path: Path, vocab: int = VOCAB) -> Path:
     """A word-level tokenizer with RoBERTa's special tokens at ids 0..4 and words w5..w{vocab-1}."""
-    words = {tok: i for i, tok in enumerate(SPECIALS)}
-    words.update({f"w{i}": i for i in range(len(SPECIALS), vocab)})
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(SPECIALS)
-    tok.save(str(path))
+    word_level_tokenizer(vocab).save(str(path))
     return path
 
 

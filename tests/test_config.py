@@ -123,3 +123,81 @@ def test_readme_documents_every_config_field_and_train_flag():
 
     for flag in FLAG_TO_KEY:
         assert f"`--{flag}`" in readme, f"README lacks --{flag}"
+
+
+# ---- hostile configs: one sentence each, naming the file and key ------------------------------------------
+
+
+def test_an_empty_or_comment_only_file_is_refused(tmp_path):
+    for text in ("", "# just a comment\n", "---\n"):
+        with pytest.raises(UserError, match="is empty: it sets nothing"):
+            load_config(write(tmp_path, text))
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    import time
+
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = "training:\n  seed: 1\nbomb: &bomb\n" + "".join(f"  {line}\n" for line in lines)
+    text += "model:\n  dropout: *a8\n"
+    start = time.monotonic()
+    with pytest.raises(UserError, match="aliases") as e:
+        load_config(write(tmp_path, text))
+    assert time.monotonic() - start < 5
+    assert len(str(e.value)) < 400
+
+
+def test_a_huge_value_is_shortened_in_the_message(tmp_path):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, "training: {batch_size: [" + ", ".join(["1"] * 2000) + "]}\n"))
+    assert "training.batch_size" in str(e.value) and len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize("text, key", [
+    ("training: {batch_size: true}", "training.batch_size"),
+    ("training: {learning_rate: true}", "training.learning_rate"),
+    ("training: {learning_rate: .inf}", "training.learning_rate"),
+    ("training: {learning_rate: .nan}", "training.learning_rate"),
+    ("model: {dropout: -.inf}", "model.dropout"),
+    ("training: {max_steps: 10.5}", "training.max_steps"),
+    ("model: {hidden_size: 1e20}", "model.hidden_size"),  # YAML 1.1 reads 1e20 (no dot) as text
+    ("model: {hidden_size: 2**40}", "model.hidden_size"),
+    ("training: {compile: 'yes'}", "training.compile"),
+    ("training: {seed: -1}", "training.seed"),
+])
+def test_values_of_the_wrong_kind_are_refused(tmp_path, text, key):
+    p = write(tmp_path, text + "\n")
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+        load_config(p)
+    assert str(p) in str(e.value)
+
+
+def test_floats_still_parse_from_yaml_text_forms(tmp_path):
+    cfg = load_config(write(tmp_path, "training: {learning_rate: 1e-3, adam_eps: 1.0e-8, gradient_clip: 2}\n"))
+    assert cfg.training.learning_rate == 1e-3 and cfg.training.adam_eps == 1e-8 and cfg.training.gradient_clip == 2.0
+
+
+def test_set_overrides_any_key_and_reports_like_the_file(tmp_path):
+    from encoder_train.config import parse_set
+
+    p = write(tmp_path, "training: {max_steps: 50, learning_rate: 0.01}\n")
+    items = parse_set(["training.max_steps=200", "data.mask_probability=0.3", "training.schedule=cosine",
+                       "data.val_data_dir="])
+    cfg = load_config(p, {k: v for k, (v, _) in items.items()}, {k: o for k, (_, o) in items.items()})
+    assert (cfg.training.max_steps, cfg.data.mask_probability, cfg.training.schedule) == (200, 0.3, "cosine")
+    assert cfg.training.learning_rate == 0.01 and cfg.data.val_data_dir is None
+
+    def bad(item: str) -> str:
+        parsed = parse_set([item])
+        with pytest.raises(UserError) as e:
+            load_config(p, {k: v for k, (v, _) in parsed.items()}, {k: o for k, (_, o) in parsed.items()})
+        return str(e.value)
+
+    assert "did you mean training.learning_rate?" in bad("training.learnin_rate=3e-4")
+    assert bad("training.batch_size=true").startswith("--set training.batch_size=true is invalid")
+    assert "finite" in bad("training.learning_rate=.inf")
+    for item, pattern in [("training=3", "section.key=value"), ("trainin.max_steps=3", "did you mean training"),
+                          ("training.max_steps=[", "not valid YAML")]:
+        with pytest.raises(UserError, match=pattern):
+            parse_set([item])

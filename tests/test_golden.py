@@ -28,7 +28,6 @@ checkpoint: {checkpoint_every: 4, max_checkpoints: 1}
 def run(work: Path, precision: str) -> dict:
     sys.path.insert(0, str(HERE))
     from conftest import make_shards, make_tokenizer
-
     from encoder_train.cli import main
 
     cfg = work / "run.yaml"

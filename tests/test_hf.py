@@ -350,3 +350,23 @@ def test_training_loss_and_gradients_equal_a_dense_transformers_computation():
     hf_params = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, hf_params[names[name]].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_init_from_hf_resolved_config_is_the_folders_shape(capsys, tmp_path, shard_dir, transformers_folder):
+    """The printed and stored config describe the model that runs (the folder's), not the YAML's shape."""
+    from encoder_train.cli import main
+
+    folder, hf_model = transformers_folder
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: {hidden_size: 64, num_layers: 1, num_heads: 2, intermediate_size: 128}\n"
+                   "training: {batch_size: 8, max_steps: 2, precision: fp32}\n")
+    capsys.readouterr()
+    assert main(["train", "--data_dir", str(shard_dir), "--config_file", str(cfg), "--init_from_hf", str(folder),
+                 "--checkpoint_dir", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    hf = hf_model.config
+    assert f"hidden_size: {hf.hidden_size}" in out and "hidden_size: 64" not in out
+    stored = torch.load(tmp_path / "c" / "checkpoint_00000002.pt", weights_only=True)["config"]["model"]
+    assert (stored["hidden_size"], stored["num_layers"], stored["intermediate_size"]) == (
+        hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size)
+    assert stored["max_position_embeddings"] == hf.max_position_embeddings

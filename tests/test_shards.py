@@ -3,10 +3,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_rows
+from conftest import BOS, EOS, PAD, make_rows
 from encoder_train.data.shards import (
     RowOrder,
     ShardInfo,
+    ShardReader,
     check_header,
     check_values,
     find_shards,
@@ -121,3 +122,66 @@ def test_row_order_is_random_access():
     backward = [o.locate(p) for p in reversed(range(60))][::-1]
     assert forward == backward
     assert order(rows, seed=1).locate(0) != forward[0] or order(rows, seed=1).locate(1) != forward[1]
+
+
+# ---- rows are read with pread, never through a memory map ------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [
+    lambda: make_rows(37, 16).to(torch.int16),
+    lambda: make_rows(37, 16).to(torch.uint8),
+    lambda: make_rows(37, 16).to(torch.int32),
+    lambda: make_rows(60, 16)[5:42],  # a view: its rows start inside the saved storage
+    lambda: make_rows(37, 24)[:, :16],  # rows with a stride longer than their width
+    lambda: make_rows(16, 37).t().contiguous().t(),  # columns contiguous: read whole, in memory
+])
+def test_reader_gives_the_saved_rows_for_every_layout(tmp_path, make):
+    t = make()
+    p = save(tmp_path, t)
+    info = check_header(p, load_shard(p), 64)
+    reader = ShardReader(info)
+    assert torch.equal(reader.rows(0, info.rows), t.long())
+    assert torch.equal(reader.row(11), t[11].long())
+    assert torch.equal(torch.cat(list(reader.chunks(max_bytes=100))), t.long())
+    reader.close()
+
+
+def test_legacy_format_is_read_whole(tmp_path):
+    t = make_rows(9, 8)
+    p = tmp_path / "legacy.pt"
+    torch.save(t, p, _use_new_zipfile_serialization=False)
+    info = check_header(p, load_shard(p), 64)
+    assert info.offset is None
+    assert torch.equal(ShardReader(info).rows(0, 9), t)
+
+
+def test_a_file_truncated_while_open_is_one_sentence_not_sigbus(tmp_path):
+    t = make_rows(400, 32)
+    p = save(tmp_path, t)
+    info = check_header(p, load_shard(p), 64)
+    reader = ShardReader(info)
+    assert torch.equal(reader.row(399), t[399])
+    with open(p, "r+b") as f:  # shrink the open file, as a re-run of pretokenize or a full disk would
+        f.truncate(info.offset + 100 * 32 * 8)
+    assert torch.equal(reader.row(10), t[10])
+    with pytest.raises(UserError, match="became shorter while training") as e:
+        reader.row(399)
+    assert str(p) in str(e.value)
+
+
+def test_rows_all_padding_and_rows_with_nothing_to_mask_are_refused(tmp_path):
+    t = make_rows(6, 8)
+    t[3] = PAD
+    p = save(tmp_path, t)
+    with pytest.raises(UserError, match=r"all padding \(row 3 is the first\)"):
+        check_values(p, ShardReader(check_header(p, load_shard(p), 64)), 128, PAD, (0, 1, 2, 3, 4))
+    only_specials = torch.tensor([[BOS, EOS, PAD, PAD]] * 5)
+    p = save(tmp_path, only_specials, "specials.pt")
+    with pytest.raises(UserError, match="nothing to mask"):
+        check_values(p, ShardReader(check_header(p, load_shard(p), 64)), 128, PAD, (0, 1, 2, 3, 4))
+
+
+def test_a_file_where_a_folder_is_expected(tmp_path):
+    p = save(tmp_path, make_rows(2, 8))
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        find_shards(p)

@@ -10,11 +10,17 @@ disk, a copy cut short) is refused instead of silently resuming from wrong weigh
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import json
 import os
 import pickle
 import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,9 @@ def latest(directory: str | Path) -> Path | None:
 def ensure_writable(directory: str | Path) -> Path:
     """Create the folder if needed and prove we can write there, before any training time is spent."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"--checkpoint_dir {directory} is a file, not a folder; pass a folder (it is created "
+                        "if missing).")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
@@ -99,7 +108,10 @@ def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
     """Write `state` atomically as the checkpoint of `step`; returns its path."""
     final = checkpoint_path(directory, step)
     state = {**state, "checksum": digest(state)}
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(e, final, state) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -107,10 +119,42 @@ def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)  # make the rename itself durable
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):
+            raise _write_error(e, final, state) from None
         raise
     return final
+
+
+def _write_error(e: OSError | RuntimeError, final: Path, state: dict[str, Any]) -> Exception:
+    """A failed write as one sentence when the disk is full or the folder unwritable; else the error itself.
+
+    torch.save reports a full disk as a RuntimeError from its zip writer, without an errno: a write that
+    failed while the checkpoint needs more than the free space is taken to be a full disk."""
+    needed = _size_of(state)
+    free = shutil.disk_usage(final.parent).free  # the half-written file is gone: this is the space it can have
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or needed > free:
+        return UserError(
+            f"no space left to write checkpoint {final}: it needs about {needed / 1e6:,.1f} MB and "
+            f"{free / 1e6:,.1f} MB are free on that disk; free some space and resume with --load_checkpoint latest "
+            "(the previous checkpoints are kept)."
+        )
+    if isinstance(e, OSError):
+        return UserError(f"could not write checkpoint {final} ({e.strerror}); the previous checkpoints are kept.")
+    return e
+
+
+def _size_of(obj: Any) -> int:
+    """Bytes of tensor data in a checkpoint's state (its file is that plus a little structure)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_size_of(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_size_of(v) for v in obj)
+    return len(obj) if isinstance(obj, str | bytes) else 8
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -130,11 +174,23 @@ def rotate(directory: str | Path, keep: int) -> list[Path]:
     return doomed
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU. Refuses pickles that would run code (weights_only)."""
+def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
+    """Read a checkpoint onto the CPU. Refuses pickles that would run code (weights_only).
+
+    `flag` is the command-line flag that named `path` (train's --load_checkpoint, evaluate's --checkpoint,
+    ...): the error messages tell the user what to pass to it.
+    """
     path = Path(path)
+    if path.is_dir():
+        newest = latest(path)
+        raise UserError(
+            f"{flag} {path} is a folder, not a checkpoint file; pass {flag} with a checkpoint file"
+            + (f" such as {newest}." if newest else " (checkpoint_XXXXXXXX.pt).")
+        )
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass --load_checkpoint with a checkpoint file or latest.")
+        # Only train's flag also takes the word latest.
+        also = " or latest" if flag == "--load_checkpoint" else ""
+        raise UserError(f"checkpoint {path} does not exist; pass {flag} with a checkpoint file{also}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -164,3 +220,64 @@ def load_latest_good(directory: str | Path, note=print) -> tuple[dict[str, Any],
         except UserError as e:
             note(f"skipping {path.name}: {e}")
     return None
+
+
+class FolderLock:
+    """An exclusive lock on a checkpoint folder, held for a whole run: one writer per folder.
+
+    Two runs writing one folder (a requeued job whose old copy still runs, a copy-pasted command) would
+    interleave their checkpoints and metrics silently. The lock is the operating system's (a POSIX
+    record lock on `.encoder-train.lock`, which also works across hosts on NFS), so a run killed by any
+    signal, SIGKILL included, releases it with its process: no stale lock to clean up by hand. The file
+    itself stays and names the last holder.
+    """
+
+    NAME = ".encoder-train.lock"
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / self.NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        directory = self.path.parent
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"--checkpoint_dir {directory} is a file, not a folder; pass a folder (it is created "
+                            "if missing).")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(
+                f"checkpoint folder {self.path.parent} is not writable ({e.strerror}); pass --checkpoint_dir with "
+                "a folder you can write to."
+            ) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise UserError(f"checkpoint folder {self.path.parent} cannot be locked ({e.strerror}); "
+                                "use a folder on a file system that supports locks.") from None
+            raise UserError(
+                f"checkpoint folder {self.path.parent} is in use by another encoder-train run ({holder}); "
+                "wait for it to finish or stop it, or pass another --checkpoint_dir."
+            ) from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"process {holder['pid']} on host {holder['host']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not yet said who it is"

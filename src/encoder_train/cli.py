@@ -10,15 +10,23 @@ import os
 import sys
 from collections.abc import Sequence
 
-from encoder_train.config import FLAG_TO_KEY, load_config, resolve_config_path
+from encoder_train.config import BUNDLED_CONFIG_DIR, FLAG_TO_KEY, flag_for, load_config, parse_set, resolve_config_path
 from encoder_train.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported like every other user error: one line, exit code 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"encoder-train: error: {message}; see `{self.prog} --help`.\n")
+    def error(self, message: str, prog: str | None = None) -> None:  # type: ignore[override]
+        self.exit(2, f"encoder-train: error: {message}; see `{prog or self.prog} --help`.\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            # A subcommand's unknown arguments surface here, in the top parser: point at that subcommand's help.
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(extra)}", f"{self.prog} {command}" if command else None)
+        return parsed
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +39,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -40,8 +53,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     # Every flag defaults to None: only flags the user typed override the YAML file.
     p.add_argument("--config_file", required=True,
-                   help="YAML config: a file name in --config_dir, or a path (bundled: tiny.yaml, small.yaml, "
-                   "base.yaml, large.yaml)")
+                   help="YAML config: a file name in --config_dir, or a path (bundled: "
+                   + ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml"))) + ")")
     p.add_argument("--config_dir", default=None,
                    help="folder holding --config_file (default: the configs bundled with encoder-train)")
     p.add_argument("--data_dir", default=None, help="folder of training .pt shards, searched recursively")
@@ -68,18 +81,35 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="rows per micro-batch, overriding training.batch_size")
     p.add_argument("--gradient_clip", type=float, default=None,
                    help="max global gradient L2 norm, overriding training.gradient_clip (0 disables)")
+    p.add_argument("--max_steps", type=positive_int, default=None,
+                   help="optimizer steps, overriding training.max_steps")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help="peak learning rate, overriding training.learning_rate")
+    p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="overrides training.precision")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="set_items",
+                   help="override any config key (repeatable), e.g. --set training.warmup_steps=100 "
+                   "--set data.mask_probability=0.3; values are YAML, validated like the file's")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the resolved config, the model's size and the data, then exit without training "
+                   "(nothing is written)")
     p.set_defaults(func=run_train)
 
 
 def config_from_args(args: argparse.Namespace):
     overrides = {key: getattr(args, flag) for flag, key in FLAG_TO_KEY.items() if getattr(args, flag, None) is not None}
-    return load_config(resolve_config_path(args.config_file, args.config_dir), overrides)
+    origins: dict[str, str] = {}
+    for key, (value, origin) in parse_set(getattr(args, "set_items", [])).items():
+        if key in overrides:
+            raise UserError(f"{key} is set both by {flag_for(key)} and by {origin}; pass one of them.")
+        overrides[key], origins[key] = value, origin
+    return load_config(resolve_config_path(args.config_file, args.config_dir), overrides, origins)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from encoder_train.train import train  # imports torch: kept out of `--help`
 
-    result = train(config_from_args(args))
+    result = train(config_from_args(args), dry_run=args.dry_run)
     # Stopped by a signal: exit as a shell would (128 + signal), so a job chain does not carry on.
     return 128 + result.stopped_by if result.stopped_by else 0
 
@@ -117,24 +147,31 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
     p.add_argument("--tokenizer_filepath", default=None,
-                   help="tokenizer.json (default: the tokenizer stored in the checkpoint)")
-    p.add_argument("--top_k", type=positive_int, default=5, help="tokens to show per <mask> (default 5)")
+                   help="tokenizer.json with the same vocabulary as the checkpoint's (default: the tokenizer "
+                   "stored in the checkpoint)")
+    p.add_argument("--top_k", type=positive_int, default=5,
+                   help="tokens to show per <mask> (default 5; more than the vocabulary's non-special tokens "
+                   "shows them all)")
     p.add_argument("text", nargs="+", help='text with <mask>, e.g. "The <mask> sat on the mat."')
     p.set_defaults(func=run_fill_mask)
 
 
 def run_fill_mask(args: argparse.Namespace) -> int:
-    from encoder_train.evaluate import fill_mask, load_trained
+    from encoder_train.evaluate import check_same_vocabulary, fill_mask, load_trained
     from encoder_train.tokenizer import load_tokenizer
     from encoder_train.train import pick_device
 
     device = pick_device()
-    trained = load_trained(args.checkpoint, device)
+    trained = load_trained(args.checkpoint, device, flag="--checkpoint")
     if args.tokenizer_filepath:
-        trained.tokenizer = load_tokenizer(args.tokenizer_filepath)
-    for text in args.text:
+        tokenizer = load_tokenizer(args.tokenizer_filepath)
+        check_same_vocabulary(trained, tokenizer, args.tokenizer_filepath, args.checkpoint)
+        trained.tokenizer = tokenizer
+    # Every text is checked (and filled) before anything is printed: an error leaves stdout empty.
+    filled = [(text, fill_mask(trained, text, args.top_k, device)) for text in args.text]
+    for text, masks in filled:
         print(text)
-        for i, candidates in enumerate(fill_mask(trained, text, args.top_k, device)):
+        for i, candidates in enumerate(masks):
             shown = "  ".join(f"{tok!r} {p:.3f}" for tok, p in candidates)
             print(f"  mask {i + 1}: {shown}")
     return 0
@@ -149,7 +186,9 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         "and .gz files, streaming. The output loads with tokenizers.Tokenizer.from_file.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text, .jsonl or .gz files")
-    p.add_argument("--output", default="tokenizer.json", help="where to write the tokenizer (default tokenizer.json)")
+    p.add_argument("--output", default="tokenizer.json",
+                   help="where to write the tokenizer (default tokenizer.json; refused when it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--vocab_size", type=positive_int, default=50265,
                    help="vocabulary size including the 5 special tokens (default 50265, RoBERTa's)")
     p.add_argument("--min_frequency", type=positive_int, default=2,
@@ -162,7 +201,8 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
     from encoder_train.tokenizer import train_tokenizer
 
-    tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency)
+    tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency,
+                          overwrite=args.overwrite)
     print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
           + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else ""))
     return 0
@@ -201,11 +241,19 @@ def run_pretokenize(args: argparse.Namespace) -> int:
         config = load_config(resolve_config_path(args.config_file, None))
         pad = special_tokens(load_tokenizer(args.tokenizer_filepath), args.tokenizer_filepath).pad
         max_positions = config.model.max_position_embeddings - pad - 1
+        if args.seq_len > max_positions:
+            raise UserError(
+                f"--seq_len {args.seq_len} is longer than rows the model of {args.config_file} can read: its "
+                f"model.max_position_embeddings {config.model.max_position_embeddings} leaves {max_positions} "
+                f"positions after RoBERTa's offset (pad id {pad} + 1); pass --seq_len {max_positions} or less, "
+                f"or raise model.max_position_embeddings to {args.seq_len + pad + 1}."
+            )
     report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                          overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty())
-    print(f"wrote {report.train_rows} training rows in {report.train_shards} shards to {args.output_dir}/train and "
-          f"{report.val_rows} held-out rows in {report.val_shards} shards to {args.output_dir}/val; "
+    print(f"wrote {plural(report.train_rows, 'training row')} in {plural(report.train_shards, 'shard')} to "
+          f"{args.output_dir}/train and {plural(report.val_rows, 'held-out row')} in "
+          f"{plural(report.val_shards, 'shard')} to {args.output_dir}/val; "
           f"fill ratio {report.fill_ratio:.4f}; {report.megabytes_per_second:.1f} MB/s")
     return 0
 
@@ -229,8 +277,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from encoder_train.demo import DemoSettings, run_demo
 
-    run_demo(DemoSettings(workdir=Path(args.workdir), max_steps=args.max_steps, corpus_bytes=args.corpus_bytes))
-    return 0
+    summary = run_demo(DemoSettings(workdir=Path(args.workdir), max_steps=args.max_steps,
+                                    corpus_bytes=args.corpus_bytes))
+    stopped = summary.get("stopped_by")
+    return 128 + stopped if stopped else 0  # stopped by a signal: exit as `train` does
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:

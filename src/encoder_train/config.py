@@ -18,15 +18,28 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
 
 from encoder_train.errors import UserError
 
 # Bundled configs: `--config_file base.yaml` works from any folder.
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+# Numbers are numbers: YAML's `true` is not 1, a float is not an integer, `.inf` and `.nan` are no
+# setting's value. (Strings such as "1e-3" still parse as floats: PyYAML reads 1e-3 without a dot as text.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]
+Bool = Annotated[bool, Strict()]
 
 
 class Section(BaseModel):
@@ -39,27 +52,27 @@ class ModelConfig(Section):
     init_from_hf: str | None = None
     """Local Hugging Face RoBERTa masked-LM folder to start from (flag --init_from_hf); its config.json and
     tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
-    vocab_size: int | None = Field(default=None, ge=8)
+    vocab_size: Int | None = Field(default=None, ge=8)
     """Vocabulary size; absent: the tokenizer's size rounded up to a multiple of `pad_vocab_multiple`."""
-    pad_vocab_multiple: int = Field(default=64, ge=1)
+    pad_vocab_multiple: Int = Field(default=64, ge=1)
     """Round a vocabulary taken from the tokenizer up to this multiple (64 keeps matmuls aligned)."""
-    hidden_size: int = Field(default=768, ge=1)
+    hidden_size: Int = Field(default=768, ge=1)
     """Width of the residual stream."""
-    num_layers: int = Field(default=12, ge=1)
+    num_layers: Int = Field(default=12, ge=1)
     """Number of encoder layers."""
-    num_heads: int = Field(default=12, ge=1)
+    num_heads: Int = Field(default=12, ge=1)
     """Attention heads per layer; must divide `hidden_size`."""
-    intermediate_size: int = Field(default=3072, ge=1)
+    intermediate_size: Int = Field(default=3072, ge=1)
     """Width of the feed-forward layer (4 x hidden in BERT/RoBERTa)."""
-    max_position_embeddings: int = Field(default=514, ge=3)
+    max_position_embeddings: Int = Field(default=514, ge=3)
     """Learned positions. RoBERTa offsets positions past the pad id, so 514 allows 512-token rows."""
-    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     """Dropout on embeddings, attention output and feed-forward output."""
-    attention_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    attention_dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     """Dropout on attention probabilities."""
-    layer_norm_eps: float = Field(default=1e-5, gt=0.0)
+    layer_norm_eps: Float = Field(default=1e-5, gt=0.0)
     """LayerNorm epsilon (RoBERTa 1e-5, BERT 1e-12)."""
-    pre_layer_norm: bool = False
+    pre_layer_norm: Bool = False
     """Pre-LN blocks (x + f(LN(x))) instead of BERT/RoBERTa's post-LN (LN(x + f(x)))."""
 
 
@@ -70,80 +83,80 @@ class DataConfig(Section):
     """Hugging Face `tokenizers` JSON file (flag --tokenizer_filepath)."""
     val_data_dir: str | None = None
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
-    mask_probability: float = Field(default=0.15, gt=0.0, lt=1.0)
+    mask_probability: Float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
-    num_workers: int | None = Field(default=None, ge=0)
+    num_workers: Int | None = Field(default=None, ge=0)
     """Background processes that read shards, mask and collate; 0 builds batches in the training process.
     Unset: 2 on a GPU; 0 on a CPU, where a worker takes turns with the compute threads on the same cores
     and slows every matmul it interrupts (2 cores, benchmarks/loader_overhead.py: +29% step time with one
     worker, +4% inline)."""
-    prefetch_batches: int = Field(default=4, ge=1)
+    prefetch_batches: Int = Field(default=4, ge=1)
     """Batches each worker keeps ready ahead of the training step."""
-    shuffle_files: int = Field(default=4, ge=1)
+    shuffle_files: Int = Field(default=4, ge=1)
     """Rows are shuffled across windows of this many consecutive (shuffled) files."""
 
 
 class TrainingConfig(Section):
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: Int = Field(default=32, ge=1)
     """Rows per micro-batch (flag --batch_size). Rows per optimizer step = batch_size x accumulation."""
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    gradient_accumulation_steps: Int = Field(default=1, ge=1)
     """Micro-batches per optimizer step."""
-    max_steps: int = Field(default=10_000, ge=1)
+    max_steps: Int = Field(default=10_000, ge=1)
     """Optimizer steps to train for."""
-    learning_rate: float = Field(default=6e-4, gt=0.0)
+    learning_rate: Float = Field(default=6e-4, gt=0.0)
     """Peak learning rate, reached at the end of warmup."""
-    warmup_steps: int = Field(default=0, ge=0)
+    warmup_steps: Int = Field(default=0, ge=0)
     """Steps of linear warmup from 0 to `learning_rate`."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup: linear to 0 at `max_steps` (RoBERTa), cosine to 0, or constant."""
-    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    adam_beta1: Float = Field(default=0.9, ge=0.0, lt=1.0)
     """AdamW beta1."""
-    adam_beta2: float = Field(default=0.98, ge=0.0, lt=1.0)
+    adam_beta2: Float = Field(default=0.98, ge=0.0, lt=1.0)
     """AdamW beta2 (RoBERTa uses 0.98 for stability with large batches)."""
-    adam_eps: float = Field(default=1e-6, gt=0.0)
+    adam_eps: Float = Field(default=1e-6, gt=0.0)
     """AdamW epsilon."""
-    weight_decay: float = Field(default=0.01, ge=0.0)
+    weight_decay: Float = Field(default=0.01, ge=0.0)
     """Decoupled weight decay; biases, LayerNorm weights and other 1-D parameters get none."""
-    gradient_clip: float = Field(default=1.0, ge=0.0)
+    gradient_clip: Float = Field(default=1.0, ge=0.0)
     """Clip the gradient's global L2 norm to this value; 0 disables clipping (flag --gradient_clip)."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
-    compile: bool = False
+    compile: Bool = False
     """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only,
     and measured no faster than eager on a 2-core CPU or an H200 (see the README's Speed section)."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (weights replicated) or FSDP2 (weights, gradients and optimizer state sharded)."""
-    max_nonfinite_steps: int = Field(default=5, ge=1)
+    max_nonfinite_steps: Int = Field(default=5, ge=1)
     """Stop the run after this many optimizer steps in a row with a NaN/inf loss or gradient (each is skipped)."""
-    seed: int = 0
+    seed: Int = Field(default=0, ge=0, lt=2**63)
     """Seeds initialisation, dropout, data order and masking."""
-    log_interval: int = Field(default=10, ge=1)
+    log_interval: Int = Field(default=10, ge=1)
     """Steps between progress-bar updates and lines in metrics.jsonl."""
-    eval_every: int = Field(default=1000, ge=1)
+    eval_every: Int = Field(default=1000, ge=1)
     """Steps between held-out evaluations (when data.val_data_dir is set); one also runs at the end."""
-    eval_batches: int | None = Field(default=None, ge=1)
+    eval_batches: Int | None = Field(default=None, ge=1)
     """Evaluate on at most this many batches of the validation data; absent: all of it."""
 
 
 class CheckpointConfig(Section):
     checkpoint_dir: str = "checkpoints"
     """Folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (flag --checkpoint_dir)."""
-    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_every: Int = Field(default=1000, ge=1)
     """Optimizer steps between checkpoints; one is also written at the end (flag --checkpoint_every)."""
-    max_checkpoints: int = Field(default=3, ge=1)
+    max_checkpoints: Int = Field(default=3, ge=1)
     """How many of the newest checkpoints to keep (flag --max_checkpoints)."""
     load_checkpoint: str | None = None
     """Checkpoint file to resume from, or `latest` for the newest in checkpoint_dir (flag --load_checkpoint)."""
 
 
 class WandbConfig(Section):
-    enabled: bool = False
+    enabled: Bool = False
     """Log to Weights & Biases (flag --wandb). Off: W&B is never imported."""
     project: str = "encoder-train"
     """W&B project (flag --wandb_project_name)."""
     run_id: str | None = None
     """Resume this W&B run; by default a resumed checkpoint continues its own run (flag --wandb_run_id)."""
-    log_freq: int = Field(default=10, ge=1)
+    log_freq: Int = Field(default=10, ge=1)
     """Optimizer steps between W&B logs (flag --wandb_log_freq)."""
 
 
@@ -173,7 +186,8 @@ class Config(Section):
             )
 
 
-# Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML.
+# Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML; any other key
+# is set with `--set section.key=value`.
 FLAG_TO_KEY: dict[str, str] = {
     "init_from_hf": "model.init_from_hf",
     "data_dir": "data.data_dir",
@@ -181,6 +195,10 @@ FLAG_TO_KEY: dict[str, str] = {
     "val_data_dir": "data.val_data_dir",
     "batch_size": "training.batch_size",
     "gradient_clip": "training.gradient_clip",
+    "max_steps": "training.max_steps",
+    "learning_rate": "training.learning_rate",
+    "seed": "training.seed",
+    "precision": "training.precision",
     "checkpoint_dir": "checkpoint.checkpoint_dir",
     "load_checkpoint": "checkpoint.load_checkpoint",
     "checkpoint_every": "checkpoint.checkpoint_every",
@@ -191,10 +209,18 @@ FLAG_TO_KEY: dict[str, str] = {
     "wandb_project_name": "wandb.project",
 }
 
+# A config is a few dozen values: more than this many after YAML's aliases are expanded is an alias bomb
+# (`a: &a [x, x]`, `b: &b [*a, *a]`, ...), which would otherwise hang validation and grow the error tenfold
+# per level.
+MAX_YAML_VALUES = 10_000
+
 
 def resolve_config_path(config_file: str, config_dir: str | None) -> Path:
     """`--config_file` in `--config_dir` (default: the bundled configs), or an existing path as given."""
     if config_dir is not None:
+        if Path(config_dir).is_file():
+            raise UserError(f"--config_dir {config_dir} is a file, not a folder; pass the folder that holds "
+                            f"{config_file}, or drop --config_dir.")
         candidate = Path(config_dir) / config_file
         if candidate.is_file():
             return candidate
@@ -206,59 +232,137 @@ def resolve_config_path(config_file: str, config_dir: str | None) -> Path:
     bundled = BUNDLED_CONFIG_DIR / config_file
     if config_dir is None and bundled.is_file():
         return bundled
+    if direct.is_dir() or (config_dir is not None and (Path(config_dir) / config_file).is_dir()):
+        raise UserError(f"--config_file {config_file} is a folder, not a YAML file; pass the file inside it "
+                        "(e.g. base.yaml).")
     where = config_dir if config_dir is not None else f"the bundled configs ({BUNDLED_CONFIG_DIR})"
-    shipped = ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml")))
+    shipped = ", ".join(bundled_configs())
     raise UserError(
         f"config file {config_file} was found neither as a path nor in {where}; "
         f"pass an existing YAML file (bundled: {shipped})."
     )
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML file, apply `{dotted.key: value}` overrides, validate. Raises UserError."""
-    path = Path(path)
+def bundled_configs() -> list[str]:
+    """The names of the configs that ship with encoder-train."""
+    return sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml"))
+
+
+def parse_set(items: list[str]) -> dict[str, tuple[Any, str]]:
+    """`--set section.key=value` items -> {dotted key: (value, how the user wrote it)}; values are YAML."""
+    parsed: dict[str, tuple[Any, str]] = {}
+    for item in items:
+        dotted, sep, text = item.partition("=")
+        dotted = dotted.strip()
+        origin = f"--set {item}"
+        if not sep or dotted.count(".") != 1:
+            raise UserError(f"{origin} is not of the form section.key=value; write e.g. --set training.max_steps=200.")
+        section = dotted.split(".")[0]
+        if section not in Config.model_fields:
+            close = difflib.get_close_matches(section, list(Config.model_fields), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"{origin}: unknown section {section}; {hint}sections: {', '.join(Config.model_fields)}.")
+        parsed[dotted] = (_parse_yaml(text, origin, "value") if text.strip() else None, origin)
+    return parsed
+
+
+def _parse_yaml(text: str, source: str, what: str) -> Any:
+    """YAML text -> Python values, with every way a YAML text can fail said in one sentence."""
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise UserError(f"config file {path} could not be read ({e.strerror}); check the path.") from None
-    try:
-        raw = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        _count_values(value, [MAX_YAML_VALUES])
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax.") from None
-    raw = {} if raw is None else raw
+        raise UserError(f"{source}: the {what} is not valid YAML{where}: {problem}; fix the syntax.") from None
+    except (RecursionError, OverflowError):
+        raise UserError(
+            f"{source}: the {what} holds more than {MAX_YAML_VALUES} values once YAML's aliases (*name) are "
+            "expanded, or nests too deeply; a config needs a few dozen: remove the aliases."
+        ) from None
+    return value
+
+
+def _count_values(value: Any, budget: list[int]) -> None:
+    """Walk the loaded YAML as validation would, stopping once it has seen `budget` values."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise OverflowError
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for child in children:
+        _count_values(child, budget)
+
+
+def load_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, origins: dict[str, str] | None = None
+) -> Config:
+    """Read a YAML file, apply `{dotted.key: value}` overrides, validate. Raises UserError.
+
+    `origins` names where an override came from (`--set training.x=1`) for messages; by default the flag
+    of FLAG_TO_KEY that sets the key.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {path} is a folder, not a YAML file; pass the file inside it.")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "it is not UTF-8 text"
+        raise UserError(f"config file {path} could not be read ({why}); check the path.") from None
+    raw = _parse_yaml(text, f"config file {path}", "file")
+    if raw is None:
+        raise UserError(
+            f"config file {path} is empty: it sets nothing, which would train the schema's default model for "
+            "10,000 steps; write the sections you mean (copy a bundled config such as base.yaml)."
+        )
     if not isinstance(raw, dict):
         raise UserError(
             f"config file {path} must be a mapping with sections model:, data:, training:, ... "
             f"(it holds a {type(raw).__name__})."
         )
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    for dotted, value in overrides.items():
         section, key = dotted.split(".")
-        if not isinstance(raw.get(section, {}), dict):
+        if not isinstance(raw.get(section, {}), dict | None):
             break  # validation below reports the malformed section
-        raw.setdefault(section, {})
-        if raw[section] is None:
+        if raw.get(section) is None:
             raw[section] = {}
         raw[section][key] = value
-    config = validate(raw, str(path), overrides or {})
+    config = validate(raw, str(path), {k: (origins or {}).get(k) or flag_for(k) for k in overrides})
     config.check_consistency(str(path))
     return config
 
 
-def validate(raw: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Config:
-    """Validate a nested dict against the schema; the first problem becomes one clear sentence."""
+def flag_for(key: str) -> str:
+    """How a user sets `key` on the command line."""
+    flag = {k: f for f, k in FLAG_TO_KEY.items()}.get(key)
+    return f"--{flag}" if flag else f"--set {key}=..."
+
+
+def validate(raw: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Config:
+    """Validate a nested dict against the schema; the first problem becomes one clear sentence.
+
+    origins: {dotted key: the flag it came from}, for values given on the command line."""
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        if key in (overrides or {}):  # the value came from the command line, not the file
-            flag = {k: f for f, k in FLAG_TO_KEY.items()}.get(key, key)
+        origin = (origins or {}).get(key)
+        if origin:  # the value came from the command line, not the file
+            if err["type"] == "extra_forbidden":
+                raise UserError(describe_error(err, origin)) from None
             msg = err["msg"][0].lower() + err["msg"][1:]
-            raise UserError(f"--{flag} {err.get('input')!r} is invalid ({key}): {msg}.") from None
+            shown = origin if origin.startswith("--set") else f"{origin} {_short(err.get('input'))}"
+            raise UserError(f"{shown} is invalid ({key}): {msg}.") from None
         raise UserError(describe_error(err, source)) from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: a message must stay one readable sentence."""
+    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
 def describe_error(err: Any, source: str) -> str:
@@ -275,12 +379,14 @@ def describe_error(err: Any, source: str) -> str:
         prefix = ".".join(loc[:-1])
         hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
         return (
-            f"{source}: unknown key {key}; {hint + ' ' if hint else ''}"
+            f"{source}: unknown key {_short(key, 80)}; {hint + ' ' if hint else ''}"
             f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}."
         )
     value = err.get("input")
     msg = err["msg"][0].lower() + err["msg"][1:]
-    return f"{source}: {key} = {value!r} is invalid: {msg}; fix the value in the file or on the command line."
+    if kind == "int_type" and isinstance(value, bool):
+        msg += " (true/false are not integers)"
+    return f"{source}: {key} = {_short(value)} is invalid: {msg}; fix the value in the file or on the command line."
 
 
 def resolved_vocab_size(model: ModelConfig, tokenizer_vocab: int, source: str) -> int:

@@ -42,8 +42,16 @@ class DemoSettings:
     val_fraction: float = 0.05
 
 
+def show_guesses(guesses: list[tuple[str, float]]) -> str:
+    """`'list' 0.31, '\\n' 0.12`: words without the space that starts them; whitespace tokens escaped, not blank."""
+    return ", ".join(f"{t.strip() or t!r} {p:.2f}" for t, p in guesses)
+
+
 def run_demo(s: DemoSettings) -> dict[str, float]:
-    """Run every stage, print where each artefact went; returns the untrained and trained held-out losses."""
+    """Run every stage, print where each artefact went; returns the untrained and trained held-out losses.
+
+    A training stopped by a signal returns {"stopped_by": the signal number} instead.
+    """
     t0 = time.perf_counter()
     work = s.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -87,9 +95,10 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
         overrides["training.warmup_steps"] = planned.warmup_steps * s.max_steps // planned.max_steps
     config = load_config(s.config_file, overrides)
     print(f"[4/5] training ({s.config_file.name}): checkpoints and metrics.jsonl in {ckpt_dir}")
-    result = train(config)
+    # The demo passes --load_checkpoint latest itself: after a stop, running it again is all it takes.
+    result = train(config, resume_hint="Run the same encoder-train demo command again to continue from it.")
     if result.stopped_by:
-        return {}
+        return {"stopped_by": result.stopped_by}
 
     print("[5/5] evaluation on the held-out rows (fixed masks)")
     device = pick_device()
@@ -107,7 +116,7 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
           f"perplexity {after['perplexity']:.1f}   (step {trained.state['step']})")
     for text in FILL_MASK_EXAMPLES:
         guesses = fill_mask(trained, text, top_k=3, device=device)[0]
-        print(f"      {text}\n        -> " + ", ".join(f"{t.strip()!r} {p:.2f}" for t, p in guesses))
+        print(f"      {text}\n        -> {show_guesses(guesses)}")
     summary = {"untrained_loss": before["loss"], "trained_loss": after["loss"], "trained_accuracy": after["accuracy"],
                "step": trained.state["step"], "seconds": time.perf_counter() - t0}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -19,9 +19,10 @@ from tokenizers import Tokenizer
 
 from encoder_train import checkpoint
 from encoder_train.data.loader import Batch, MaskSpec, collate
-from encoder_train.data.shards import ShardInfo, check_values, load_shard, scan_shards
+from encoder_train.data.shards import ShardInfo, ShardReader, check_values, scan_shards
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.tokenizer import special_tokens
 
 EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
 
@@ -30,14 +31,17 @@ def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_b
     """Every row of every shard, in order, `batch_size` rows at a time, masked with the fixed eval seed."""
     index, row = 0, 0  # batches and rows so far: a row's mask depends on its position only
     for shard in shards:
-        t = load_shard(shard.path)
-        check_values(shard.path, t, spec.vocab_size)
-        for start in range(0, shard.rows, batch_size):
-            if max_batches is not None and index >= max_batches:
-                return
-            chunk = t[start : start + batch_size]
-            yield collate(list(chunk), spec, EVAL_SEED, row)
-            index, row = index + 1, row + len(chunk)
+        reader = ShardReader(shard)
+        try:
+            check_values(shard.path, reader, spec.vocab_size, spec.pad_id, spec.special_ids)
+            for start in range(0, shard.rows, batch_size):
+                if max_batches is not None and index >= max_batches:
+                    return
+                chunk = reader.rows(start, min(batch_size, shard.rows - start))
+                yield collate(list(chunk), spec, EVAL_SEED, row)
+                index, row = index + 1, row + len(chunk)
+        finally:
+            reader.close()
 
 
 @torch.no_grad()
@@ -74,6 +78,13 @@ def evaluate(
             rows += b.input_ids.shape[0]
     finally:
         model.train(was_training)
+    if predicted == 0:
+        # A perplexity of 1.0 would read as a perfect model; there was simply nothing to score.
+        raise UserError(
+            f"the held-out data ({rows} rows in {len(shards)} {'file' if len(shards) == 1 else 'files'}, from "
+            f"{shards[0].path}) gave no token to predict: its rows hold too few maskable tokens; "
+            "evaluate on more or longer rows."
+        )
     loss = loss_sum.item() / max(predicted, 1)  # host waits for the device here
     return {
         "loss": loss,
@@ -95,9 +106,9 @@ class Trained:
     state: dict[str, Any]
 
 
-def load_trained(path: str | Path, device: torch.device) -> Trained:
-    """Rebuild the model and tokenizer stored in a checkpoint (no other file needed)."""
-    state = checkpoint.load(path)
+def load_trained(path: str | Path, device: torch.device, flag: str = "--checkpoint") -> Trained:
+    """Rebuild the model and tokenizer stored in a checkpoint (no other file needed); `flag` named `path`."""
+    state = checkpoint.load(path, flag=flag)
     try:
         dims = ModelDims(**state["dims"])
         tokenizer = Tokenizer.from_str(state["tokenizer"]["json"])
@@ -108,6 +119,32 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
     model = MaskedLM(dims)
     model.load_state_dict(state["model"])
     return Trained(model.to(device).eval(), tokenizer, spec, state)
+
+
+def check_same_vocabulary(trained: Trained, tokenizer: Tokenizer, path: str | Path,
+                          checkpoint_path: str | Path) -> None:
+    """Refuse a tokenizer whose ids name other tokens than the checkpoint's: the model's answers would be garbage.
+
+    Only the token -> id mapping must agree; normalization and pre-tokenization may differ.
+    """
+    spec, special = trained.spec, special_tokens(tokenizer, path)
+    diffs = [f"{what} {given} vs {stored}" for what, given, stored in (
+        ("vocabulary size", tokenizer.get_vocab_size(), spec.vocab_size),
+        ("<pad> id", special.pad, spec.pad_id),
+        ("<mask> id", special.mask, spec.mask_id),
+        ("special-token ids", list(special.all_ids), list(spec.special_ids)),
+    ) if given != stored]
+    if not diffs:  # the same size and special ids: the first id that names another token, if any
+        stored_ids = trained.tokenizer.get_vocab()
+        moved = [(t, i, stored_ids.get(t, "none")) for t, i in sorted(tokenizer.get_vocab().items(), key=lambda x: x[1])
+                 if stored_ids.get(t) != i]
+        diffs = [f"token {t!r} has id {i} vs {j}" for t, i, j in moved[:1]]
+    if diffs:
+        raise UserError(
+            f"tokenizer {path} does not match the vocabulary of checkpoint {checkpoint_path} "
+            f"({path} vs checkpoint: {', '.join(diffs)}); pass the tokenizer the checkpoint was trained with, "
+            "or leave out --tokenizer_filepath to use the one stored in the checkpoint."
+        )
 
 
 def run_evaluate(checkpoint_path: str, data_dir: str, batch_size: int, max_batches: int | None,
@@ -121,7 +158,10 @@ def run_evaluate(checkpoint_path: str, data_dir: str, batch_size: int, max_batch
 
 @torch.no_grad()
 def fill_mask(trained: Trained, text: str, top_k: int, device: torch.device) -> list[list[tuple[str, float]]]:
-    """For each `<mask>` in `text`: the `top_k` most likely tokens with their probabilities."""
+    """For each `<mask>` in `text`: the `top_k` most likely tokens with their probabilities.
+
+    A `top_k` beyond the vocabulary's non-special tokens gives all of them, most likely first.
+    """
     tok, spec = trained.tokenizer, trained.spec
     mask_token = tok.id_to_token(spec.mask_id)
     if mask_token not in text:
@@ -136,7 +176,7 @@ def fill_mask(trained: Trained, text: str, top_k: int, device: torch.device) -> 
     # Special tokens are never the answer to a masked word.
     logits[:, list(spec.special_ids)] = float("-inf")
     probs = logits.softmax(-1)
-    top = probs.topk(top_k, dim=-1)
+    top = probs.topk(min(top_k, spec.vocab_size - len(set(spec.special_ids))), dim=-1)
     return [
         [(tok.decode([i]), p) for i, p in zip(idx.tolist(), pr.tolist(), strict=True)]
         for idx, pr in zip(top.indices, top.values, strict=True)

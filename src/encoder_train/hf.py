@@ -110,14 +110,13 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
     transformers = _require("transformers")
     safetensors_torch = _require("safetensors.torch")
     checkpoint_path, out = Path(checkpoint_path), Path(output_dir)
-    if not checkpoint_path.is_file():
-        raise UserError(f"checkpoint {checkpoint_path} does not exist; pass --checkpoint with a checkpoint file.")
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} is a file; pass --output_dir with a folder to create.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {out} is not empty; pass an empty or new --output_dir, or --overwrite.")
 
-    trained = load_trained(checkpoint_path, torch.device("cpu"))
+    # A missing checkpoint, or a folder given for one, is refused here, naming --checkpoint.
+    trained = load_trained(checkpoint_path, torch.device("cpu"), flag="--checkpoint")
     dims, tokenizer = trained.model.dims, trained.tokenizer
     names = hf_names(dims)  # refuses pre-LN
     special = special_tokens(tokenizer, f"stored in {checkpoint_path}")

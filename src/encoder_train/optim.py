@@ -48,3 +48,22 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                          cfg: TrainingConfig, step: int) -> None:
+    """After a resume with changed settings, make the config's values the ones in force.
+
+    A restored optimizer and scheduler carry the checkpoint's peak learning rate, betas, epsilon and weight
+    decay; the config the user passed now must win. The learning rate of the next update is set as the
+    schedule gives it at `step` (LambdaLR would only apply a changed `max_steps` one step late).
+    """
+    lr = cfg.learning_rate * lr_factor(step, cfg)
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"] = cfg.adam_eps
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0  # group 1: biases and norms, never decayed
+        group["initial_lr"] = cfg.learning_rate
+        group["lr"] = lr
+    scheduler.base_lrs = [cfg.learning_rate] * len(optimizer.param_groups)
+    scheduler._last_lr = [lr] * len(optimizer.param_groups)

@@ -47,6 +47,10 @@ class SpecialTokens:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a `tokenizer.json` written by the `tokenizers` library (or by `encoder-train tokenizer`)."""
     path = Path(path)
+    if path.is_dir():
+        hint = f" such as {path / 'tokenizer.json'}" if (path / "tokenizer.json").is_file() else ""
+        raise UserError(f"--tokenizer_filepath {path} is a folder, not a tokenizer file; pass the tokenizer.json"
+                        f"{hint} itself.")
     if not path.is_file():
         raise UserError(
             f"tokenizer file {path} does not exist; pass --tokenizer_filepath with a tokenizer.json "
@@ -242,9 +246,18 @@ ROBERTA_SPECIAL_TOKENS = (
 # Documents handed to the Rust trainer per call: big enough to amortise the Python-to-Rust crossing.
 TRAIN_BATCH_DOCUMENTS = 1000
 
+# The largest --vocab_size: about four times the largest vocabularies in use (XLM-R's 250,002, Gemma's
+# 256,000). Beyond it the embedding matrix alone outweighs a base-sized encoder, and the Rust trainer
+# reserves memory in proportion to vocab_size before reading any text (10**12 aborts the process).
+MAX_VOCAB_SIZE = 1_000_000
 
-def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    """Train a RoBERTa-style byte-level BPE tokenizer on text/.jsonl(.gz) files and save it to `output`."""
+
+def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2,
+                    overwrite: bool = False) -> Tokenizer:
+    """Train a RoBERTa-style byte-level BPE tokenizer on text/.jsonl(.gz) files and save it to `output`.
+
+    An existing `output` file is replaced only with `overwrite`.
+    """
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     smallest = len(ROBERTA_SPECIAL_TOKENS) + len(byte_alphabet)
     if vocab_size < smallest:
@@ -253,11 +266,20 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
             f"{len(ROBERTA_SPECIAL_TOKENS)} special tokens and {len(byte_alphabet)} byte tokens; "
             f"pass --vocab_size {smallest} or more (RoBERTa uses 50265)."
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(
+            f"vocab_size {vocab_size} is too large: the largest vocabularies in use hold about 250,000 tokens; "
+            f"pass --vocab_size {MAX_VOCAB_SIZE} or less (RoBERTa uses 50265)."
+        )
     if min_frequency < 1:
         raise UserError(f"min_frequency {min_frequency} must be at least 1; pass --min_frequency 2 or more.")
     output = Path(output)
     if output.is_dir():
         raise UserError(f"tokenizer output {output} is a folder; pass a file path such as {output}/tokenizer.json.")
+    if output.exists() and not overwrite:
+        raise UserError(
+            f"tokenizer output {output} already exists; pass --overwrite to replace it, or choose another --output."
+        )
 
     tokenizer = Tokenizer(models.BPE())  # no unk_token: every byte is in the vocabulary
     # "Hello world" -> "Hello", "Ġworld": spaces are kept as part of the following word, so decoding
@@ -291,4 +313,19 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         raise UserError(
             f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output."
         ) from None
+    return tokenizer
+
+
+def word_level_tokenizer(vocab_size: int) -> Tokenizer:
+    """A synthetic word-level tokenizer for tests and benchmarks that need no training text.
+
+    RoBERTa's five special tokens at ids 0..4 (`<s> <pad> </s> <unk> <mask>`), then the words
+    `w5 .. w{vocab_size-1}`, split on whitespace: the text "w5 w6" is ids [5, 6].
+    """
+    specials = [t.content for t in ROBERTA_SPECIAL_TOKENS]  # names only: the words are split on whitespace
+    words = {tok: i for i, tok in enumerate(specials)}
+    words.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(specials)
     return tokenizer

@@ -21,16 +21,16 @@ from typing import Any
 
 import torch
 
-from encoder_train import checkpoint, distributed
-from encoder_train.config import Config, ModelConfig, dump_yaml, resolved_vocab_size
+from encoder_train import checkpoint, devices, distributed
+from encoder_train.config import Config, ModelConfig, TrainingConfig, dump_yaml, resolved_vocab_size
 from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
 from encoder_train.data.shards import derive_seed, scan_shards
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers
-from encoder_train.optim import build_optimizer, build_scheduler
-from encoder_train.tokenizer import SpecialTokens, load_tokenizer, special_tokens
+from encoder_train.optim import apply_hyperparameters, build_optimizer, build_scheduler, lr_factor
+from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker
 
 
@@ -169,38 +169,116 @@ def find_resume(config: Config, say=print) -> tuple[dict[str, Any] | None, Path 
     return state, path
 
 
-def train(config: Config) -> TrainResult:
-    """Train from `config`; under torchrun, every rank calls this and they train one model together."""
+# Settings that do not change what a run computes: resuming with other values is the same run.
+NOT_TRAJECTORY = {
+    "training.log_interval", "training.eval_every", "training.eval_batches", "training.max_nonfinite_steps",
+    "training.compile", "data.num_workers", "data.prefetch_batches",
+    # paths: the same files may have moved; their contents are checked where it matters
+    "data.data_dir", "data.val_data_dir", "data.tokenizer_filepath", "model.init_from_hf",
+}
+
+
+def changed_settings(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting that changes the trajectory."""
+    now = config.to_dict()
+    changed = []
+    for section in ("model", "data", "training"):
+        for key, value in now[section].items():
+            dotted = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if dotted not in NOT_TRAJECTORY and old != value:
+                changed.append((dotted, old, value))
+    return changed
+
+
+def resume_note(changed: list[tuple[str, Any, Any]], saved: TrainingConfig, now: TrainingConfig, step: int) -> str:
+    """Say what a resume with other settings does: the run is no longer the uninterrupted one."""
+    listed = ", ".join(f"{k} {old} -> {new}" for k, old, new in changed)
+    note = (f"note: resuming with settings that differ from the checkpoint's ({listed}); from step {step} on the "
+            "run differs from an uninterrupted one")
+    before, after = saved.learning_rate * lr_factor(step, saved), now.learning_rate * lr_factor(step, now)
+    if before != after:
+        note += (f"; the learning rate of the next step is {after:.3e} under the new schedule, where the "
+                 f"checkpoint's settings would give {before:.3e}")
+    return note + "."
+
+
+def train(config: Config,
+          resume_hint: str = "Resume with the same command plus --load_checkpoint latest.",
+          dry_run: bool = False) -> TrainResult:
+    """Train from `config`; under torchrun, every rank calls this and they train one model together.
+
+    `resume_hint` is printed after a stop by a signal: how to continue (the demo resumes on its own).
+    `dry_run`: print the resolved config, the model's size and the data, and return before anything is
+    written or allocated.
+    """
     world = distributed.init()
     try:
-        return _train(config, world)
+        if dry_run:
+            return _dry_run(config, world)
+        with contextlib.ExitStack() as held:  # holds the checkpoint folder's lock until the run ends
+            return _train(config, world, resume_hint, held)
     finally:
         distributed.close(world)
 
 
-def _train(config: Config, world: World) -> TrainResult:
-    # ---- set up ---------------------------------------------------------------------------------
-    cfg_t, cfg_d, cfg_c = config.training, config.data, config.checkpoint
-    device = world.device
-    say = print if world.is_main else (lambda *a, **k: None)  # noqa: E731 - only rank 0 speaks
+def _dry_run(config: Config, world: World) -> TrainResult:
+    config, tokenizer, _, dims, _ = _model_setup(config, world, allocate=False)
+    estimate = devices.training_memory(dims, world, config.training.data_parallel)
+    print("resolved config:\n" + dump_yaml(config).rstrip())
+    print(f"model: {estimate.parameters / 1e6:.2f}M parameters, vocabulary {dims.vocab_size} (tokenizer "
+          f"{tokenizer.get_vocab_size()}), rows up to {dims.max_tokens} tokens; weights, gradients and AdamW state "
+          f"take about {estimate.needed / 1e9:.2f} GB of the {estimate.available / 1e9:.1f} GB on {world.device}")
+    if config.data.data_dir:
+        shards = scan_shards(config.data.data_dir, dims.max_tokens)
+        print(f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows in "
+              f"{config.data.data_dir}")
+    print("dry run: nothing was trained or written.")
+    return TrainResult(0, 0, None, None)
+
+
+def _model_setup(config: Config, world: World, allocate: bool = True):
+    """The tokenizer, the model's shape, and (with --init_from_hf) the starting weights; the returned config
+    is what runs: an imported folder's shape replaces the YAML's model section."""
     hf_start = None
     if config.model.init_from_hf:
         from encoder_train.hf import import_hf
 
         hf_start = import_hf(config.model.init_from_hf)  # shape, weights and tokenizer from the folder
         tokenizer, tokenizer_source = hf_start.tokenizer, config.model.init_from_hf
-    elif cfg_d.tokenizer_filepath is None:
+        if config.data.tokenizer_filepath and world.is_main:
+            print(f"note: the tokenizer comes from {config.model.init_from_hf}; --tokenizer_filepath "
+                  f"{config.data.tokenizer_filepath} is not used.")
+        shape = {f: getattr(hf_start.dims, f) for f in ModelConfig.model_fields if hasattr(hf_start.dims, f)}
+        config = config.model_copy(update={
+            "model": config.model.model_copy(update=shape),
+            "data": config.data.model_copy(update={"tokenizer_filepath": None}),
+        })
+    elif config.data.tokenizer_filepath is None:
         raise UserError("no tokenizer given; pass --tokenizer_filepath with a tokenizer.json.")
     else:
-        tokenizer, tokenizer_source = load_tokenizer(cfg_d.tokenizer_filepath), cfg_d.tokenizer_filepath
-    special: SpecialTokens = special_tokens(tokenizer, tokenizer_source)
+        tokenizer, tokenizer_source = load_tokenizer(config.data.tokenizer_filepath), config.data.tokenizer_filepath
+    special = special_tokens(tokenizer, tokenizer_source)
+    dims = hf_start.dims if hf_start else model_dims(config.model, tokenizer.get_vocab_size(), special.pad, "config")
+    devices.check_fits(dims, world, config.training.data_parallel)
+    return config, tokenizer, special, dims, hf_start
+
+
+def _train(config: Config, world: World, resume_hint: str, held: contextlib.ExitStack) -> TrainResult:
+    # ---- set up ---------------------------------------------------------------------------------
+    config, tokenizer, special, dims, hf_start = _model_setup(config, world)
+    cfg_t, cfg_d, cfg_c = config.training, config.data, config.checkpoint
+    device = world.device
+    say = print if world.is_main else (lambda *a, **k: None)  # noqa: E731 - only rank 0 speaks
     tokenizer_vocab = tokenizer.get_vocab_size()
-    dims = hf_start.dims if hf_start else model_dims(config.model, tokenizer_vocab, special.pad, "config")
     shards = scan_shards(cfg_d.data_dir, dims.max_tokens)
-    val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens) if cfg_d.val_data_dir else None
+    val_shards = scan_shards(cfg_d.val_data_dir, dims.max_tokens, "--val_data_dir") if cfg_d.val_data_dir else None
     spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer_vocab, cfg_d.mask_probability)
     ckpt_dir = Path(cfg_c.checkpoint_dir)
     if world.is_main:
+        # One writer per checkpoint folder, for the whole run; taken once the inputs are known good, before
+        # anything in the folder is read or written.
+        held.enter_context(checkpoint.FolderLock(ckpt_dir))
         checkpoint.ensure_writable(ckpt_dir)
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
@@ -245,6 +323,12 @@ def _train(config: Config, world: World) -> TrainResult:
                 f"row, but each step now takes a different number of rows and dropout is reseeded, so the run "
                 "differs from one that kept its world size.")
         wandb_run_id = wandb_run_id or state.get("wandb_run_id")
+        changed = changed_settings(state.get("config", {}), config)
+        if changed:
+            saved_training = TrainingConfig.model_validate(state["config"]["training"]) if "training" in state.get(
+                "config", {}) else cfg_t
+            say(resume_note(changed, saved_training, cfg_t, step))
+            apply_hyperparameters(optimizer, scheduler, cfg_t, step)
 
     rows_per_step = cfg_t.batch_size * cfg_t.gradient_accumulation_steps * world.world_size
     raw_model = distributed.unwrap(model)
@@ -256,7 +340,8 @@ def _train(config: Config, world: World) -> TrainResult:
         f"precision {cfg_t.precision}"
     )
     say(
-        f"data: {len(shards)} shards, {sum(s.rows for s in shards)} rows; global batch {rows_per_step} rows per "
+        f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows; "
+        f"global batch {rows_per_step} rows per "
         f"step = {cfg_t.batch_size} per micro-batch x {cfg_t.gradient_accumulation_steps} accumulation x "
         f"{world.world_size} processes" + (f" ({cfg_t.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val_shards)} rows" if val_shards else "")
@@ -344,11 +429,25 @@ def _train(config: Config, world: World) -> TrainResult:
         with GracefulStop() as stop:
             stop_votes = 0.0
             while step < cfg_t.max_steps and not stop_votes:
-                micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
+                data_error: UserError | None = None
+                try:
+                    micro = [next(stream) for _ in range(cfg_t.gradient_accumulation_steps)]
+                except UserError as e:  # a shard became unreadable or damaged during the run
+                    micro, data_error = [], e
                 # Token-weighted mean over the whole global step: each micro-batch's summed loss over all
                 # predicted tokens of all ranks. Data-parallel gradients are averaged over ranks, hence x W.
-                predicted, step_tokens = distributed.sum_ints(
-                    [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro)], world)
+                # The same all-reduce tells every rank whether any rank's data failed, so all stop together.
+                predicted, step_tokens, failed = distributed.sum_ints(
+                    [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro), int(bool(data_error))],
+                    world)
+                if failed:
+                    # Stop as SIGTERM does: keep the finished steps, then say what broke (exit 2).
+                    if step > 0 and step != saved_step:
+                        save()
+                    kept = f"step {step} is saved in {last_path or resumed_from}" if (last_path or resumed_from) \
+                        else "no step had finished"
+                    reason = str(data_error) if data_error else "another process's data could not be read"
+                    raise UserError(f"{reason.rstrip('.')} ({kept}).")
                 scale = world.world_size / max(1, predicted)
                 step_loss = torch.zeros((), device=device)
                 for i, b in enumerate(micro):
@@ -433,7 +532,7 @@ def _train(config: Config, world: World) -> TrainResult:
         if world.is_main:
             print(
                 f"stopped by {signal.Signals(signum).name} at step {step}; "
-                + (f"checkpoint {where}. Resume with the same command plus --load_checkpoint latest."
+                + (f"checkpoint {where}. {resume_hint}"
                    if where else "no step had finished, so there is nothing to resume."),
                 file=sys.stderr,
             )

@@ -1,6 +1,6 @@
 """Batches from shards: background workers read rows, trim, mask and collate; the loop only consumes.
 
-Stages: shards (memory-mapped tensors) -> RowOrder (which rows make batch i) -> rows gathered and
+Stages: shards (read with pread, `ShardReader`) -> RowOrder (which rows make batch i) -> rows gathered and
 trimmed to the longest row -> dynamic masking -> a `Batch` -> DataLoader workers with prefetch (and
 pinned memory on CUDA).
 
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from encoder_train.data.masking import mask_tokens
-from encoder_train.data.shards import RowOrder, ShardInfo, check_values, derive_seed, load_shard
+from encoder_train.data.shards import RowOrder, ShardInfo, ShardReader, check_values, derive_seed
 from encoder_train.errors import UserError
 from encoder_train.model import IGNORE_INDEX
 
@@ -140,34 +140,39 @@ class MLMBatches(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         order = RowOrder(self.shards, self.seed, self.shuffle_files)
-        opened: OrderedDict[int, torch.Tensor] = OrderedDict()  # shard index -> mapped tensor, LRU
+        opened: OrderedDict[int, ShardReader] = OrderedDict()  # shard index -> open reader, LRU
         checked: set[int] = set()
         k = 0
-        while True:
-            # Batch j covers rows [start_row + j*B, start_row + (j+1)*B) of the endless stream.
-            j = worker + k * num_workers
-            k += 1
-            first = self.start_row + j * self.stride * self.batch_size
-            try:
-                rows = [self._row(order.locate(p), opened, checked) for p in range(first, first + self.batch_size)]
-            except UserError as e:
-                yield DataError(str(e))
-                return
-            # Masks are seeded by the rows' positions in the stream: fresh on every pass, reproducible on resume.
-            yield collate(rows, self.spec, self.seed, first)
+        try:
+            while True:
+                # Batch j covers rows [start_row + j*B, start_row + (j+1)*B) of the endless stream.
+                j = worker + k * num_workers
+                k += 1
+                first = self.start_row + j * self.stride * self.batch_size
+                try:
+                    rows = [self._row(order.locate(p), opened, checked)
+                            for p in range(first, first + self.batch_size)]
+                except UserError as e:
+                    yield DataError(str(e))
+                    return
+                # Masks are seeded by the rows' positions in the stream: fresh on every pass, reproducible on resume.
+                yield collate(rows, self.spec, self.seed, first)
+        finally:
+            for reader in opened.values():
+                reader.close()
 
     def _row(self, where: tuple[int, int], opened: OrderedDict, checked: set[int]) -> torch.Tensor:
         shard, row = where
         if shard not in opened:
-            t = load_shard(self.shards[shard].path)
+            reader = ShardReader(self.shards[shard])
             if shard not in checked:  # each shard's ids are checked once per worker, on first use
-                check_values(self.shards[shard].path, t, self.spec.vocab_size)
+                check_values(reader.info.path, reader, self.spec.vocab_size, self.spec.pad_id, self.spec.special_ids)
                 checked.add(shard)
-            opened[shard] = t
-            if len(opened) > 2 * self.shuffle_files:  # bound the open memory maps
-                opened.popitem(last=False)
+            opened[shard] = reader
+            if len(opened) > 2 * self.shuffle_files:  # bound the open files
+                opened.popitem(last=False)[1].close()
         opened.move_to_end(shard)
-        return opened[shard][row]
+        return opened[shard].row(row)
 
 
 class BatchStream:
@@ -190,7 +195,15 @@ class BatchStream:
         return self
 
     def __next__(self) -> Batch:
-        item = next(self._it)
+        try:
+            item = next(self._it)
+        except RuntimeError as e:
+            if "DataLoader worker" not in str(e):
+                raise
+            # A worker killed from outside (the out-of-memory killer, a signal): say so in one sentence.
+            self.close()
+            raise UserError(f"a data-loading worker process died ({str(e).splitlines()[0].rstrip('. ')}); "
+                            "check the machine's memory, or set data.num_workers: 0, then resume.") from None
         if isinstance(item, DataError):
             self.close()
             raise UserError(item.message)

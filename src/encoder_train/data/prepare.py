@@ -186,8 +186,9 @@ def _existing_shards(output_dir: Path, overwrite: bool) -> list[Path]:
     shards = [p for p in old if p.suffix == ".pt"]
     if shards and not overwrite:
         raise UserError(
-            f"output_dir {output_dir} already holds {len(shards)} .pt shards (e.g. {shards[0]}); "
-            "pass --overwrite to replace them, or choose another --output_dir."
+            f"output_dir {output_dir} already holds {len(shards)} .pt shard{'s' if len(shards) != 1 else ''} "
+            f"(e.g. {shards[0]}); pass --overwrite to replace {'them' if len(shards) != 1 else 'it'}, or choose "
+            "another --output_dir."
         )
     return old
 

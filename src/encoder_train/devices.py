@@ -1,0 +1,74 @@
+"""What the machine can do: the memory a model needs to train, measured against what there is.
+
+A config with `hidden_size: 1e20`-like sizes must be refused with a number before anything is allocated:
+an allocation that size fails deep inside torch with a traceback, or, worse, succeeds lazily and brings
+the machine down with it an hour later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from encoder_train.distributed import World
+from encoder_train.errors import UserError
+from encoder_train.model import MaskedLM, ModelDims
+
+# fp32 weights, their gradients, and AdamW's two moments: 4 + 4 + 8 bytes a parameter. Activations come on
+# top and depend on the batch, so this is the floor below which training cannot start at all.
+BYTES_PER_PARAMETER = 16
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    needed: int  # bytes per process for weights, gradients and optimizer state
+    available: int  # bytes of memory on the process's device
+
+
+def rough_parameters(dims: ModelDims) -> int:
+    """A lower bound on the parameter count from the dominant matrices, in exact integer arithmetic, safe for
+    any size (building even a meta-device model of width 2**40 overflows torch's int64 shapes)."""
+    h, i = dims.hidden_size, dims.intermediate_size
+    return (dims.vocab_size + dims.max_position_embeddings) * h + dims.num_layers * (4 * h * h + 2 * h * i) + h * h
+
+
+def count_parameters(dims: ModelDims) -> int:
+    """The exact parameter count, from a model built on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        return MaskedLM(dims).num_parameters()
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's, or the host's (its cgroup limit, when lower)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            total = min(total, int(Path(limit_file).read_text().strip()))
+        except (OSError, ValueError):  # absent, or "max"
+            continue
+    return total
+
+
+def training_memory(dims: ModelDims, world: World, data_parallel: str) -> MemoryEstimate:
+    rough = rough_parameters(dims)
+    params = rough if rough > 2**40 else count_parameters(dims)
+    shards = world.world_size if world.distributed and data_parallel == "fsdp" else 1  # FSDP splits the state
+    return MemoryEstimate(params, BYTES_PER_PARAMETER * params // shards, device_memory(world.device))
+
+
+def check_fits(dims: ModelDims, world: World, data_parallel: str) -> None:
+    """Refuse, with the numbers, a model whose training state alone exceeds the device's memory."""
+    e = training_memory(dims, world, data_parallel)
+    if e.needed > e.available:
+        raise UserError(
+            f"the configured model has about {e.parameters:.3g} parameters, whose weights, gradients and AdamW state "
+            f"need about {e.needed / 1e9:.3g} GB per process, more than the {e.available / 1e9:.3g} GB of memory "
+            f"on {world.device}; lower model.hidden_size, model.num_layers, model.intermediate_size or the "
+            "vocabulary."
+        )
