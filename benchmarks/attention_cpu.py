@@ -6,7 +6,7 @@
 One layer's attention over q, k, v given as packed (N, 3H) tokens (as the model holds them), back to
 (N, H), then its backward pass, timed the fastest of --repeats, in each precision:
 
-  grouped  encoder-train's CPU path (model.Packed): rows sorted by length into at most 4 groups,
+  grouped  encoder-train's CPU path (layouts.Packed): rows sorted by length into at most 4 groups,
            each padded to its own longest row, attention written out, its own dropout
   padded   every row padded to the batch's longest, torch's SDPA with a boolean key mask (what a
            padded model does; with dropout, SDPA's CPU path is its generic one)
@@ -27,7 +27,7 @@ from host import cpu_name
 from synthetic import mask_spec
 
 from encoder_train.data.loader import collate
-from encoder_train.model import Packed
+from encoder_train.layouts import Packed
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
     N = batch.num_tokens
 
     def grouped(qkv: torch.Tensor, p: float) -> torch.Tensor:
-        return Packed(batch.attention_mask, *batch.packing).attend(qkv, nh, p)
+        q, k, v = qkv.view(N, 3, nh, hs).unbind(1)  # heads split as model.SelfAttention splits them
+        return Packed(batch.attention_mask, *batch.packing).attend(q, k, v, p).reshape(N, H)
 
     def padded(qkv: torch.Tensor, p: float) -> torch.Tensor:
         layout = Packed(batch.attention_mask, *batch.packing)

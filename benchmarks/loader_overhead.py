@@ -28,9 +28,9 @@ from workload import SIZES, sync
 from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import BatchStream, MLMBatches
 from encoder_train.data.shards import scan_shards
+from encoder_train.devices import loader_workers
 from encoder_train.model import MaskedLM
 from encoder_train.optim import build_optimizer
-from encoder_train.train import loader_workers
 
 
 def make_shards(folder: Path, vocab: int, rows: int, width: int, files: int = 4) -> None:

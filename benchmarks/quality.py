@@ -18,10 +18,11 @@ from ours import run_encoder_train
 from synthetic import make_rows, rows_in_loader_order, unigram_entropy, write_shard, write_tokenizer
 from workload import SEED, SIZES, Workload
 
+from encoder_train.batch import IGNORE_INDEX
 from encoder_train.data.shards import scan_shards
-from encoder_train.evaluate import eval_batches, evaluate, load_trained
-from encoder_train.model import IGNORE_INDEX
-from encoder_train.train import autocast_for
+from encoder_train.devices import autocast_for
+from encoder_train.evaluate import eval_batches, evaluate
+from encoder_train.state import load_trained
 
 
 @torch.no_grad()

@@ -89,7 +89,7 @@ from quality import quality
 from synthetic import make_rows, rows_in_loader_order, write_shard, write_tokenizer
 from workload import SEED, SIZES, Timing, Workload, fastest
 
-from encoder_train.train import pick_device
+from encoder_train.devices import pick_device
 
 # (warm-up steps, timed steps) by default; --warmup / --steps override them all.
 DEFAULT_STEPS = {("small", 128): (5, 30), ("base", 128): (3, 5), ("base", 512): (2, 3)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from workload import MASK_PROBABILITY, SEED
 
-from encoder_train.data.loader import MaskSpec
+from encoder_train.batch import MaskSpec
 from encoder_train.data.shards import RowOrder, scan_shards
 from encoder_train.tokenizer import word_level_tokenizer
 

@@ -231,3 +231,28 @@ def test_bf16_autocast_trains_on_cpu(capsys, shard_dir, tokenizer_file, tmp_path
     assert all(t.dtype == torch.float32 for t in state["model"].values())  # fp32 master weights
     rows = metrics(tmp_path / "ck")
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_tensorboard_event_files_hold_loss_and_learning_rate(capsys, config_file, shard_dir, tokenizer_file, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt = tmp_path / "ckpt"
+    rc, _, err = train(capsys, config_file, shard_dir, tokenizer_file, ckpt, "--tensorboard", "--max_steps", 30,
+                       "--set", "tensorboard.log_freq=5", "--checkpoint_every", 20, "--val_data_dir", shard_dir,
+                       "--set", "training.eval_every=15", "--set", "training.eval_batches=1")
+    assert rc == 0, err
+    # A resume continues the same event log; a second process (the resume) adds its own file.
+    rc, _, err = train(capsys, config_file, shard_dir, tokenizer_file, ckpt, "--tensorboard", "--max_steps", 40,
+                       "--set", "tensorboard.log_freq=5", "--load_checkpoint", "latest")
+    assert rc == 0, err
+    events = EventAccumulator(str(ckpt / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "val_loss"} <= set(events.Tags()["scalars"])
+    loss = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(loss) == [5, 10, 15, 20, 25, 30, 35, 40]
+    jsonl = {r["step"]: r for r in metrics(ckpt) if "loss" in r}
+    for step, value in loss.items():
+        assert value == pytest.approx(jsonl[step]["loss"], rel=1e-6)
+    lr = {e.step: e.value for e in events.Scalars("lr")}
+    assert lr[40] == pytest.approx(jsonl[40]["lr"], abs=1e-9) and lr[5] == pytest.approx(jsonl[5]["lr"], rel=1e-6)
+    assert [e.step for e in events.Scalars("val_loss")] == [15, 30]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import MASK, PAD, make_shards
+from encoder_train.batch import MaskSpec
 from encoder_train.cli import main
-from encoder_train.data.loader import MaskSpec
 from encoder_train.data.shards import scan_shards
 from encoder_train.evaluate import eval_batches, evaluate
 from encoder_train.model import MaskedLM, ModelDims

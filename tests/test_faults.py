@@ -21,8 +21,9 @@ import torch
 import wandb_records
 from conftest import MASK, PAD, make_shards
 from encoder_train import checkpoint
+from encoder_train.batch import MaskSpec
 from encoder_train.cli import main
-from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
+from encoder_train.data.loader import BatchStream, MLMBatches
 from encoder_train.data.shards import RowOrder, scan_shards
 
 CONFIG = """

@@ -5,12 +5,14 @@ pipeline on an export, and the refusals."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from transformers import (
     AutoModelForMaskedLM,
@@ -23,7 +25,7 @@ from transformers import (
 
 from conftest import PAD, VOCAB, make_tokenizer
 from encoder_train import checkpoint
-from encoder_train.data.loader import MaskSpec
+from encoder_train.batch import MaskSpec
 from encoder_train.errors import UserError
 from encoder_train.hf import export_checkpoint, import_hf
 from encoder_train.model import MaskedLM, ModelDims
@@ -186,12 +188,36 @@ def transformers_folder(tmp_path, word_tokenizer) -> tuple[Path, RobertaForMaske
     return folder, model.eval()
 
 
-@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def save_sharded(model: RobertaForMaskedLM, folder: Path, bin_files: bool = False) -> Path:
+    """Replace the folder's model.safetensors by shards and their index; with `bin_files`, pytorch_model-*.bin
+    shards (transformers 5 writes only safetensors). Returns the index."""
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    if not bin_files:
+        return index_file
+    renamed = {s: s.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for s in shards}
+    for shard, name in renamed.items():
+        torch.save(load_file(folder / shard), folder / name)
+        (folder / shard).unlink()
+    index_file.unlink()
+    index_file = folder / "pytorch_model.bin.index.json"
+    index_file.write_text(json.dumps({**index, "weight_map": {k: renamed[v] for k, v in index["weight_map"].items()}}))
+    return index_file
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "sharded model.safetensors",
+                                     "sharded pytorch_model.bin"])
 def test_import_of_a_transformers_model_gives_its_logits(transformers_folder, weights):
     folder, theirs = transformers_folder
     if weights == "pytorch_model.bin":  # the older format, with the tied decoder stored twice
         torch.save(theirs.state_dict(), folder / weights)
         (folder / "model.safetensors").unlink()
+    elif weights.startswith("sharded"):
+        save_sharded(theirs, folder, bin_files=weights.endswith(".bin"))
 
     hf = import_hf(folder)
     ours = MaskedLM(hf.dims).eval()
@@ -257,6 +283,46 @@ def test_import_refuses_what_our_model_cannot_compute(transformers_folder):
         import_hf(folder)
 
 
+class RunsCode:
+    """Unpickling this calls os.mkdir(path): what a .bin must never be allowed to do on loading."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_import_loads_bin_files_safely_and_reports_broken_weights_in_one_sentence(transformers_folder, tmp_path):
+    folder, theirs = transformers_folder
+    weights = theirs.state_dict()
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    torch.save({**weights, "extra": RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pytorch_model.bin holds objects that safe \(weights_only\) loading refuses"):
+        import_hf(folder)
+    assert not marker.exists()
+    (folder / "pytorch_model.bin").unlink()
+
+    without = {k: v.contiguous() for k, v in weights.items() if k not in
+               ("roberta.encoder.layer.1.output.dense.weight", "lm_head.decoder.weight", "lm_head.decoder.bias")}
+    save_file(without, str(folder / "model.safetensors"))
+    with pytest.raises(UserError, match="model.safetensors has no roberta.encoder.layer.1.output.dense.weight"):
+        import_hf(folder)
+
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="model.safetensors could not be read by transformers") as e:
+        import_hf(folder)
+    assert "\n" not in str(e.value)
+
+    (folder / "model.safetensors").unlink()
+    theirs.save_pretrained(folder)  # back to a whole folder, then sharded, less one shard
+    index = save_sharded(theirs, folder)
+    (folder / json.loads(index.read_text())["weight_map"]["lm_head.bias"]).unlink()
+    with pytest.raises(UserError, match="model.safetensors.index.json could not be read by transformers"):
+        import_hf(folder)
+
+
 def test_import_reads_vocab_and_merges_without_tokenizer_json(tmp_path, bpe_tokenizer):
     path, _ = write_checkpoint(tmp_path / "ckpt", bpe_tokenizer, dims_for(bpe_tokenizer.get_vocab_size()))
     out = export_checkpoint(path, tmp_path / "hf")
@@ -312,7 +378,7 @@ def test_training_loss_and_gradients_equal_a_dense_transformers_computation():
     ignore_index. Same weights, same masked batch: same loss, same gradient for every parameter."""
     from encoder_train.data.loader import collate
     from encoder_train.hf import hf_names
-    from encoder_train.model import Packed
+    from encoder_train.layouts import Packed
 
     dims = dims_for(VOCAB, dropout=0.0, attention_dropout=0.0)
     torch.manual_seed(0)

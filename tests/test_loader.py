@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from conftest import EOS, MASK, PAD, make_shards
-from encoder_train.data.loader import BatchStream, MaskSpec, MLMBatches
+from encoder_train.batch import MaskSpec
+from encoder_train.data.loader import BatchStream, MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.errors import UserError
 
@@ -66,7 +67,7 @@ def test_bad_ids_found_in_a_worker_become_a_user_error(tmp_path):
 
 
 def test_default_workers_build_batches_inline_on_a_cpu_and_in_background_for_a_gpu():
-    from encoder_train.train import loader_workers
+    from encoder_train.devices import loader_workers
 
     assert loader_workers(None, torch.device("cpu")) == 0
     assert loader_workers(None, torch.device("cuda")) == 2

@@ -1,7 +1,7 @@
 import torch
 
+from encoder_train.batch import IGNORE_INDEX
 from encoder_train.data.masking import mask_tokens
-from encoder_train.model import IGNORE_INDEX
 
 BOS, PAD, EOS, UNK, MASK = range(5)
 SPECIAL = torch.tensor([BOS, PAD, EOS, UNK, MASK])

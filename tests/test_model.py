@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from encoder_train.model import IGNORE_INDEX, MaskedLM, ModelDims
+from encoder_train.batch import IGNORE_INDEX
+from encoder_train.model import MaskedLM, ModelDims
 
 PAD = 1
 
@@ -100,7 +101,8 @@ def test_gradients_reach_every_parameter():
 
 @pytest.mark.parametrize("pre_ln", [False, True])
 def test_unpadded_path_equals_padded_dense_loss_and_gradients(pre_ln):
-    from encoder_train.data.loader import MaskSpec, collate
+    from encoder_train.batch import MaskSpec
+    from encoder_train.data.loader import collate
 
     ids, mask = padded_batch(seed=3)
     spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)
@@ -126,7 +128,7 @@ def test_unpadded_path_equals_padded_dense_loss_and_gradients(pre_ln):
 
 
 def test_cpu_dropout_keeps_1_minus_p_scales_and_backpropagates_through_the_same_mask():
-    from encoder_train.model import dropout
+    from encoder_train.kernels import dropout
 
     x = torch.ones(1000, 1000, requires_grad=True)
     torch.manual_seed(5)
@@ -146,7 +148,7 @@ def test_cpu_dropout_keeps_1_minus_p_scales_and_backpropagates_through_the_same_
 
 
 def test_dropout_random_bits_are_splitmix64_seeded_from_the_global_generator():
-    from encoder_train.model import random_words
+    from encoder_train.kernels import random_words
 
     def splitmix64(seed: int, count: int) -> list[int]:  # the reference, on Python's unbounded ints
         out, state, m = [], seed, (1 << 64) - 1
@@ -166,7 +168,7 @@ def test_dropout_random_bits_are_splitmix64_seeded_from_the_global_generator():
 
 
 def test_length_groups_partition_the_sorted_rows_and_save_work():
-    from encoder_train.model import length_groups
+    from encoder_train.layouts import length_groups
 
     lengths = sorted(torch.randint(51, 129, (32,), generator=torch.Generator().manual_seed(0)).tolist(), reverse=True)
     runs = length_groups(lengths)
@@ -179,7 +181,7 @@ def test_length_groups_partition_the_sorted_rows_and_save_work():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fused_cross_entropy_equals_cross_entropy_on_the_logits(precision):
-    from encoder_train.model import LinearCrossEntropy
+    from encoder_train.kernels import LinearCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 32, generator=g, requires_grad=True)
@@ -204,7 +206,8 @@ def test_compiled_layers_do_not_recompile_as_batch_lengths_change():
     """training.compile: once the first batches have compiled (static shapes, then dynamic ones), new
     token counts, row lengths and numbers of length groups reuse the graphs. A counting backend sees
     each compilation; it runs the graphs as traced, so the test needs no C++ compiler."""
-    from encoder_train.data.loader import MaskSpec, collate
+    from encoder_train.batch import MaskSpec
+    from encoder_train.data.loader import collate
     from encoder_train.model import compile_layers
 
     compiled = []
@@ -231,8 +234,9 @@ def test_compiled_layers_do_not_recompile_as_batch_lengths_change():
 
 
 def test_full_rows_run_padded_without_a_mask_and_give_the_masked_result():
-    from encoder_train.data.loader import MaskSpec, collate
-    from encoder_train.model import Padded, make_layout
+    from encoder_train.batch import MaskSpec
+    from encoder_train.data.loader import collate
+    from encoder_train.layouts import Padded, make_layout
 
     ids = torch.randint(5, 128, (3, 10), generator=torch.Generator().manual_seed(0))
     spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=128, probability=0.3)

@@ -77,6 +77,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="W&B run id to resume (default: the run stored in the resumed checkpoint, else a new run)")
     p.add_argument("--wandb_log_freq", type=positive_int, default=None, help="optimizer steps between W&B logs")
     p.add_argument("--wandb_project_name", default=None, help="W&B project (default: encoder-train)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="write TensorBoard event files to CHECKPOINT_DIR/tensorboard (pip install tensorboard)")
     p.add_argument("--batch_size", type=positive_int, default=None,
                    help="rows per micro-batch, overriding training.batch_size")
     p.add_argument("--gradient_clip", type=float, default=None,
@@ -131,8 +133,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from encoder_train.devices import pick_device
     from encoder_train.evaluate import run_evaluate as evaluate_checkpoint
-    from encoder_train.train import pick_device
 
     result = evaluate_checkpoint(args.checkpoint, args.data_dir, args.batch_size, args.max_batches, pick_device())
     print(json.dumps(result))
@@ -157,9 +159,10 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_fill_mask(args: argparse.Namespace) -> int:
-    from encoder_train.evaluate import check_same_vocabulary, fill_mask, load_trained
+    from encoder_train.devices import pick_device
+    from encoder_train.evaluate import check_same_vocabulary, fill_mask
+    from encoder_train.state import load_trained
     from encoder_train.tokenizer import load_tokenizer
-    from encoder_train.train import pick_device
 
     device = pick_device()
     trained = load_trained(args.checkpoint, device, flag="--checkpoint")
@@ -236,11 +239,13 @@ def run_pretokenize(args: argparse.Namespace) -> int:
 
     max_positions = None
     if args.config_file:
+        from encoder_train.state import model_dims
         from encoder_train.tokenizer import load_tokenizer, special_tokens
 
         config = load_config(resolve_config_path(args.config_file, None))
-        pad = special_tokens(load_tokenizer(args.tokenizer_filepath), args.tokenizer_filepath).pad
-        max_positions = config.model.max_position_embeddings - pad - 1
+        tokenizer = load_tokenizer(args.tokenizer_filepath)
+        pad = special_tokens(tokenizer, args.tokenizer_filepath).pad
+        max_positions = model_dims(config.model, tokenizer.get_vocab_size(), pad, str(args.config_file)).max_tokens
         if args.seq_len > max_positions:
             raise UserError(
                 f"--seq_len {args.seq_len} is longer than rows the model of {args.config_file} can read: its "

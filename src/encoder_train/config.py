@@ -4,13 +4,14 @@ Precedence: schema defaults < YAML file < command-line flags. Defaults live here
 the bundled YAML files in `configs/` are just data. Every field has a one-line docstring, which the
 README's table of fields is checked against.
 
-A config has five sections:
+A config has six sections:
 
     model:      the encoder's shape (what a checkpoint must match to be resumed)
     data:       where batches come from and how they are masked
     training:   optimisation
     checkpoint: where and how often state is saved
     wandb:      Weights & Biases logging
+    tensorboard: TensorBoard event files
 """
 
 from __future__ import annotations
@@ -160,12 +161,20 @@ class WandbConfig(Section):
     """Optimizer steps between W&B logs (flag --wandb_log_freq)."""
 
 
+class TensorBoardConfig(Section):
+    enabled: Bool = False
+    """Write TensorBoard event files to CHECKPOINT_DIR/tensorboard (flag --tensorboard). Off: never imported."""
+    log_freq: Int = Field(default=10, ge=1)
+    """Optimizer steps between TensorBoard scalars."""
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     training: TrainingConfig = TrainingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     wandb: WandbConfig = WandbConfig()
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins: printable, YAML-dumpable, storable in a weights_only checkpoint."""
@@ -207,6 +216,7 @@ FLAG_TO_KEY: dict[str, str] = {
     "wandb_run_id": "wandb.run_id",
     "wandb_log_freq": "wandb.log_freq",
     "wandb_project_name": "wandb.project",
+    "tensorboard": "tensorboard.enabled",
 }
 
 # A config is a few dozen values: more than this many after YAML's aliases are expanded is an alias bomb

@@ -19,9 +19,11 @@ from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
 from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
 from encoder_train.data.shards import scan_shards
-from encoder_train.evaluate import evaluate, fill_mask, load_trained
+from encoder_train.devices import autocast_for, pick_device
+from encoder_train.evaluate import evaluate, fill_mask
+from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
-from encoder_train.train import autocast_for, pick_device, train
+from encoder_train.train import train
 
 FILL_MASK_EXAMPLES = (
     "Return a new <mask> containing the items of the iterable.",

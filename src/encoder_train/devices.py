@@ -1,12 +1,14 @@
-"""What the machine can do: the memory a model needs to train, measured against what there is.
+"""The device a run computes on: which one, in what precision, how batches reach it, and whether the
+model's training state fits in its memory.
 
-A config with `hidden_size: 1e20`-like sizes must be refused with a number before anything is allocated:
-an allocation that size fails deep inside torch with a traceback, or, worse, succeeds lazily and brings
-the machine down with it an hour later.
+A config with absurd sizes (`hidden_size: 1099511627776`) must be refused with a number before anything
+is allocated: an allocation that size fails deep inside torch with a traceback, or, worse, succeeds
+lazily and brings the machine down with it later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,30 @@ import torch
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_for(precision: str, device: torch.device, note=print) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights) where the device supports it, else plain fp32."""
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            note("note: this GPU has no bf16 support; training in fp32.")
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loader_workers(configured: int | None, device: torch.device) -> int:
+    """data.num_workers, or when unset: 2 background workers feeding a GPU; none on a CPU, where the batch
+    (a few ms of masking and collating) is cheaper built inline than by a process that preempts the
+    compute threads mid-matmul."""
+    if configured is not None:
+        return configured
+    return 2 if device.type == "cuda" else 0
+
 
 # fp32 weights, their gradients, and AdamW's two moments: 4 + 4 + 8 bytes a parameter. Activations come on
 # top and depend on the batch, so this is the floor below which training cannot start at all.

@@ -1,4 +1,4 @@
-"""Held-out MLM loss, masked-token accuracy and perplexity; fill-mask; loading a trained checkpoint.
+"""Held-out MLM loss, masked-token accuracy and perplexity; fill-mask.
 
 Evaluation reads the validation shards in a fixed order (sorted files, rows in order) and masks each
 row with a generator seeded from `EVAL_SEED` and the row's index, never from the training seed: the
@@ -10,18 +10,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from encoder_train import checkpoint
-from encoder_train.data.loader import Batch, MaskSpec, collate
+from encoder_train.batch import Batch, MaskSpec
+from encoder_train.data.loader import collate
 from encoder_train.data.shards import ShardInfo, ShardReader, check_values, scan_shards
 from encoder_train.errors import UserError
-from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.state import Trained, load_trained
 from encoder_train.tokenizer import special_tokens
 
 EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
@@ -94,31 +92,6 @@ def evaluate(
         "real_tokens": tokens,
         "rows": rows,
     }
-
-
-@dataclass
-class Trained:
-    """A model restored from a checkpoint, with what inference needs around it."""
-
-    model: MaskedLM
-    tokenizer: Tokenizer
-    spec: MaskSpec
-    state: dict[str, Any]
-
-
-def load_trained(path: str | Path, device: torch.device, flag: str = "--checkpoint") -> Trained:
-    """Rebuild the model and tokenizer stored in a checkpoint (no other file needed); `flag` named `path`."""
-    state = checkpoint.load(path, flag=flag)
-    try:
-        dims = ModelDims(**state["dims"])
-        tokenizer = Tokenizer.from_str(state["tokenizer"]["json"])
-        spec = MaskSpec(**state["tokenizer"]["mask_spec"])
-    except (KeyError, TypeError):
-        raise UserError(f"checkpoint {path} lacks the model shape or tokenizer; it was not written by this "
-                        "version of encoder-train.") from None
-    model = MaskedLM(dims)
-    model.load_state_dict(state["model"])
-    return Trained(model.to(device).eval(), tokenizer, spec, state)
 
 
 def check_same_vocabulary(trained: Trained, tokenizer: Tokenizer, path: str | Path,

@@ -41,8 +41,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from encoder_train.errors import UserError
-from encoder_train.evaluate import load_trained
 from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.state import load_trained
 from encoder_train.tokenizer import ROBERTA_SPECIAL_TOKENS, SpecialTokens, special_tokens
 
 # Our module -> RobertaForMaskedLM's; `{i}` is a layer index. Each module's `weight` / `bias` keep
@@ -72,6 +72,9 @@ NAMES: dict[str, str] = {
 IGNORED = re.compile(r"roberta\.pooler\..*|roberta\.embeddings\.position_ids|lm_head\.decoder\.(weight|bias)")
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta")  # same architecture, same parameter names
+# The weights files from_pretrained looks for, in its order; the one found is named in our messages.
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 HF_EXTRA = "pip install 'encoder-train[hf]'"
 
 
@@ -206,27 +209,39 @@ class HFModel:
 def import_hf(directory: str | Path) -> HFModel:
     """Read a local RobertaForMaskedLM folder (config.json, weights, tokenizer) for continued pretraining.
 
-    Weights: model.safetensors or pytorch_model.bin (either possibly sharded, with its .index.json).
-    Tokenizer: tokenizer.json, or RoBERTa's vocab.json + merges.txt (byte-level BPE). Token types
+    `transformers` reads the config and the weights (model.safetensors or pytorch_model.bin, either
+    possibly sharded, with its .index.json); we rename, refuse what our model cannot compute, and read
+    the tokenizer: tokenizer.json, or RoBERTa's vocab.json + merges.txt (byte-level BPE). Token types
     other than type 0 are dropped (RobertaConfig defaults to 2 though RoBERTa uses one): type 0 is
     what Hugging Face adds when no token_type_ids are given, so the logits are unchanged.
     """
+    transformers = _require("transformers")
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder; pass a folder written by save_pretrained.")
     config_file = directory / "config.json"
-    config = _read_json(config_file, "pass a folder written by save_pretrained (config.json, model.safetensors, "
-                                     "tokenizer.json)")
+    if not config_file.is_file():
+        raise UserError(f"{config_file} does not exist; pass a folder written by save_pretrained (config.json, "
+                        "model.safetensors, tokenizer.json).")
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, huggingface_hub's validation errors, ...
+        raise UserError(f"{config_file} could not be read by transformers ({_why(e)}); re-save the model with "
+                        "save_pretrained.") from None
     dims = _dims(config, config_file)
-    shapes = _shapes(dims)
-    hf, weights_file = _read_weights(directory)
+    hf, info, weights_file = _load_weights(transformers, directory, config)
 
     names = hf_names(dims)
+    mismatched = {name: (file_shape, config_shape) for name, file_shape, config_shape in info["mismatched_keys"]}
     state = {}
     for ours, name in names.items():
+        if name in mismatched:
+            file_shape, config_shape = mismatched[name]
+            raise UserError(
+                f"{weights_file}: {name} has shape {tuple(file_shape)} but {config_file} implies "
+                f"{tuple(config_shape)}; re-save the model with save_pretrained so config and weights agree."
+            )
         tensor = hf.get(name)
-        if name == "lm_head.bias" and tensor is None:  # some versions store the tied copy instead
-            tensor = hf.get("lm_head.decoder.bias")
         if tensor is None:
             raise UserError(
                 f"{weights_file} has no {name}; pass a folder saved from RobertaForMaskedLM (a model with its "
@@ -234,14 +249,11 @@ def import_hf(directory: str | Path) -> HFModel:
             )
         if name.endswith("token_type_embeddings.weight"):
             tensor = tensor[:1]  # (type_vocab_size, H) -> (1, H): type 0 only
-        if tensor.shape != shapes[ours]:
-            raise UserError(
-                f"{weights_file}: {name} has shape {tuple(tensor.shape)} but {config_file} implies "
-                f"{tuple(shapes[ours])}; re-save the model with save_pretrained so config and weights agree."
-            )
+        # fp32 whatever the file holds: an upcast from fp16 / bf16 is exact.
         state[ours] = tensor.float() if tensor.is_floating_point() else tensor
 
-    unknown = sorted(k for k in set(hf) - set(names.values()) if not IGNORED.fullmatch(k))
+    stored = set(hf) | set(info["unexpected_keys"])
+    unknown = sorted(k for k in stored - set(names.values()) if not IGNORED.fullmatch(k))
     if unknown:
         raise UserError(
             f"{weights_file} holds tensors our model has no place for ({', '.join(unknown[:3])}"
@@ -252,9 +264,9 @@ def import_hf(directory: str | Path) -> HFModel:
     return HFModel(dims, state, tokenizer)
 
 
-def _dims(config: dict[str, Any], path: Path) -> ModelDims:
-    """ModelDims from a config.json, refusing what our model computes differently."""
-    model_type = config.get("model_type")
+def _dims(config: Any, path: Path) -> ModelDims:
+    """ModelDims from a transformers config, refusing what our model computes differently."""
+    model_type = config.model_type
     if model_type == "bert":
         raise UserError(
             f"{path} describes a BERT model, which our encoder cannot reproduce exactly (BERT numbers positions from "
@@ -266,71 +278,68 @@ def _dims(config: dict[str, Any], path: Path) -> ModelDims:
             f"{path} describes a {model_type!r} model; only RoBERTa-architecture folders "
             "(model_type roberta, e.g. RobertaForMaskedLM) are supported."
         )
-    # Each (key, value our model computes); a config that says otherwise is refused.
+    # Each (key, value our model computes); a config that says otherwise is refused. transformers 5 has
+    # no position_embedding_type, but keeps the key of a config.json that sets it.
     fixed = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
              "add_cross_attention": False}
     for key, value in fixed.items():
-        if config.get(key, value) != value:
-            raise UserError(f"{path} sets {key} to {config[key]!r}; our model supports only {value!r}.")
+        if getattr(config, key, value) != value:
+            raise UserError(f"{path} sets {key} to {getattr(config, key)!r}; our model supports only {value!r}.")
     try:
         dims = ModelDims(
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=int(config["hidden_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=int(config["num_attention_heads"]),
-            intermediate_size=int(config["intermediate_size"]),
-            max_position_embeddings=int(config["max_position_embeddings"]),
-            pad_id=int(config["pad_token_id"]),  # RoBERTa's position offset: it must be set
-            dropout=float(config.get("hidden_dropout_prob", 0.1)),
-            attention_dropout=float(config.get("attention_probs_dropout_prob", 0.1)),
-            layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),  # transformers' own default
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=int(config.num_attention_heads),
+            intermediate_size=int(config.intermediate_size),
+            max_position_embeddings=int(config.max_position_embeddings),
+            pad_id=int(config.pad_token_id),  # RoBERTa's position offset: it must be set
+            dropout=float(config.hidden_dropout_prob),
+            attention_dropout=float(config.attention_probs_dropout_prob),
+            layer_norm_eps=float(config.layer_norm_eps),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path} lacks a usable {e} entry; re-save the model with save_pretrained.") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} lacks a usable size or pad_token_id ({e}); re-save the model with "
+                        "save_pretrained.") from None
     if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
         raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
                         f"num_attention_heads {dims.num_heads} describe no usable model; fix the config.")
     return dims
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """All tensors of the folder's weights file(s) under Hugging Face's names, and the file to name in errors."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        single, index = directory / name, directory / f"{name}.index.json"
-        if single.is_file():
-            files = [single]
-        elif index.is_file():  # sharded: {"weight_map": {tensor name: shard file}}
-            weight_map = _read_json(index, "re-save the model with save_pretrained").get("weight_map", {})
-            files = [directory / f for f in sorted(set(weight_map.values()))]
-        else:
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for f in files:
-            tensors.update(_read_tensors(f))
-        return tensors, files[0] if len(files) == 1 else index
-    raise UserError(
-        f"{directory} has no model.safetensors nor pytorch_model.bin; pass a folder written by save_pretrained."
-    )
+def _load_weights(
+    transformers: ModuleType, directory: Path, config: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    """The tensors `from_pretrained` loads (Hugging Face's names; missing ones, which it initialises at
+    random, left out), its report (missing, unexpected, mismatched keys), and the file to name in errors.
 
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"weights file {path} is missing; copy the whole model folder, or re-save it.")
-    if path.suffix == ".safetensors":
-        safetensors_torch = _require("safetensors.torch")
-        try:
-            return safetensors_torch.load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (no public class)
-            raise UserError(f"weights file {path} could not be read ({e}); re-download or re-save it.") from None
+    It reads a .bin with torch.load(weights_only=True): tensors and plain containers only, never code.
+    A stored decoder that differs from the embeddings it copies stays untied (transformers 5), for `_tied`.
+    """
+    found = [directory / name for name in WEIGHTS_FILES if (directory / name).is_file()]
+    if not found:
+        raise UserError(
+            f"{directory} has no model.safetensors nor pytorch_model.bin; pass a folder written by save_pretrained."
+        )
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report lists what we refuse below, in our words
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+            directory, config=config, local_files_only=True, weights_only=True,
+            ignore_mismatched_sizes=True,  # report a wrong shape in `info` rather than raise
+            output_loading_info=True)
     except pickle.UnpicklingError:
         raise UserError(
-            f"weights file {path} holds objects that safe (weights_only) loading refuses; convert it to "
+            f"weights file {found[0]} holds objects that safe (weights_only) loading refuses; convert it to "
             "model.safetensors with save_pretrained."
         ) from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise UserError(f"weights file {path} could not be read ({e}); re-download or re-save it.") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, SafetensorError (no public class), ...
+        raise UserError(f"weights file {found[0]} could not be read by transformers ({_why(e)}); copy the whole "
+                        "model folder again, or re-save it with save_pretrained.") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    return {k: v for k, v in model.state_dict().items() if k not in missing}, info, found[0]
 
 
 def _tied(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_file: Path) -> None:
@@ -408,14 +417,6 @@ def _require(module: str) -> ModuleType:
         ) from None
 
 
-def _read_json(path: Path, fix: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path} does not exist; {fix}.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} could not be read as JSON ({e}); {fix}.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; {fix}.")
-    return data
-
+def _why(e: Exception) -> str:
+    """An exception's message on one line, to quote inside our sentence."""
+    return " ".join(str(e).split())

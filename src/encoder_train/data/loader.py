@@ -1,7 +1,7 @@
 """Batches from shards: background workers read rows, trim, mask and collate; the loop only consumes.
 
 Stages: shards (read with pread, `ShardReader`) -> RowOrder (which rows make batch i) -> rows gathered and
-trimmed to the longest row -> dynamic masking -> a `Batch` -> DataLoader workers with prefetch (and
+trimmed to the longest row -> dynamic masking -> a `Batch` (batch.py) -> DataLoader workers with prefetch (and
 pinned memory on CUDA).
 
 A batch is a pure function of (seed, shards, position of its first row): worker w of n builds batches
@@ -14,48 +14,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.masking import mask_tokens
 from encoder_train.data.shards import RowOrder, ShardInfo, ShardReader, check_values, derive_seed
 from encoder_train.errors import UserError
-from encoder_train.model import IGNORE_INDEX
-
-
-@dataclass
-class Batch:
-    """One micro-batch. B rows, T = longest row in the batch, N = predicted positions."""
-
-    input_ids: torch.Tensor  # (B, T) int64, masked
-    attention_mask: torch.Tensor  # (B, T) bool, True on real tokens
-    labels: torch.Tensor  # (B, T) int64, original id where predicted, else -100
-    predict_positions: torch.Tensor  # (N,) int64, flat indices into B*T of the predicted positions
-    num_tokens: int  # real (non-pad) tokens
-    num_predicted: int  # N
-    first_row: int  # position of this batch's first row in the endless row stream
-    # The unpadded layout (model.Packed); when every row is full, the model sees that it has no pads to mask.
-    token_index: torch.Tensor | None = None  # (num_tokens,) flat indices of the real tokens in B*T
-    cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, cumulative row lengths
-    max_seqlen: int = 0
-
-    @property
-    def packing(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        return None if self.token_index is None else (self.token_index, self.cu_seqlens, self.max_seqlen)
-
-    def _map_tensors(self, fn) -> Batch:
-        return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
-                        for f in fields(self)})
-
-    def to(self, device: torch.device) -> Batch:
-        # non_blocking: with pinned memory the copy overlaps with compute instead of stalling the host.
-        return self._map_tensors(lambda t: t.to(device, non_blocking=True))
-
-    def pin_memory(self) -> Batch:
-        """Called by the DataLoader's pinning thread when pin_memory=True."""
-        return self._map_tensors(lambda t: t.pin_memory())
 
 
 @dataclass
@@ -63,17 +30,6 @@ class DataError:
     """A shard failed validation inside a worker; sent as data so the main process can raise UserError."""
 
     message: str
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """What masking needs to know about the vocabulary; built once from the tokenizer."""
-
-    pad_id: int
-    mask_id: int
-    special_ids: tuple[int, ...]  # never selected, never drawn as random replacements
-    vocab_size: int  # the tokenizer's (not the model's padded) vocabulary
-    probability: float
 
 
 def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int, first_row: int = 0) -> Batch:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from encoder_train.model import IGNORE_INDEX
+from encoder_train.batch import IGNORE_INDEX
 
 
 def mask_tokens(

@@ -1,0 +1,143 @@
+"""Where a batch's tokens sit in the activations: padded rows, or the real tokens packed (padding removed).
+
+The layers of model.py run the same over either; only the embeddings, attention and the prediction
+gather need to know which. A layout hides the padding from attention: it takes q, k, v with their heads
+split, gathers their tokens for an attention kernel (kernels.py) and hands the result back in its own
+layout. Shapes use B = rows, T = tokens per row (the longest), N = real tokens in the batch, H = hidden
+size, nh = heads, hs = head size.
+
+  Padded  activations (B, T, H); attention_mask (B, T), True on real tokens.
+  Packed  activations (N, H); token_index (N,), the flat positions of the real tokens in B*T;
+          cu_seqlens (B + 1,) int32, where each row starts in the packed order; max_seqlen, the longest row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from encoder_train.kernels import attention, grouped_attention, has_varlen_attention, key_bias, varlen_attention
+
+
+class Padded:
+    """Attention over right-padded rows: activations are (B, T, H); padded keys are masked out."""
+
+    def __init__(self, attention_mask: torch.Tensor, has_pads: bool = True):
+        self.mask = attention_mask  # (B, T)
+        # No mask at all when the rows are known to be full: on CUDA, SDPA can then pick FlashAttention.
+        self.bias = key_bias(attention_mask, torch.float32) if has_pads else None
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """q, k, v (B, T, nh, hs) -> (B, T, nh, hs)"""
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.bias, dropout_p)  # (B, nh, T, hs)
+        return y.transpose(1, 2)
+
+
+def length_groups(lengths: list[int], max_groups: int = 4) -> list[tuple[int, int]]:
+    """Rows sorted longest first -> at most `max_groups` runs [start, end) of consecutive rows, chosen to
+    minimise the attention work once each run is padded to its longest row: sum of rows x longest^2, plus
+    a fixed cost per extra run (its share of kernel launches) of an eighth of the whole batch padded.
+
+    Dynamic programming over (runs used, rows covered); B <= a few hundred rows, so it is cheap."""
+    B = len(lengths)
+    overhead = B * lengths[0] ** 2 / 8
+    cost = [[math.inf] * (B + 1) for _ in range(max_groups + 1)]  # cost[g][i]: first i rows in g runs
+    cut = [[0] * (B + 1) for _ in range(max_groups + 1)]
+    cost[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for i in range(g, B + 1):
+            for j in range(g - 1, i):  # the last run is rows j..i-1, padded to lengths[j]
+                c = cost[g - 1][j] + (i - j) * lengths[j] ** 2 + overhead
+                if c < cost[g][i]:
+                    cost[g][i], cut[g][i] = c, j
+    used = min(range(1, max_groups + 1), key=lambda g: cost[g][B])
+    runs, i = [], B
+    for g in range(used, 0, -1):
+        runs.append((cut[g][i], i))
+        i = cut[g][i]
+    return runs[::-1]
+
+
+class Packed:
+    """Unpadded activations: only the N real tokens of the batch, (N, H). Embeddings, projections,
+    feed-forward and LayerNorms skip the padding entirely. Attention:
+      - CUDA with the flash-attn package: variable-length FlashAttention on the packed tokens as they are;
+      - CPU: rows sorted by length into a few groups (`length_groups`), each padded only to its own
+        longest row; with lengths spread evenly over [0.4 T, T] that cuts the padded attention work by
+        a quarter to a third against padding every row to T;
+      - otherwise: rows padded back to (B, T) for SDPA.
+
+    token_index (N,): flat positions of the real tokens in the (B, T) batch; cu_seqlens (B + 1,): where
+    each row starts in the packed order; both come from the data workers, so the host never waits.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, token_index: torch.Tensor, cu_seqlens: torch.Tensor,
+                 max_seqlen: int):
+        self.mask = attention_mask  # (B, T)
+        self.index = token_index
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+        self._groups = None
+        self._padded = None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)"""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the pads"""
+        B, T = self.mask.shape
+        return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """q, k, v (N, nh, hs) -> (N, nh, hs)"""
+        if has_varlen_attention(q):
+            return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, dropout_p)
+        if q.device.type != "cpu":
+            self._padded = self._padded or Padded(self.mask)  # its key bias, built once for all layers
+            return self.pack(self._padded.attend(self.unpack(q), self.unpack(k), self.unpack(v), dropout_p))
+        return self.attend_in_groups(q, k, v, dropout_p)
+
+    # Eager under training.compile: how many groups, and their lengths, change from batch to batch, and a
+    # compiled graph would be specialised (and recompiled) on each; the layer around it compiles once.
+    @torch.compiler.disable
+    def attend_in_groups(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """q, k, v (N, nh, hs) -> (N, nh, hs), on the CPU"""
+        groups = self.groups()
+        return grouped_attention(q, k, v, groups, self._slot, dropout_p)
+
+    def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+        """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None. Built once
+        per batch on the host and shared by every layer; sets self._slot, each packed token's row in the
+        concatenated group outputs."""
+        if self._groups is not None:
+            return self._groups
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+        self._groups, self._slot, done = [], torch.empty(len(self.index), dtype=torch.long), 0
+        for start, end in length_groups([lengths[r] for r in order]):
+            rows = torch.tensor(order[start:end])
+            n = torch.tensor([lengths[r] for r in order[start:end]])  # (b,)
+            T = int(n[0])
+            t = torch.arange(T)
+            real = t[None, :] < n[:, None]  # (b, T)
+            # pads gather the row's last token: harmless (masked as keys, discarded as queries), no zeros
+            gather = self.cu_seqlens[rows][:, None] + torch.minimum(t[None, :], n[:, None] - 1)
+            self._slot[gather[real]] = done + torch.nonzero(real.reshape(-1)).squeeze(1)
+            self._groups.append((gather.reshape(-1), T, key_bias(real, torch.float32)))
+            done += real.numel()
+        return self._groups
+
+
+Layout = Padded | Packed
+
+
+def make_layout(attention_mask: torch.Tensor, packing: tuple[torch.Tensor, torch.Tensor, int] | None) -> Layout:
+    """Packed when the batch has padding to skip; Padded when it comes without its packing, or when its
+    packing says every row is full (then with no mask: nothing to unpad, nothing to hide)."""
+    if packing is None:
+        return Padded(attention_mask)
+    if packing[0].numel() == attention_mask.numel():  # a shape, known on the host: no device sync
+        return Padded(attention_mask, has_pads=False)
+    return Packed(attention_mask, *packing)

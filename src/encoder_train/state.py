@@ -1,0 +1,238 @@
+"""What a checkpoint holds, in one place: the training state saved and restored, and a trained model
+loaded back for evaluation, fill-mask and export.
+
+A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True)` reads it):
+
+    model, optimizer, scheduler       state dicts, unsharded (FSDP gathers them), on the CPU
+    sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
+    step, tokens_seen                 optimizer steps taken, real tokens seen
+    data                              {rows_consumed, world_size}: the position in the row stream
+    rng                               one {torch, cuda} generator state per rank
+    dims                              the model's shape (`ModelDims`)
+    tokenizer                         {json, mask_spec}: evaluate, fill-mask and export need no other file
+    config                            the resolved config
+    wandb_run_id                      the W&B run a resume continues
+
+A new piece of state (EMA weights, a streaming source's position) is one line in `TrainState.snapshot`
+and one in `TrainState.restore`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from encoder_train import checkpoint, distributed
+from encoder_train.batch import MaskSpec
+from encoder_train.config import Config, ModelConfig, TrainingConfig, resolved_vocab_size
+from encoder_train.data.shards import derive_seed
+from encoder_train.distributed import World
+from encoder_train.errors import UserError
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.optim import apply_hyperparameters, lr_factor
+
+# ---- the model's shape: one source ----------------------------------------------------------------------
+
+# ModelDims fields that a resumed run may change: regularisation and a numerical constant. Every other field
+# fixes parameter shapes or the function computed, so a checkpoint must match it.
+MAY_CHANGE_ON_RESUME = ("dropout", "attention_dropout", "layer_norm_eps")
+SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims) if f.name not in MAY_CHANGE_ON_RESUME)
+
+
+def model_dims(cfg: ModelConfig, tokenizer_vocab: int, pad_id: int, source: str) -> ModelDims:
+    """The model's shape: every field the config's model section shares with `ModelDims`, plus what only the
+    tokenizer knows (the vocabulary size, the pad id). A new architecture option is a field in both."""
+    names = {f.name for f in dataclasses.fields(ModelDims)}
+    shared = {k: v for k, v in cfg.model_dump().items() if k in names}
+    dims = ModelDims(**shared | {"vocab_size": resolved_vocab_size(cfg, tokenizer_vocab, source), "pad_id": pad_id})
+    if dims.max_tokens < 2:
+        raise UserError(
+            f"{source}: model.max_position_embeddings ({cfg.max_position_embeddings}) leaves no room for tokens "
+            f"after RoBERTa's position offset (pad id {pad_id} + 1); raise it to at least {pad_id + 3}."
+        )
+    return dims
+
+
+def model_section(dims: ModelDims, cfg: ModelConfig) -> ModelConfig:
+    """The config's model section describing `dims` (an imported folder's shape replaces the YAML's)."""
+    return cfg.model_copy(update={k: v for k, v in dataclasses.asdict(dims).items() if k in ModelConfig.model_fields})
+
+
+def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None:
+    current = dataclasses.asdict(dims)
+    diffs = [f"{k} {saved.get(k)} vs {current[k]}" for k in SHAPE_FIELDS if saved.get(k, current[k]) != current[k]]
+    if diffs:
+        raise UserError(
+            f"checkpoint {path} was trained with a different model shape (checkpoint vs config: "
+            f"{', '.join(diffs)}); use the config it was trained with, or start a new --checkpoint_dir."
+        )
+
+
+# ---- the training state ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a resume needs, and the objects it lives in. `model` may be DDP- or FSDP-wrapped."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    world: World
+    dims: ModelDims
+    tokenizer: Tokenizer
+    spec: MaskSpec
+    config: Config
+    sharded: bool  # FSDP: state dicts are gathered on save and scattered on load
+    step: int = 0
+    tokens_seen: int = 0
+    rows_consumed: int = 0  # rank r reads from rows_consumed + r * batch_size
+    wandb_run_id: str | None = None
+    resumed_from: Path | None = field(default=None)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole training state; a collective under torchrun (every rank calls it, rank 0 writes it)."""
+        model_state, optimizer_state = _full_state(self.model, self.optimizer, self.sharded)
+        cuda = self.world.device.type == "cuda"
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
+        return {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "sharded_optimizer": self.sharded,
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "data": {"rows_consumed": self.rows_consumed, "world_size": self.world.world_size},
+            "rng": distributed.gather_objects(rng, self.world),  # one entry per rank
+            "dims": dataclasses.asdict(self.dims),
+            "tokenizer": {"json": self.tokenizer.to_str(), "mask_spec": dataclasses.asdict(self.spec)},
+            "config": self.config.to_dict(),
+            "wandb_run_id": self.wandb_run_id,
+        }
+
+    def restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
+        """Continue from `saved` (the model's weights are already in place, see `load_weights`)."""
+        _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+        self.rows_consumed = saved["data"]["rows_consumed"]
+        self.resumed_from = path
+        world, seed = self.world, self.config.training.seed
+        saved_world = len(saved["rng"])
+        if saved_world == world.world_size:  # each rank continues its own random stream
+            torch.set_rng_state(saved["rng"][world.rank]["torch"])
+            if world.device.type == "cuda" and saved["rng"][world.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng"][world.rank]["cuda"])
+        else:
+            torch.manual_seed(derive_seed(seed, "dropout", world.rank, self.step))
+            say(f"resuming {saved_world} processes' run with {world.world_size}: the data continues from the same "
+                f"row, but each step now takes a different number of rows and dropout is reseeded, so the run "
+                "differs from one that kept its world size.")
+        self.wandb_run_id = self.config.wandb.run_id or saved.get("wandb_run_id")
+        changed = changed_settings(saved.get("config", {}), self.config)
+        if changed:
+            saved_training = saved.get("config", {}).get("training")
+            before = TrainingConfig.model_validate(saved_training) if saved_training else self.config.training
+            say(resume_note(changed, before, self.config.training, self.step))
+            apply_hyperparameters(self.optimizer, self.scheduler, self.config.training, self.step)
+
+
+def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path: Path) -> None:
+    """Refuse a checkpoint this run cannot continue, before any weights are touched."""
+    if saved.get("sharded_optimizer", False) != sharded:
+        raise UserError(
+            f"checkpoint {path} was written with training.data_parallel = "
+            f"{'fsdp' if saved.get('sharded_optimizer') else 'ddp'} and resumes only that way; set it accordingly."
+        )
+    check_same_shape(saved.get("dims", {}), dims, path)
+
+
+# Settings that do not change what a run computes: resuming with other values is the same run.
+NOT_TRAJECTORY = {
+    "training.log_interval", "training.eval_every", "training.eval_batches", "training.max_nonfinite_steps",
+    "training.compile", "data.num_workers", "data.prefetch_batches",
+    # paths: the same files may have moved; their contents are checked where it matters
+    "data.data_dir", "data.val_data_dir", "data.tokenizer_filepath", "model.init_from_hf",
+}
+
+
+def changed_settings(saved: dict[str, Any], config: Config) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every setting that changes the trajectory."""
+    now = config.to_dict()
+    changed = []
+    for section in ("model", "data", "training"):
+        for key, value in now[section].items():
+            dotted = f"{section}.{key}"
+            old = saved.get(section, {}).get(key, value)
+            if dotted not in NOT_TRAJECTORY and old != value:
+                changed.append((dotted, old, value))
+    return changed
+
+
+def resume_note(changed: list[tuple[str, Any, Any]], saved: TrainingConfig, now: TrainingConfig, step: int) -> str:
+    """Say what a resume with other settings does: the run is no longer the uninterrupted one."""
+    listed = ", ".join(f"{k} {old} -> {new}" for k, old, new in changed)
+    note = (f"note: resuming with settings that differ from the checkpoint's ({listed}); from step {step} on the "
+            "run differs from an uninterrupted one")
+    before, after = saved.learning_rate * lr_factor(step, saved), now.learning_rate * lr_factor(step, now)
+    if before != after:
+        note += (f"; the learning rate of the next step is {after:.3e} under the new schedule, where the "
+                 f"checkpoint's settings would give {before:.3e}")
+    return note + "."
+
+
+def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on the CPU. With FSDP2 every rank must call it (it gathers)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+    return distributed.unwrap(model).state_dict(), optimizer.state_dict()
+
+
+def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, sharded: bool) -> None:
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(saved)
+
+
+# ---- a trained model, for use -----------------------------------------------------------------------------
+
+
+@dataclass
+class Trained:
+    """A model restored from a checkpoint, with what inference needs around it."""
+
+    model: MaskedLM
+    tokenizer: Tokenizer
+    spec: MaskSpec
+    state: dict[str, Any]
+
+
+def load_trained(path: str | Path, device: torch.device, flag: str = "--checkpoint") -> Trained:
+    """Rebuild the model and tokenizer stored in a checkpoint (no other file needed); `flag` named `path`."""
+    state = checkpoint.load(path, flag=flag)
+    try:
+        dims = ModelDims(**state["dims"])
+        tokenizer = Tokenizer.from_str(state["tokenizer"]["json"])
+        spec = MaskSpec(**state["tokenizer"]["mask_spec"])
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {path} lacks the model shape or tokenizer; it was not written by this "
+                        "version of encoder-train.") from None
+    model = MaskedLM(dims)
+    model.load_state_dict(state["model"])
+    return Trained(model.to(device).eval(), tokenizer, spec, state)
