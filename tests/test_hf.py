@@ -267,7 +267,7 @@ def test_import_refuses_what_our_model_cannot_compute(transformers_folder):
     with pytest.raises(UserError, match="hidden_act to 'gelu_new'; our model supports only 'gelu'"):
         import_hf(folder)
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(UserError, match="'gpt2' model; only RoBERTa-architecture folders"):
+    with pytest.raises(UserError, match="'gpt2' model; only RoBERTa- and ModernBERT-architecture folders"):
         import_hf(folder)
     (folder / "config.json").write_text(json.dumps(config))
 

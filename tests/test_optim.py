@@ -48,3 +48,17 @@ def test_scheduler_drives_optimizer_lr():
         opt.step()
         sched.step()
     assert seen == pytest.approx([0.25, 0.5, 0.5, 0.4375])
+
+
+def test_warmup_stable_decay_shapes():
+    from encoder_train.config import TrainingConfig
+    from encoder_train.optim import lr_factor
+
+    for shape, at_half in [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - 0.5**0.5)]:
+        cfg = TrainingConfig(max_steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, decay_shape=shape)
+        assert lr_factor(4, cfg) == 0.5  # warmup: (4 + 1) / 10
+        assert lr_factor(10, cfg) == lr_factor(79, cfg) == lr_factor(80, cfg) == 1.0  # stable until the last 20
+        assert abs(lr_factor(90, cfg) - at_half) < 1e-12
+        assert lr_factor(100, cfg) == 0.0
+    by_steps = TrainingConfig(max_steps=100, schedule="wsd", decay_steps=50, decay_fraction=0.2)
+    assert lr_factor(50, by_steps) == 1.0 and lr_factor(75, by_steps) == 0.5  # decay_steps wins over the fraction

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from encoder_train.errors import UserError
 
@@ -49,7 +49,36 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
+# `model.family: modernbert` sets these unless the file sets them itself: ModernBERT's architecture
+# (Warner et al. 2024, as transformers' ModernBertConfig defaults), every choice still a key of its own.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "roberta": {},  # the schema's defaults are RoBERTa's
+    "modernbert": {
+        "position_embedding": "rotary",
+        "rope_theta": 160_000.0,
+        "local_rope_theta": 10_000.0,
+        "global_attention_every": 3,
+        "local_attention": 128,
+        "feed_forward": "geglu",
+        "attention_bias": False,
+        "feed_forward_bias": False,
+        "norm_bias": False,
+        "head_bias": False,
+        "token_type_embedding": False,
+        "pre_layer_norm": True,
+        "first_attention_norm": False,
+        "init": "modernbert",
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "max_position_embeddings": 8192,
+    },
+}
+
+
 class ModelConfig(Section):
+    family: Literal["roberta", "modernbert"] = "roberta"
+    """Sets the architecture's defaults in one word (`modernbert`: rotary positions, GeGLU, no biases, pre-LN,
+    local/global attention, 8,192 positions); each key below still overrides it."""
     init_from_hf: str | None = None
     """Local Hugging Face RoBERTa masked-LM folder to start from (flag --init_from_hf); its config.json and
     tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
@@ -66,7 +95,8 @@ class ModelConfig(Section):
     intermediate_size: Int = Field(default=3072, ge=1)
     """Width of the feed-forward layer (4 x hidden in BERT/RoBERTa)."""
     max_position_embeddings: Int = Field(default=514, ge=3)
-    """Learned positions. RoBERTa offsets positions past the pad id, so 514 allows 512-token rows."""
+    """Positions. Learned ones are offset past the pad id (RoBERTa), so 514 allows 512-token rows; with rotary
+    positions it is the longest row."""
     dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     """Dropout on embeddings, attention output and feed-forward output."""
     attention_dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -74,7 +104,46 @@ class ModelConfig(Section):
     layer_norm_eps: Float = Field(default=1e-5, gt=0.0)
     """LayerNorm epsilon (RoBERTa 1e-5, BERT 1e-12)."""
     pre_layer_norm: Bool = False
-    """Pre-LN blocks (x + f(LN(x))) instead of BERT/RoBERTa's post-LN (LN(x + f(x)))."""
+    """Pre-LN blocks (x + f(LN(x))) instead of BERT/RoBERTa's post-LN (LN(x + f(x))); adds a final LayerNorm."""
+    first_attention_norm: Bool = True
+    """Pre-LN only: the first layer normalises its attention input; ModernBERT omits it (the embeddings' norm
+    just did)."""
+    position_embedding: Literal["learned", "rotary"] = "learned"
+    """`learned` absolute positions (RoBERTa) or `rotary` (RoPE on queries and keys, counted within each row; no
+    position parameters, so a checkpoint can be resumed with longer rows)."""
+    rope_theta: Float = Field(default=160_000.0, gt=0.0)
+    """Rotary base of the global-attention layers (ModernBERT 160,000; raise it to extend the context)."""
+    local_rope_theta: Float = Field(default=10_000.0, gt=0.0)
+    """Rotary base of the local (sliding-window) layers."""
+    global_attention_every: Int = Field(default=1, ge=1)
+    """Every Nth layer (0, N, 2N, ...) attends over the whole row; the others within `local_attention`. 1: all
+    global (RoBERTa); ModernBERT 3."""
+    local_attention: Int = Field(default=128, ge=2)
+    """Window of the local layers in tokens: a token sees those at most local_attention / 2 positions away."""
+    feed_forward: Literal["gelu", "geglu"] = "gelu"
+    """`gelu` (up, GELU, down) or `geglu` (one up projection to 2 x intermediate_size; GELU of one half times the
+    other, then down)."""
+    attention_bias: Bool = True
+    """Biases in the query/key/value and attention-output projections."""
+    feed_forward_bias: Bool = True
+    """Biases in the feed-forward projections."""
+    norm_bias: Bool = True
+    """Biases (shifts) in the LayerNorms."""
+    head_bias: Bool = True
+    """A bias in the MLM head's dense layer (the decoder keeps its own bias either way)."""
+    token_type_embedding: Bool = True
+    """RoBERTa's single token-type vector added to every token's embedding; ModernBERT has none."""
+    init: Literal["bert", "modernbert"] = "bert"
+    """Initialisation: BERT's N(0, 0.02) everywhere, or ModernBERT's (normal truncated at 2 sigma; output
+    projections scaled by 1 / sqrt(2 x num_layers))."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        """A family fills in every key the file leaves out; keys the file sets win."""
+        if isinstance(data, dict) and data.get("family") in FAMILIES:
+            return {**FAMILIES[data["family"]], **data}
+        return data
 
 
 class DataConfig(Section):
@@ -108,8 +177,15 @@ class TrainingConfig(Section):
     """Peak learning rate, reached at the end of warmup."""
     warmup_steps: Int = Field(default=0, ge=0)
     """Steps of linear warmup from 0 to `learning_rate`."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warmup: linear to 0 at `max_steps` (RoBERTa), cosine to 0, or constant."""
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "linear"
+    """Decay after warmup: linear to 0 at `max_steps` (RoBERTa), cosine to 0, constant, or `wsd`
+    (warmup-stable-decay: hold the peak, then decay to 0 over the last `decay_steps` or `decay_fraction`)."""
+    decay_steps: Int | None = Field(default=None, ge=1)
+    """wsd: the last this many steps decay; absent: `decay_fraction` of max_steps."""
+    decay_fraction: Float = Field(default=0.1, gt=0.0, le=1.0)
+    """wsd: the share of max_steps (at the end) that decays, when `decay_steps` is absent."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """wsd: the decay's shape from the peak to 0: linear, cosine, or 1 - sqrt(progress)."""
     adam_beta1: Float = Field(default=0.9, ge=0.0, lt=1.0)
     """AdamW beta1."""
     adam_beta2: Float = Field(default=0.98, ge=0.0, lt=1.0)
@@ -187,6 +263,11 @@ class Config(Section):
             raise UserError(
                 f"{source}: model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads "
                 f"({m.num_heads}); change one of them."
+            )
+        if m.position_embedding == "rotary" and (m.hidden_size // m.num_heads) % 2:
+            raise UserError(
+                f"{source}: rotary positions rotate pairs of dimensions, but model.hidden_size / model.num_heads "
+                f"({m.hidden_size} / {m.num_heads}) is odd; make the head size even."
             )
         if self.training.warmup_steps > self.training.max_steps:
             raise UserError(

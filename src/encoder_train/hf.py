@@ -1,10 +1,12 @@
-"""Hugging Face interop: export a checkpoint as a `RobertaForMaskedLM` folder, import one to train on.
+"""Hugging Face interop: export a checkpoint as a `RobertaForMaskedLM` or `ModernBertForMaskedLM` folder,
+import one to train on.
 
-Our model was designed so that both directions are a pure renaming of parameters (`NAMES` below):
-same shapes, same positions (`pad_id + cumsum` of the real tokens), one token type, exact GELU,
-post-LN blocks, an MLM head whose decoder is tied to the word embeddings. Nothing is reshaped,
-transposed or fused, so an exported model gives the same logits as ours, and export -> import gives
-the same tensors bit for bit.
+Each family is a mapping of parameter names (`NAMES`, `MODERN_NAMES` below). RoBERTa's is a pure
+renaming: same shapes, same positions (`pad_id + cumsum` of the real tokens), one token type, exact
+GELU, post-LN blocks, an MLM head whose decoder is tied to the word embeddings. ModernBERT's renames
+too, and fuses our query/key/value into its one `Wqkv` (concatenated in that order). Nothing else is
+reshaped, so an exported model gives the same logits as ours, and export -> import gives the same
+tensors bit for bit. Which family a model exports to follows from its options (`family_of`).
 
 An exported folder holds what `from_pretrained` reads:
 
@@ -15,9 +17,11 @@ An exported folder holds what `from_pretrained` reads:
 
 so `AutoModelForMaskedLM`, `AutoTokenizer` and `pipeline("fill-mask", model=DIR)` work on it.
 
-What cannot be expressed is refused rather than approximated: pre-LN models (RoBERTa has no final
-LayerNorm and normalises after each block), and BERT (it numbers positions from 0 for every token,
-pads included, where we count real tokens from `pad_id + 1`).
+What cannot be expressed is refused rather than approximated, naming the option: a learned-position
+model with pre-LN blocks (RoBERTa has no final LayerNorm and normalises after each block), a rotary
+model that differs from ModernBERT in a way its config cannot say (post-LN, GELU without the gate, a
+token type, a first-layer attention norm), and BERT folders (BERT numbers positions from 0 for every
+token, pads included, where we count real tokens from `pad_id + 1`).
 
 `transformers` and `safetensors` are optional (`pip install 'encoder-train[hf]'`) and imported
 only when needed.
@@ -78,19 +82,91 @@ WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 HF_EXTRA = "pip install 'encoder-train[hf]'"
 
 
+# Our module -> ModernBertForMaskedLM's. query, key and value all map to `Wqkv`: fused on export (their rows
+# concatenated, q then k then v, as ModernBERT splits them), split on import.
+MODERN_NAMES: dict[str, str] = {
+    "embeddings.word_embeddings": "model.embeddings.tok_embeddings",  # (V, H)
+    "embeddings.norm": "model.embeddings.norm",
+    "encoder.layers.{i}.attention_norm": "model.layers.{i}.attn_norm",  # absent in layer 0
+    "encoder.layers.{i}.attention.query": "model.layers.{i}.attn.Wqkv",  # rows [0, H) of (3H, H)
+    "encoder.layers.{i}.attention.key": "model.layers.{i}.attn.Wqkv",  # rows [H, 2H)
+    "encoder.layers.{i}.attention.value": "model.layers.{i}.attn.Wqkv",  # rows [2H, 3H)
+    "encoder.layers.{i}.attention.output": "model.layers.{i}.attn.Wo",
+    "encoder.layers.{i}.feed_forward_norm": "model.layers.{i}.mlp_norm",
+    "encoder.layers.{i}.feed_forward.up": "model.layers.{i}.mlp.Wi",  # (2I, H): value half, then gate half
+    "encoder.layers.{i}.feed_forward.down": "model.layers.{i}.mlp.Wo",  # (H, I)
+    "encoder.final_norm": "model.final_norm",
+    "head": "decoder",  # head.bias (V,): the decoder's bias
+    "head.dense": "head.dense",
+    "head.norm": "head.norm",
+}
+QKV = ("query", "key", "value")
+MODERN_IGNORED = re.compile(r"decoder\.weight")  # the tied copy of the embeddings
+
+
+def family_of(dims: ModelDims) -> str:
+    """"roberta" or "modernbert": which Hugging Face class expresses this model; refuses, naming the option,
+    a model neither can."""
+    if not dims.rotary:
+        if dims.pre_layer_norm:
+            raise UserError(
+                "this model uses pre-LN blocks (model.pre_layer_norm: true) with learned positions, which neither "
+                "RobertaForMaskedLM (post-LN) nor ModernBertForMaskedLM (rotary positions) can express."
+            )
+        roberta_only = {"feed_forward": "gelu", "global_attention_every": 1, "attention_bias": True,
+                        "feed_forward_bias": True, "norm_bias": True, "head_bias": True, "token_type_embedding": True}
+        bad = [k for k, v in roberta_only.items() if getattr(dims, k) != v]
+        if bad:
+            raise UserError(f"this model sets model.{bad[0]} = {getattr(dims, bad[0])!r} with learned positions, which "
+                            "RobertaForMaskedLM cannot express; use rotary positions (ModernBertForMaskedLM) or "
+                            f"model.{bad[0]}: {roberta_only[bad[0]]!r}.")
+        return "roberta"
+    modern_only = {"pre_layer_norm": True, "first_attention_norm": False, "feed_forward": "geglu",
+                   "token_type_embedding": False}
+    bad = [k for k, v in modern_only.items() if getattr(dims, k) != v]
+    if bad:
+        raise UserError(f"this model sets model.{bad[0]} = {getattr(dims, bad[0])!r} with rotary positions, which "
+                        f"ModernBertForMaskedLM cannot express (it needs model.{bad[0]}: {modern_only[bad[0]]!r}); "
+                        "only models RobertaForMaskedLM or ModernBertForMaskedLM can express are exported.")
+    return "modernbert"
+
+
 def hf_names(dims: ModelDims) -> dict[str, str]:
-    """Every tensor of `MaskedLM(dims)`: our name -> RobertaForMaskedLM's, in our state-dict order."""
-    if dims.pre_layer_norm:
-        raise UserError(
-            "this model uses pre-LN blocks (model.pre_layer_norm: true), which Hugging Face's RobertaForMaskedLM "
-            "cannot express; only post-LN models can be exported."
-        )
-    modules = {ours.format(i=i): hf.format(i=i) for ours, hf in NAMES.items() for i in range(dims.num_layers)}
+    """Every tensor of `MaskedLM(dims)`: our name -> the Hugging Face class's, in our state-dict order (q, k and
+    v all name the fused Wqkv in the modern family)."""
+    table = NAMES if family_of(dims) == "roberta" else MODERN_NAMES
+    modules = {ours.format(i=i): hf.format(i=i) for ours, hf in table.items() for i in range(dims.num_layers)}
     names = {}
     for name in _shapes(dims):
         module, param = name.rsplit(".", 1)  # "encoder.layers.0.attention.query", "weight"
         names[name] = f"{modules[module]}.{param}"
     return names
+
+
+def to_hf(state: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, torch.Tensor]:
+    """Our state dict -> the Hugging Face class's, q/k/v fused where it fuses them."""
+    names, out = hf_names(dims), {}
+    for ours, tensor in state.items():
+        parent, attr = ours.rsplit(".", 1)
+        if names[ours] in out:
+            continue
+        if parent.endswith(".query") and names[ours].endswith(("Wqkv.weight", "Wqkv.bias")):
+            stem = parent.rsplit(".", 1)[0]
+            tensor = torch.cat([state[f"{stem}.{part}.{attr}"] for part in QKV])
+        out[names[ours]] = tensor.contiguous()
+    return out
+
+
+def from_hf(hf: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, torch.Tensor | None]:
+    """The Hugging Face class's tensors -> ours (None where the file lacks one), Wqkv split into q, k, v."""
+    out: dict[str, torch.Tensor | None] = {}
+    for ours, name in hf_names(dims).items():
+        tensor = hf.get(name)
+        part = ours.rsplit(".", 2)[-2]
+        if tensor is not None and name.endswith(("Wqkv.weight", "Wqkv.bias")):
+            tensor = tensor.chunk(3)[QKV.index(part)]
+        out[ours] = tensor
+    return out
 
 
 def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
@@ -121,36 +197,22 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
     # A missing checkpoint, or a folder given for one, is refused here, naming --checkpoint.
     trained = load_trained(checkpoint_path, torch.device("cpu"), flag="--checkpoint")
     dims, tokenizer = trained.model.dims, trained.tokenizer
-    names = hf_names(dims)  # refuses pre-LN
+    family = family_of(dims)  # refuses what neither class can express
     special = special_tokens(tokenizer, f"stored in {checkpoint_path}")
     if special.pad != dims.pad_id:
         raise UserError(
             f"checkpoint {checkpoint_path} is inconsistent: its tokenizer pads with id {special.pad} but its model "
             f"with {dims.pad_id}; it cannot be exported."
         )
-    config = transformers.RobertaConfig(
-        architectures=["RobertaForMaskedLM"],
-        vocab_size=dims.vocab_size,
-        hidden_size=dims.hidden_size,
-        num_hidden_layers=dims.num_layers,
-        num_attention_heads=dims.num_heads,
-        intermediate_size=dims.intermediate_size,
-        hidden_act="gelu",  # exact (erf) GELU, as F.gelu
-        hidden_dropout_prob=dims.dropout,
-        attention_probs_dropout_prob=dims.attention_dropout,
-        max_position_embeddings=dims.max_position_embeddings,
-        type_vocab_size=1,
-        layer_norm_eps=dims.layer_norm_eps,
-        pad_token_id=special.pad,  # also RoBERTa's position offset: padding_idx = pad_token_id
-        bos_token_id=special.bos,
-        eos_token_id=special.eos,
-        tie_word_embeddings=True,
-    )
-    weights = {names[k]: v.contiguous() for k, v in trained.model.state_dict().items()}
-    # The tied decoder bias is stored under both names (a copy: safetensors refuses shared tensors):
-    # transformers 4.4x ties `lm_head.bias` to `lm_head.decoder.bias` after loading, in that direction,
-    # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
-    weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
+    weights = to_hf(trained.model.state_dict(), dims)
+    if family == "modernbert":
+        config = modernbert_config(transformers, dims, special)
+    else:
+        config = roberta_config(transformers, dims, special)
+        # The tied decoder bias is stored under both names (a copy: safetensors refuses shared tensors):
+        # transformers 4.4x ties `lm_head.bias` to `lm_head.decoder.bias` after loading, in that direction,
+        # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
+        weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +230,62 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
     except OSError as e:
         raise UserError(f"could not write to {out} ({e.strerror}); pass a writable --output_dir.") from None
     return out
+
+
+def roberta_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:
+    return transformers.RobertaConfig(
+        architectures=["RobertaForMaskedLM"],
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        intermediate_size=dims.intermediate_size,
+        hidden_act="gelu",  # exact (erf) GELU, as F.gelu
+        hidden_dropout_prob=dims.dropout,
+        attention_probs_dropout_prob=dims.attention_dropout,
+        max_position_embeddings=dims.max_position_embeddings,
+        type_vocab_size=1,
+        layer_norm_eps=dims.layer_norm_eps,
+        pad_token_id=special.pad,  # also RoBERTa's position offset: padding_idx = pad_token_id
+        bos_token_id=special.bos,
+        eos_token_id=special.eos,
+        tie_word_embeddings=True,
+    )
+
+
+def modernbert_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:
+    """ModernBertConfig describing `dims`: layer types, window, both rotary bases, biases, norms."""
+    layer_types = ["full_attention" if dims.is_global(i) else "sliding_attention" for i in range(dims.num_layers)]
+    return transformers.ModernBertConfig(
+        architectures=["ModernBertForMaskedLM"],
+        vocab_size=dims.vocab_size,
+        hidden_size=dims.hidden_size,
+        intermediate_size=dims.intermediate_size,
+        num_hidden_layers=dims.num_layers,
+        num_attention_heads=dims.num_heads,
+        hidden_activation="gelu",  # exact (erf) GELU, as F.gelu
+        classifier_activation="gelu",
+        max_position_embeddings=dims.max_position_embeddings,
+        norm_eps=dims.layer_norm_eps,
+        norm_bias=dims.norm_bias,
+        attention_bias=dims.attention_bias,
+        mlp_bias=dims.feed_forward_bias,
+        classifier_bias=dims.head_bias,
+        decoder_bias=True,
+        embedding_dropout=dims.dropout,
+        mlp_dropout=dims.dropout,
+        attention_dropout=dims.attention_dropout,
+        layer_types=layer_types,
+        local_attention=dims.local_attention,  # its sliding_window is local_attention // 2, as ours
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": dims.rope_theta},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": dims.local_rope_theta}},
+        pad_token_id=special.pad,
+        bos_token_id=special.bos,
+        eos_token_id=special.eos,
+        cls_token_id=special.bos,
+        sep_token_id=special.eos,
+        tie_word_embeddings=True,
+    )
 
 
 def _tokenizer_config(tokenizer: Tokenizer, special: SpecialTokens, dims: ModelDims) -> dict[str, Any]:
@@ -232,32 +350,34 @@ def import_hf(directory: str | Path) -> HFModel:
     hf, info, weights_file = _load_weights(transformers, directory, config)
 
     names = hf_names(dims)
+    architecture = "RobertaForMaskedLM" if family_of(dims) == "roberta" else "ModernBertForMaskedLM"
     mismatched = {name: (file_shape, config_shape) for name, file_shape, config_shape in info["mismatched_keys"]}
-    state = {}
-    for ours, name in names.items():
+    for name in names.values():
         if name in mismatched:
             file_shape, config_shape = mismatched[name]
             raise UserError(
                 f"{weights_file}: {name} has shape {tuple(file_shape)} but {config_file} implies "
                 f"{tuple(config_shape)}; re-save the model with save_pretrained so config and weights agree."
             )
-        tensor = hf.get(name)
+    state = {}
+    for ours, tensor in from_hf(hf, dims).items():
         if tensor is None:
             raise UserError(
-                f"{weights_file} has no {name}; pass a folder saved from RobertaForMaskedLM (a model with its "
+                f"{weights_file} has no {names[ours]}; pass a folder saved from {architecture} (a model with its "
                 "masked-LM head)."
             )
-        if name.endswith("token_type_embeddings.weight"):
+        if ours.endswith("token_type_embeddings.weight"):
             tensor = tensor[:1]  # (type_vocab_size, H) -> (1, H): type 0 only
         # fp32 whatever the file holds: an upcast from fp16 / bf16 is exact.
         state[ours] = tensor.float() if tensor.is_floating_point() else tensor
 
     stored = set(hf) | set(info["unexpected_keys"])
-    unknown = sorted(k for k in stored - set(names.values()) if not IGNORED.fullmatch(k))
+    ignored = IGNORED if architecture == "RobertaForMaskedLM" else MODERN_IGNORED
+    unknown = sorted(k for k in stored - set(names.values()) if not ignored.fullmatch(k))
     if unknown:
         raise UserError(
             f"{weights_file} holds tensors our model has no place for ({', '.join(unknown[:3])}"
-            f"{', ...' if len(unknown) > 3 else ''}); only plain RoBERTa masked-LM models can be imported."
+            f"{', ...' if len(unknown) > 3 else ''}); only plain {architecture} models can be imported."
         )
     _tied(hf, state, weights_file)
     tokenizer = _read_tokenizer(directory, dims, config_file)
@@ -267,6 +387,8 @@ def import_hf(directory: str | Path) -> HFModel:
 def _dims(config: Any, path: Path) -> ModelDims:
     """ModelDims from a transformers config, refusing what our model computes differently."""
     model_type = config.model_type
+    if model_type == "modernbert":
+        return _modern_dims(config, path)
     if model_type == "bert":
         raise UserError(
             f"{path} describes a BERT model, which our encoder cannot reproduce exactly (BERT numbers positions from "
@@ -275,8 +397,8 @@ def _dims(config: Any, path: Path) -> ModelDims:
         )
     if model_type not in ROBERTA_TYPES:
         raise UserError(
-            f"{path} describes a {model_type!r} model; only RoBERTa-architecture folders "
-            "(model_type roberta, e.g. RobertaForMaskedLM) are supported."
+            f"{path} describes a {model_type!r} model; only RoBERTa- and ModernBERT-architecture folders "
+            "(model_type roberta or modernbert, e.g. RobertaForMaskedLM, ModernBertForMaskedLM) are supported."
         )
     # Each (key, value our model computes); a config that says otherwise is refused. transformers 5 has
     # no position_embedding_type, but keeps the key of a config.json that sets it.
@@ -300,6 +422,59 @@ def _dims(config: Any, path: Path) -> ModelDims:
         )
     except (TypeError, ValueError) as e:
         raise UserError(f"{path} lacks a usable size or pad_token_id ({e}); re-save the model with "
+                        "save_pretrained.") from None
+    if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
+        raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
+                        f"num_attention_heads {dims.num_heads} describe no usable model; fix the config.")
+    return dims
+
+
+def _modern_dims(config: Any, path: Path) -> ModelDims:
+    """ModelDims from a ModernBertConfig: its layer types give the global-layer period, its rotary parameters
+    the two bases; what our model computes differently is refused."""
+    fixed = {"hidden_activation": "gelu", "classifier_activation": "gelu", "decoder_bias": True,
+             "tie_word_embeddings": True}
+    for key, value in fixed.items():
+        if getattr(config, key, value) != value:
+            raise UserError(f"{path} sets {key} to {getattr(config, key)!r}; our model supports only {value!r}.")
+    layer_types = list(config.layer_types)
+    globals_at = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+    every = globals_at[1] - globals_at[0] if len(globals_at) > 1 else len(layer_types)
+    if not globals_at or globals_at[0] != 0 or globals_at != list(range(0, len(layer_types), every)):
+        raise UserError(f"{path}: layer_types {layer_types} is not one global layer every N starting at layer 0, "
+                        "the only pattern our model builds.")
+    rope = config.rope_parameters
+    if any(rope[t].get("rope_type", "default") != "default" for t in ("full_attention", "sliding_attention")):
+        raise UserError(f"{path} uses a rotary scaling (rope_type other than default) our model does not compute.")
+    try:
+        dims = ModelDims(
+            vocab_size=int(config.vocab_size),
+            hidden_size=int(config.hidden_size),
+            num_layers=int(config.num_hidden_layers),
+            num_heads=int(config.num_attention_heads),
+            intermediate_size=int(config.intermediate_size),
+            max_position_embeddings=int(config.max_position_embeddings),
+            pad_id=int(config.pad_token_id),
+            dropout=float(config.mlp_dropout),
+            attention_dropout=float(config.attention_dropout),
+            layer_norm_eps=float(config.norm_eps),
+            pre_layer_norm=True,
+            first_attention_norm=False,
+            position_embedding="rotary",
+            rope_theta=float(rope["full_attention"]["rope_theta"]),
+            local_rope_theta=float(rope["sliding_attention"]["rope_theta"]),
+            global_attention_every=every,
+            local_attention=int(config.local_attention),
+            feed_forward="geglu",
+            attention_bias=bool(config.attention_bias),
+            feed_forward_bias=bool(config.mlp_bias),
+            norm_bias=bool(config.norm_bias),
+            head_bias=bool(config.classifier_bias),
+            token_type_embedding=False,
+            init="modernbert",
+        )
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path} lacks a usable size, rotary base or pad_token_id ({e}); re-save the model with "
                         "save_pretrained.") from None
     if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
         raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
@@ -344,7 +519,8 @@ def _load_weights(
 
 def _tied(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_file: Path) -> None:
     """Refuse a stored decoder that is not a copy of what our head ties it to (an untied head)."""
-    ties = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight", "lm_head.decoder.bias": "head.bias"}
+    ties = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight", "lm_head.decoder.bias": "head.bias",
+            "decoder.weight": "embeddings.word_embeddings.weight"}
     for name, ours in ties.items():
         if name in hf and not torch.equal(hf[name].float(), state[ours]):
             raise UserError(

@@ -139,10 +139,12 @@ def has_varlen_attention(x: torch.Tensor) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                     max_seqlen: int, dropout_p: float) -> torch.Tensor:
+                     max_seqlen: int, dropout_p: float, window: int | None = None) -> torch.Tensor:
     """Packed q, k, v (N, nh, hs), cu_seqlens (B + 1,) int32 -> (N, nh, hs): variable-length FlashAttention
-    on the packed tokens as they are, no padding at all."""
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p)
+    on the packed tokens as they are, no padding at all; `window`: keys at most window / 2 away (inclusive)."""
+    sides = (-1, -1) if window is None else (window // 2, window // 2)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                  window_size=sides)
 
 
 # ---- The MLM loss --------------------------------------------------------------------------------------

@@ -27,11 +27,26 @@ class Padded:
         self.mask = attention_mask  # (B, T)
         # No mask at all when the rows are known to be full: on CUDA, SDPA can then pick FlashAttention.
         self.bias = key_bias(attention_mask, torch.float32) if has_pads else None
+        self._windowed: dict[int, torch.Tensor] = {}
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """q, k, v (B, T, nh, hs) -> (B, T, nh, hs)"""
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.bias, dropout_p)  # (B, nh, T, hs)
+    def positions(self) -> torch.Tensor:
+        """(T,): each column's place in its row, for rotary embeddings (broadcast over B)."""
+        return torch.arange(self.mask.shape[1], device=self.mask.device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+               window: int | None = None) -> torch.Tensor:
+        """q, k, v (B, T, nh, hs) -> (B, T, nh, hs); `window`: keys at most window / 2 positions away only."""
+        bias = self.bias if window is None else self._window_bias(window)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, dropout_p)  # (B, nh, T, hs)
         return y.transpose(1, 2)
+
+    def _window_bias(self, window: int) -> torch.Tensor | None:
+        """The key bias plus the window's band, built once per batch for every local layer."""
+        if window not in self._windowed:
+            real = self.mask if self.bias is not None else None
+            self._windowed[window] = combine(self.bias, window_bias(self.mask.shape[1], window, real,
+                                                                    self.mask.device))
+        return self._windowed[window]
 
 
 def length_groups(lengths: list[int], max_groups: int = 4) -> list[tuple[int, int]]:
@@ -80,6 +95,8 @@ class Packed:
         self.max_seqlen = max_seqlen
         self._groups = None
         self._padded = None
+        self._positions = None
+        self._windowed: dict[int, list] = {}
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)"""
@@ -90,22 +107,39 @@ class Packed:
         B, T = self.mask.shape
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """q, k, v (N, nh, hs) -> (N, nh, hs)"""
+    def positions(self) -> torch.Tensor:
+        """(N,): each packed token's place in its row, for rotary embeddings."""
+        if self._positions is None:
+            self._positions = self.index % self.mask.shape[1]
+        return self._positions
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+               window: int | None = None) -> torch.Tensor:
+        """q, k, v (N, nh, hs) -> (N, nh, hs); `window`: keys at most window / 2 positions away only."""
         if has_varlen_attention(q):
-            return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, dropout_p)
+            return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, dropout_p, window)
         if q.device.type != "cpu":
             self._padded = self._padded or Padded(self.mask)  # its key bias, built once for all layers
-            return self.pack(self._padded.attend(self.unpack(q), self.unpack(k), self.unpack(v), dropout_p))
-        return self.attend_in_groups(q, k, v, dropout_p)
+            return self.pack(self._padded.attend(self.unpack(q), self.unpack(k), self.unpack(v), dropout_p, window))
+        return self.attend_in_groups(q, k, v, dropout_p, window)
 
     # Eager under training.compile: how many groups, and their lengths, change from batch to batch, and a
     # compiled graph would be specialised (and recompiled) on each; the layer around it compiles once.
     @torch.compiler.disable
-    def attend_in_groups(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    def attend_in_groups(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                         window: int | None = None) -> torch.Tensor:
         """q, k, v (N, nh, hs) -> (N, nh, hs), on the CPU"""
-        groups = self.groups()
+        groups = self.groups() if window is None else self.window_groups(window)
         return grouped_attention(q, k, v, groups, self._slot, dropout_p)
+
+    def window_groups(self, window: int) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
+        """`groups()` with each group's key bias narrowed to the window, built once per batch."""
+        if window not in self._windowed:
+            self._windowed[window] = [
+                (rows, T, combine(bias, window_bias(T, window, real, rows.device)))
+                for (rows, T, bias), real in zip(self.groups(), self._real, strict=True)
+            ]
+        return self._windowed[window]
 
     def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
         """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None. Built once
@@ -115,7 +149,7 @@ class Packed:
             return self._groups
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
         order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
-        self._groups, self._slot, done = [], torch.empty(len(self.index), dtype=torch.long), 0
+        self._groups, self._slot, self._real, done = [], torch.empty(len(self.index), dtype=torch.long), [], 0
         for start, end in length_groups([lengths[r] for r in order]):
             rows = torch.tensor(order[start:end])
             n = torch.tensor([lengths[r] for r in order[start:end]])  # (b,)
@@ -126,8 +160,27 @@ class Packed:
             gather = self.cu_seqlens[rows][:, None] + torch.minimum(t[None, :], n[:, None] - 1)
             self._slot[gather[real]] = done + torch.nonzero(real.reshape(-1)).squeeze(1)
             self._groups.append((gather.reshape(-1), T, key_bias(real, torch.float32)))
+            self._real.append(real)
             done += real.numel()
         return self._groups
+
+
+def window_bias(T: int, window: int, real: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """(1 or b, 1, T, T) additive: -inf where key j is more than window / 2 from query i, else 0; None when the
+    window covers every row. `real` (b, T), when given, exempts pad queries: their outputs are discarded, and
+    a pad far past its row's end would otherwise see no key at all (a softmax over nothing is NaN)."""
+    half = window // 2
+    if half >= T - 1:
+        return None
+    t = torch.arange(T, device=device)
+    far = (t[:, None] - t[None, :]).abs() > half  # (T, T)
+    far = far[None, None] if real is None else far[None, None] & real[:, None, :, None]
+    return torch.zeros(far.shape, dtype=torch.float32, device=device).masked_fill_(far, float("-inf"))
+
+
+def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of two additive biases, either of which may be absent."""
+    return b if a is None else a if b is None else a + b
 
 
 Layout = Padded | Packed

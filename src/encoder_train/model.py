@@ -17,6 +17,7 @@ is a pure renaming (`hf.py`): `embeddings.word_embeddings` <-> `roberta.embeddin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,77 +45,148 @@ class ModelDims:
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-5
     pre_layer_norm: bool = False
+    # The modern family's options (config.py documents each; the defaults are RoBERTa's)
+    first_attention_norm: bool = True
+    position_embedding: str = "learned"  # or "rotary"
+    rope_theta: float = 160_000.0
+    local_rope_theta: float = 10_000.0
+    global_attention_every: int = 1
+    local_attention: int = 128
+    feed_forward: str = "gelu"  # or "geglu"
+    attention_bias: bool = True
+    feed_forward_bias: bool = True
+    norm_bias: bool = True
+    head_bias: bool = True
+    token_type_embedding: bool = True
+    init: str = "bert"  # or "modernbert"
+
+    @property
+    def rotary(self) -> bool:
+        return self.position_embedding == "rotary"
 
     @property
     def max_tokens(self) -> int:
-        """Longest row the positions can hold: positions run from pad_id + 1 upwards."""
-        return self.max_position_embeddings - self.pad_id - 1
+        """Longest row: learned positions run from pad_id + 1 upwards; rotary ones from 0 within each row."""
+        return self.max_position_embeddings if self.rotary else self.max_position_embeddings - self.pad_id - 1
+
+    def is_global(self, layer: int) -> bool:
+        """Layers 0, N, 2N, ... attend over the whole row; the others within the local window."""
+        return layer % self.global_attention_every == 0
 
 
 class Embeddings(nn.Module):
+    """Token embeddings, plus learned positions and RoBERTa's one token type where the model has them, then a
+    LayerNorm. Rotary models add no positions here: attention rotates q and k instead."""
+
     def __init__(self, d: ModelDims):
         super().__init__()
         self.pad_id = d.pad_id
         self.word_embeddings = nn.Embedding(d.vocab_size, d.hidden_size, padding_idx=d.pad_id)
-        self.position_embeddings = nn.Embedding(d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id)
-        self.token_type_embeddings = nn.Embedding(1, d.hidden_size)  # RoBERTa: one type, added everywhere
-        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.position_embeddings = (None if d.rotary else
+                                    nn.Embedding(d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id))
+        # RoBERTa: one type, added everywhere
+        self.token_type_embeddings = nn.Embedding(1, d.hidden_size) if d.token_type_embedding else None
+        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps, bias=d.norm_bias)
         self.dropout = Dropout(d.dropout)
 
     def forward(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
-        # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
-        keep = layout.mask.long()  # (B, T)
-        positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
         if isinstance(layout, Packed):  # embed the real tokens only: (N_tokens,)
-            input_ids, positions = layout.pack(input_ids), layout.pack(positions)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        x = x + self.token_type_embeddings.weight[0]
+            x = self.word_embeddings(layout.pack(input_ids))
+        else:
+            x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
+            keep = layout.mask.long()  # (B, T)
+            positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
+            x = x + self.position_embeddings(layout.pack(positions) if isinstance(layout, Packed) else positions)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.norm(x))  # (B, T, H) or (N_tokens, H)
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE): pairs of dimensions (i, i + hs/2) of q and k rotated by angles
+    position x theta^(-2i/hs); positions count from 0 within each row. No parameters."""
+
+    def __init__(self, head_size: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (..., nh, hs); positions (...) int, one per token -> q, k rotated, in their dtype (in fp32 inside)."""
+        angles = positions[..., None].float() * self.inv_freq  # (..., hs/2)
+        angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # (..., 1, hs): one angle per dim, all heads
+        cos, sin = angles.cos(), angles.sin()
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.float().chunk(2, dim=-1)
+            return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+        return rotate(q), rotate(k)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, d: ModelDims):
+    """Multi-head self-attention over the whole row (a global layer) or a window of it (a local layer)."""
+
+    def __init__(self, d: ModelDims, layer: int = 0):
         super().__init__()
         self.num_heads = d.num_heads
         self.head_size = d.hidden_size // d.num_heads
         # Separate q/k/v parameters keep the export a pure renaming; forward fuses them into one matmul.
-        self.query = nn.Linear(d.hidden_size, d.hidden_size)
-        self.key = nn.Linear(d.hidden_size, d.hidden_size)
-        self.value = nn.Linear(d.hidden_size, d.hidden_size)
-        self.output = nn.Linear(d.hidden_size, d.hidden_size)
+        self.query = nn.Linear(d.hidden_size, d.hidden_size, bias=d.attention_bias)
+        self.key = nn.Linear(d.hidden_size, d.hidden_size, bias=d.attention_bias)
+        self.value = nn.Linear(d.hidden_size, d.hidden_size, bias=d.attention_bias)
+        self.output = nn.Linear(d.hidden_size, d.hidden_size, bias=d.attention_bias)
         self.attention_dropout = d.attention_dropout
         self.dropout = Dropout(d.dropout)
+        self.window = None if d.is_global(layer) else d.local_attention  # None: the whole row
+        theta = d.rope_theta if self.window is None else d.local_rope_theta
+        self.rotary = Rotary(self.head_size, theta) if d.rotary else None
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         """(B, T, H) padded or (N_tokens, H) packed -> the same shape; "..." below is (B, T) or (N_tokens,)."""
         p = self.attention_dropout if self.training else 0.0
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        bias = None if self.query.bias is None else torch.cat([self.query.bias, self.key.bias, self.value.bias])
         qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_size))  # (..., 3, nh, hs)
         q, k, v = qkv.unbind(-3)  # each (..., nh, hs), a view
-        y = layout.attend(q, k, v, p)  # (..., nh, hs): the layout hides the padding from attention
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, layout.positions())  # positions (...): each token's place in its row
+        y = layout.attend(q, k, v, p, self.window)  # (..., nh, hs): the layout hides the padding from attention
         return self.dropout(self.output(y.flatten(-2)))  # (..., H)
 
 
 class FeedForward(nn.Module):
+    """gelu: down(GELU(up(x))). geglu: up projects to 2 x intermediate; GELU of the first half gates the second
+    (ModernBERT), and dropout sits before `down`, where ModernBERT has it."""
+
     def __init__(self, d: ModelDims):
         super().__init__()
-        self.up = nn.Linear(d.hidden_size, d.intermediate_size)
-        self.down = nn.Linear(d.intermediate_size, d.hidden_size)
+        self.gated = d.feed_forward == "geglu"
+        width = d.intermediate_size * (2 if self.gated else 1)
+        self.up = nn.Linear(d.hidden_size, width, bias=d.feed_forward_bias)
+        self.down = nn.Linear(d.intermediate_size, d.hidden_size, bias=d.feed_forward_bias)
         self.dropout = Dropout(d.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            value, gate = self.up(x).chunk(2, dim=-1)  # (..., H) -> 2 x (..., I)
+            return self.down(self.dropout(F.gelu(value) * gate))  # -> (..., H)
         return self.dropout(self.down(F.gelu(self.up(x))))  # (..., H) -> (..., 4H) -> (..., H)
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d: ModelDims):
+    def __init__(self, d: ModelDims, layer: int = 0):
         super().__init__()
         self.pre_layer_norm = d.pre_layer_norm
-        self.attention = SelfAttention(d)
-        self.attention_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.attention = SelfAttention(d, layer)
+        # Pre-LN's first layer reads the embeddings' output, already normalised: ModernBERT skips its norm.
+        skip = d.pre_layer_norm and layer == 0 and not d.first_attention_norm
+        self.attention_norm = nn.Identity() if skip else nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps,
+                                                                        bias=d.norm_bias)
         self.feed_forward = FeedForward(d)
-        self.feed_forward_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.feed_forward_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps, bias=d.norm_bias)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         """(B, T, H) or (N_tokens, H) -> the same shape."""
@@ -128,9 +200,10 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, d: ModelDims):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d) for _ in range(d.num_layers))
+        self.layers = nn.ModuleList(EncoderLayer(d, i) for i in range(d.num_layers))
         # Pre-LN leaves the residual stream un-normalised; one LayerNorm closes it.
-        self.final_norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps) if d.pre_layer_norm else None
+        self.final_norm = (nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps, bias=d.norm_bias)
+                           if d.pre_layer_norm else None)
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         for layer in self.layers:
@@ -143,8 +216,8 @@ class MLMHead(nn.Module):
 
     def __init__(self, d: ModelDims, word_embeddings: nn.Embedding):
         super().__init__()
-        self.dense = nn.Linear(d.hidden_size, d.hidden_size)
-        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps)
+        self.dense = nn.Linear(d.hidden_size, d.hidden_size, bias=d.head_bias)
+        self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps, bias=d.norm_bias)
         self.word_embeddings = [word_embeddings]  # a list: tied, not registered a second time
         self.bias = nn.Parameter(torch.zeros(d.vocab_size))
 
@@ -172,21 +245,48 @@ class MaskedLM(nn.Module):
         self.embeddings = Embeddings(d)
         self.encoder = Encoder(d)
         self.head = MLMHead(d, self.embeddings.word_embeddings)
-        self.apply(self._init_weights)
+        if d.init == "modernbert":
+            self._init_modernbert()
+        else:
+            self.apply(self._init_bert)
 
     @staticmethod
-    def _init_weights(module: nn.Module) -> None:
+    def _init_bert(module: nn.Module) -> None:
         # BERT's initialisation: N(0, 0.02) weights, zero biases, identity LayerNorms, zero pad rows.
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
             if module.padding_idx is not None:
                 module.weight.data[module.padding_idx].zero_()
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def _init_modernbert(self) -> None:
+        """ModernBERT's (transformers' ModernBertPreTrainedModel._init_weights): normal truncated at 2 sigma;
+        embeddings and input projections sigma 0.02, output projections and the head's dense layer
+        0.02 / sqrt(2 x layers); zero biases (the decoder's too), identity LayerNorms; pad row not zeroed."""
+        small = 0.02 / math.sqrt(2.0 * self.dims.num_layers)
+
+        def normal(weight: torch.Tensor, std: float) -> None:
+            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                out = name.endswith(("attention.output", "feed_forward.down", "head.dense"))
+                normal(module.weight, small if out else 0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                normal(module.weight, 0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

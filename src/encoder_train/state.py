@@ -39,9 +39,11 @@ from encoder_train.optim import apply_hyperparameters, lr_factor
 
 # ---- the model's shape: one source ----------------------------------------------------------------------
 
-# ModelDims fields that a resumed run may change: regularisation and a numerical constant. Every other field
-# fixes parameter shapes or the function computed, so a checkpoint must match it.
-MAY_CHANGE_ON_RESUME = ("dropout", "attention_dropout", "layer_norm_eps")
+# ModelDims fields that a resumed run may change: regularisation, a numerical constant, the initialisation
+# (the weights are loaded), and the rotary bases (a context-extension stage raises the global one). Every
+# other field fixes parameter shapes or the function computed, so a checkpoint must match it; with rotary
+# positions, max_position_embeddings is no parameter either, so longer rows may follow shorter ones.
+MAY_CHANGE_ON_RESUME = ("dropout", "attention_dropout", "layer_norm_eps", "init", "rope_theta", "local_rope_theta")
 SHAPE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelDims) if f.name not in MAY_CHANGE_ON_RESUME)
 
 
@@ -66,7 +68,8 @@ def model_section(dims: ModelDims, cfg: ModelConfig) -> ModelConfig:
 
 def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None:
     current = dataclasses.asdict(dims)
-    diffs = [f"{k} {saved.get(k)} vs {current[k]}" for k in SHAPE_FIELDS if saved.get(k, current[k]) != current[k]]
+    fields = [k for k in SHAPE_FIELDS if not (dims.rotary and k == "max_position_embeddings")]
+    diffs = [f"{k} {saved.get(k)} vs {current[k]}" for k in fields if saved.get(k, current[k]) != current[k]]
     if diffs:
         raise UserError(
             f"checkpoint {path} was trained with a different model shape (checkpoint vs config: "

@@ -1,0 +1,251 @@
+"""The modern family (rotary positions, GeGLU, no biases, local/global attention) against transformers'
+ModernBertForMaskedLM: logits, the training path's loss and gradients, export and import both ways."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import PAD, VOCAB
+from encoder_train.batch import MaskSpec
+from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
+from encoder_train.hf import export_checkpoint, from_hf, import_hf, modernbert_config, to_hf
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.tokenizer import special_tokens, word_level_tokenizer
+from test_hf import assert_same_logits, padded_batch, perturb, write_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+MODERN = dict(pre_layer_norm=True, first_attention_norm=False, position_embedding="rotary", rope_theta=160_000.0,
+              local_rope_theta=10_000.0, global_attention_every=3, local_attention=8, feed_forward="geglu",
+              attention_bias=False, feed_forward_bias=False, norm_bias=False, head_bias=False,
+              token_type_embedding=False, init="modernbert", dropout=0.0, attention_dropout=0.0)
+
+
+@pytest.fixture
+def word_tokenizer():
+    return word_level_tokenizer(VOCAB)
+
+
+def modern_dims(**changes) -> ModelDims:
+    # 4 layers: global, local, local, global; a window of 8 tokens (4 each side), rows up to 30: local layers matter
+    return ModelDims(**{**dict(vocab_size=VOCAB, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=48,
+                               max_position_embeddings=64, pad_id=PAD), **MODERN, **changes})
+
+
+def hf_model(dims: ModelDims, tokenizer) -> torch.nn.Module:
+    config = modernbert_config(transformers, dims, special_tokens(tokenizer))
+    config._attn_implementation = "eager"
+    return transformers.ModernBertForMaskedLM(config)
+
+
+def ours_into_theirs(ours: MaskedLM, theirs: torch.nn.Module) -> None:
+    missing, unexpected = theirs.load_state_dict(to_hf(ours.state_dict(), ours.dims), strict=False)
+    assert missing == ["decoder.weight"] and not unexpected  # the tied copy of the embeddings
+    theirs.tie_weights()
+
+
+@pytest.mark.parametrize("changes", [{}, {"attention_bias": True, "feed_forward_bias": True, "norm_bias": True,
+                                          "head_bias": True, "global_attention_every": 2}])
+def test_logits_equal_transformers_on_padded_rows_longer_than_the_window(word_tokenizer, changes):
+    dims = modern_dims(**changes)
+    torch.manual_seed(0)
+    ours = MaskedLM(dims).eval()
+    perturb(ours)
+    theirs = hf_model(dims, word_tokenizer).eval()
+    ours_into_theirs(ours, theirs)
+    ids, mask = padded_batch(VOCAB, [30, 23, 17, 9, 3])
+    with torch.no_grad():
+        mine = ours(ids, mask, return_logits=True).logits
+        hf = theirs(input_ids=ids, attention_mask=mask.long()).logits
+        # The window matters: without it (all layers global) the logits differ.
+        all_global = MaskedLM(dataclasses.replace(dims, global_attention_every=1)).eval()
+        all_global.load_state_dict(ours.state_dict())
+        other = all_global(ids, mask, return_logits=True).logits
+    assert_same_logits(mine[mask], hf[mask])
+    assert (other[mask] - mine[mask]).abs().max() > 1e-3
+
+
+def test_training_loss_and_gradients_equal_transformers_eager():
+    """The unpadded path (packed tokens, CPU length groups with the window's band, rotary on packed positions,
+    the sparse head) against ModernBertForMaskedLM, eager attention, every row padded, F.cross_entropy."""
+    from encoder_train.data.loader import collate
+    from encoder_train.layouts import Packed
+
+    tokenizer = word_level_tokenizer(VOCAB)
+    dims = modern_dims()
+    torch.manual_seed(0)
+    ours = MaskedLM(dims)
+    perturb(ours)
+    theirs = hf_model(dims, tokenizer)
+    ours_into_theirs(ours, theirs)
+
+    g = torch.Generator().manual_seed(1)
+    lengths = [30, 29, 28, 12, 11, 10, 4, 3]
+    rows = [torch.cat([torch.tensor([0]), torch.randint(5, VOCAB, (n - 2,), generator=g), torch.tensor([2])])
+            for n in lengths]
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB, probability=0.3)
+    b = collate(rows, spec, seed=0)
+    assert len(Packed(b.attention_mask, *b.packing).groups()) > 1
+
+    loss = ours(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss
+    loss.backward()
+    theirs.train()
+    logits = theirs(input_ids=b.input_ids, attention_mask=b.attention_mask.long()).logits
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), b.labels.reshape(-1), ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    mine = {n: p.grad for n, p in ours.named_parameters()}
+    hf_grads = from_hf({n: p.grad for n, p in theirs.named_parameters()}, dims)
+    for name, grad in mine.items():
+        torch.testing.assert_close(grad, hf_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_export_loads_as_modernbert_and_serves_fill_mask(tmp_path, word_tokenizer):
+    dims = modern_dims(vocab_size=VOCAB + 8)
+    path, ours = write_checkpoint(tmp_path / "ckpt", word_tokenizer, dims)
+    out = export_checkpoint(path, tmp_path / "hf")
+    model = transformers.AutoModelForMaskedLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "ModernBertForMaskedLM"
+    cfg = model.config
+    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    assert cfg.sliding_window == 4 and cfg.rope_parameters["full_attention"]["rope_theta"] == 160_000.0
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0 and not cfg.norm_bias
+    ids, mask = padded_batch(VOCAB, [30, 14, 5])
+    with torch.no_grad():
+        assert_same_logits(ours(ids, mask, return_logits=True).logits[mask],
+                           model(input_ids=ids, attention_mask=mask.long()).logits[mask])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.mask_token == "<mask>" and tok.pad_token_id == PAD
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out))
+    assert len(fill("w5 w6 <mask> w7")) == 5
+    # export -> import: identical tensors
+    back = import_hf(out)
+    assert back.dims == dims
+    state = ours.state_dict()
+    assert back.state_dict.keys() == state.keys()
+    assert all(torch.equal(back.state_dict[k], state[k]) for k in state)
+
+
+def test_import_of_a_transformers_made_modernbert(tmp_path, word_tokenizer):
+    dims = modern_dims(global_attention_every=2, local_attention=6)
+    torch.manual_seed(3)
+    theirs = hf_model(dims, word_tokenizer)
+    perturb(theirs, seed=5)
+    folder = tmp_path / "modernbert"
+    theirs.save_pretrained(folder)
+    word_tokenizer.save(str(folder / "tokenizer.json"))
+    imported = import_hf(folder)
+    assert imported.dims == dims
+    ours = MaskedLM(imported.dims).eval()
+    ours.load_state_dict(imported.state_dict)
+    ids, mask = padded_batch(VOCAB, [25, 19, 7])
+    with torch.no_grad():
+        assert_same_logits(ours(ids, mask, return_logits=True).logits[mask],
+                           theirs.eval()(input_ids=ids, attention_mask=mask.long()).logits[mask])
+
+
+def test_options_neither_class_can_express_are_refused(tmp_path, word_tokenizer):
+    from encoder_train.errors import UserError
+    from encoder_train.hf import family_of
+
+    for changes, pattern in [({"feed_forward": "gelu"}, "model.feed_forward"),
+                             ({"token_type_embedding": True}, "model.token_type_embedding"),
+                             ({"pre_layer_norm": False}, "model.pre_layer_norm")]:
+        with pytest.raises(UserError, match=pattern):
+            family_of(modern_dims(**changes))
+    learned = ModelDims(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                        max_position_embeddings=64, pad_id=PAD, feed_forward="geglu")
+    with pytest.raises(UserError, match="model.feed_forward = 'geglu' with learned positions"):
+        family_of(learned)
+
+
+def test_bundled_modernbert_configs_have_transformers_parameter_counts():
+    from encoder_train.state import model_dims
+
+    for name, hf_kwargs in [("modernbert-base.yaml", {}),
+                            ("modernbert-large.yaml", dict(hidden_size=1024, intermediate_size=2624,
+                                                           num_hidden_layers=28, num_attention_heads=16))]:
+        cfg = load_config(BUNDLED_CONFIG_DIR / name)
+        dims = model_dims(cfg.model, 50_280, 50_283, name)  # ModernBERT's tokenizer: 50,280 tokens, pad 50283
+        with torch.device("meta"):
+            ours = MaskedLM(dims).num_parameters()
+            theirs = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**hf_kwargs)).num_parameters()
+        assert ours == theirs, name
+    tiny = load_config(BUNDLED_CONFIG_DIR / "tiny-modernbert.yaml").model
+    assert tiny.local_attention < 128 and tiny.global_attention_every > 1 and tiny.position_embedding == "rotary"
+
+
+def _train_cmd(data, tok, ckpt, *extra):
+    import sys
+
+    return [sys.executable, "-m", "encoder_train", "train", "--config_file", "tiny-modernbert.yaml", "--data_dir",
+            str(data), "--tokenizer_filepath", str(tok), "--checkpoint_dir", str(ckpt), "--set", "data.num_workers=0",
+            "--set", "training.log_interval=1", "--checkpoint_every", "3", "--batch_size", "8", *map(str, extra)]
+
+
+def test_kill_and_resume_is_bit_exact_for_the_modern_family(tmp_path, shard_dir, tokenizer_file):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from encoder_train import checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = 24
+    straight = tmp_path / "straight"
+    subprocess.run(_train_cmd(shard_dir, tokenizer_file, straight, "--max_steps", steps), check=True,
+                   capture_output=True, env=env)
+    faulty = tmp_path / "faulty"
+    proc = subprocess.Popen(_train_cmd(shard_dir, tokenizer_file, faulty, "--max_steps", steps),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    while len(checkpoint.list_checkpoints(faulty)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.list_checkpoints(faulty)[-1][0] < steps
+    done = subprocess.run(_train_cmd(shard_dir, tokenizer_file, faulty, "--max_steps", steps, "--load_checkpoint",
+                                     "latest"), capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = checkpoint.load(checkpoint.checkpoint_path(straight, steps))["model"]
+    b = checkpoint.load(checkpoint.checkpoint_path(faulty, steps))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_context_extension_resumes_with_longer_rows_and_another_global_theta(capsys, tmp_path, tokenizer_file):
+    from conftest import make_shards
+    from encoder_train import checkpoint
+    from encoder_train.cli import main
+
+    short, long = make_shards(tmp_path / "short", width=32), make_shards(tmp_path / "long", width=100, seed=5)
+    ckpt = tmp_path / "ckpt"
+    common = ["train", "--config_file", "tiny-modernbert.yaml", "--tokenizer_filepath", str(tokenizer_file),
+              "--checkpoint_dir", str(ckpt), "--batch_size", "4", "--set", "data.num_workers=0"]
+    assert main([*common, "--data_dir", str(short), "--max_steps", "6",
+                 "--set", "model.max_position_embeddings=32"]) == 0
+    # Rows of 100 tokens do not fit the first stage's 32 positions ...
+    assert main([*common, "--data_dir", str(long), "--max_steps", "6", "--set", "model.max_position_embeddings=32",
+                 "--load_checkpoint", "latest"]) == 2
+    capsys.readouterr()
+    # ... the extension stage raises the positions and the global base, and resumes the same weights.
+    assert main([*common, "--data_dir", str(long), "--max_steps", "12", "--set", "model.max_position_embeddings=128",
+                 "--set", "model.rope_theta=320000", "--load_checkpoint", "latest"]) == 0
+    out = capsys.readouterr().out
+    assert "model.rope_theta 160000.0 -> 320000.0" in out and "model.max_position_embeddings 32 -> 128" in out
+    state = checkpoint.load(checkpoint.checkpoint_path(ckpt, 12))
+    assert state["dims"]["max_position_embeddings"] == 128 and state["dims"]["rope_theta"] == 320000.0
+
+
+def test_family_key_sets_the_architecture_and_each_key_still_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {family: modernbert, hidden_size: 64, num_heads: 2, norm_bias: true}\n")
+    m = load_config(p).model
+    assert (m.position_embedding, m.feed_forward, m.global_attention_every, m.pre_layer_norm) == (
+        "rotary", "geglu", 3, True)
+    assert m.norm_bias is True and m.attention_bias is False  # the file's key wins over the family
+    p.write_text("model: {hidden_size: 64, num_heads: 2}\n")
+    assert load_config(p).model.position_embedding == "learned"  # RoBERTa stays the default
