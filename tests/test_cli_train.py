@@ -256,3 +256,37 @@ def test_tensorboard_event_files_hold_loss_and_learning_rate(capsys, config_file
     lr = {e.step: e.value for e in events.Scalars("lr")}
     assert lr[40] == pytest.approx(jsonl[40]["lr"], abs=1e-9) and lr[5] == pytest.approx(jsonl[5]["lr"], rel=1e-6)
     assert [e.step for e in events.Scalars("val_loss")] == [15, 30]
+
+
+def test_checkpoints_are_written_while_training_goes_on(capsys, config_file, shard_dir, tokenizer_file, tmp_path,
+                                                         monkeypatch):
+    """A save hands the snapshot to a writer thread: training continues while step 5's checkpoint is written
+    (the write here waits until step 8 is logged), and the run still ends with every checkpoint on disk."""
+    import time
+
+    from encoder_train import checkpoint
+
+    ckpt, real_save, seen = tmp_path / "ckpt", checkpoint.save, {}
+
+    def slow_save(state, directory, step):
+        if step == 5:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(r["step"] >= 8 for r in metrics_or_empty(ckpt)):
+                time.sleep(0.01)
+            seen["steps_logged_during_write"] = max((r["step"] for r in metrics_or_empty(ckpt)), default=0)
+        return real_save(state, directory, step)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    rc, _, err = train(capsys, config_file, shard_dir, tokenizer_file, ckpt, "--max_steps", 12, "--checkpoint_every",
+                       5, "--max_checkpoints", 5, "--set", "training.log_interval=1")
+    assert rc == 0, err
+    assert seen["steps_logged_during_write"] >= 8
+    assert [s for s, _ in checkpoint.list_checkpoints(ckpt)] == [5, 10, 12]
+    assert checkpoint.load(checkpoint.checkpoint_path(ckpt, 5))["step"] == 5
+
+
+def metrics_or_empty(ckpt: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []

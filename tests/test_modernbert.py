@@ -249,3 +249,33 @@ def test_family_key_sets_the_architecture_and_each_key_still_overrides(tmp_path)
     assert m.norm_bias is True and m.attention_bias is False  # the file's key wins over the family
     p.write_text("model: {hidden_size: 64, num_heads: 2}\n")
     assert load_config(p).model.position_embedding == "learned"  # RoBERTa stays the default
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_attention_paths_with_the_window_equal_the_cpu_path():
+    """SDPA with the band mask (fp32), and FlashAttention's window_size where flash-attn is installed (bf16),
+    against the CPU's length-grouped path, on the training layout (packed tokens)."""
+    from encoder_train.data.loader import collate
+
+    dims = modern_dims()
+    torch.manual_seed(0)
+    model = MaskedLM(dims).eval()
+    perturb(model)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.cat([torch.tensor([0]), torch.randint(5, VOCAB, (n - 2,), generator=g), torch.tensor([2])])
+            for n in [30, 21, 12, 5]]
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB, probability=0.3)
+    b = collate(rows, spec, seed=0)
+    with torch.no_grad():
+        cpu = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing,
+                    return_predicted_logits=True).predicted_logits
+        gpu_batch = b.to(torch.device("cuda"))
+        model.cuda()
+        sdpa = model(gpu_batch.input_ids, gpu_batch.attention_mask, gpu_batch.labels, gpu_batch.predict_positions,
+                     packing=gpu_batch.packing, return_predicted_logits=True).predicted_logits
+        torch.testing.assert_close(sdpa.cpu(), cpu, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model(gpu_batch.input_ids, gpu_batch.attention_mask, gpu_batch.labels, gpu_batch.predict_positions,
+                         packing=gpu_batch.packing, return_predicted_logits=True).predicted_logits
+        assert (bf16.float().cpu() - cpu).abs().max() < 0.05 * cpu.abs().max()

@@ -18,6 +18,10 @@ try:  # variable-length FlashAttention for the unpadded path on CUDA, when the p
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # PyTorch's own variable-length attention (recent versions; CUDA; no dropout)
+    from torch.nn.attention.varlen import varlen_attn as torch_varlen_attn
+except ImportError:
+    torch_varlen_attn = None
 
 
 # ---- Dropout -------------------------------------------------------------------------------------------
@@ -133,18 +137,24 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat(outputs).index_select(0, slot)  # back to packed order: (N, nh, hs)
 
 
-def has_varlen_attention(x: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs on tensors like x: flash-attn installed, CUDA, fp16 or bf16."""
-    return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+def has_varlen_attention(x: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether `varlen_attention` runs on tensors like x: CUDA, fp16 or bf16, and either the flash-attn package
+    or PyTorch's own varlen attention, which has no dropout (so only at attention dropout 0, as ModernBERT
+    trains; with dropout the rows are padded for SDPA instead, which has it)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return flash_attn_varlen_func is not None or (torch_varlen_attn is not None and dropout_p == 0.0)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, dropout_p: float, window: int | None = None) -> torch.Tensor:
-    """Packed q, k, v (N, nh, hs), cu_seqlens (B + 1,) int32 -> (N, nh, hs): variable-length FlashAttention
-    on the packed tokens as they are, no padding at all; `window`: keys at most window / 2 away (inclusive)."""
+    """Packed q, k, v (N, nh, hs), cu_seqlens (B + 1,) int32 -> (N, nh, hs): variable-length attention on the
+    packed tokens as they are, no padding at all; `window`: keys at most window / 2 away (inclusive)."""
     sides = (-1, -1) if window is None else (window // 2, window // 2)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
-                                  window_size=sides)
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=dropout_p,
+                                      window_size=sides)
+    return torch_varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=sides)
 
 
 # ---- The MLM loss --------------------------------------------------------------------------------------

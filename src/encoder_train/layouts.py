@@ -116,7 +116,7 @@ class Packed:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                window: int | None = None) -> torch.Tensor:
         """q, k, v (N, nh, hs) -> (N, nh, hs); `window`: keys at most window / 2 positions away only."""
-        if has_varlen_attention(q):
+        if has_varlen_attention(q, dropout_p):
             return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, dropout_p, window)
         if q.device.type != "cpu":
             self._padded = self._padded or Padded(self.mask)  # its key bias, built once for all layers

@@ -146,6 +146,18 @@ class TrainState:
             apply_hyperparameters(self.optimizer, self.scheduler, self.config.training, self.step)
 
 
+def host_copy(obj: Any) -> Any:
+    """A snapshot with every tensor copied to host memory (cloned on the CPU), so that training may go on
+    changing the originals while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
 def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path: Path) -> None:
     """Refuse a checkpoint this run cannot continue, before any weights are touched."""
     if saved.get("sharded_optimizer", False) != sharded:

@@ -33,7 +33,7 @@ from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers
 from encoder_train.optim import build_optimizer, build_scheduler
-from encoder_train.state import TrainState, check_resumable, model_dims, model_section
+from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker
 
@@ -332,6 +332,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                     tracker.write(f"step {state.step + 1}: loss or gradient norm is not finite; update skipped "
                                   f"({nonfinite_in_a_row} in a row)")
                     if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                        saver.wait()
                         raise UserError(
                             f"the loss or gradient norm was not finite for {nonfinite_in_a_row} steps in a row "
                             f"after step {state.step}; the last good checkpoint is {saver.last_good() or 'none'}: "
@@ -358,7 +359,10 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                     saver.save()
             if stop_votes:
                 saver.save_if_new()
+            saver.wait()
     finally:
+        with contextlib.suppress(Exception):  # an error already on its way wins; the write still finishes
+            saver.wait()
         stream.close()
         tracker.close()
     if stop_votes:
@@ -457,27 +461,52 @@ class MetricsWindow:
 
 
 class Saver:
-    """Checkpoints of the run: a snapshot on every rank (a collective), written and rotated by rank 0."""
+    """Checkpoints of the run, written without stalling it. Every rank takes a snapshot (a collective under
+    FSDP), copied to host memory at once (on a GPU a device-to-host copy, a fraction of a step); rank 0 then
+    writes it, atomically and checksummed as ever, and rotates, in a background thread while training goes
+    on. One write is in flight at most: a save first waits for the previous one (and raises its error, a
+    full disk say), and the run waits for the last before it returns. A kill during a background write
+    leaves only a temporary file, removed at the next start; the previous checkpoints are untouched."""
 
     def __init__(self, run: Run, tracker: Tracker):
         self.run, self.tracker = run, tracker
         self.last_path: Path | None = None
         self.saved_step: int | None = None if run.state.resumed_from is None else run.state.step
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def save(self) -> None:
+        self.wait()
         state, run = self.run.state, self.run
-        snap = state.snapshot()
+        snap = host_copy(state.snapshot())
         self.saved_step = state.step
         if run.world.is_main:
-            self.last_path = checkpoint.save(snap, run.checkpoint_dir, state.step)
-            deleted = checkpoint.rotate(run.checkpoint_dir, run.config.checkpoint.max_checkpoints)
-            self.tracker.write(f"step {state.step}: saved {self.last_path}"
-                               + (f", removed {len(deleted)} old" if deleted else ""))
+            self._writer = threading.Thread(target=self._write, args=(snap, state.step), name="checkpoint-writer")
+            self._writer.start()
+
+    def _write(self, snap: dict[str, Any], step: int) -> None:
+        try:
+            path = checkpoint.save(snap, self.run.checkpoint_dir, step)
+            deleted = checkpoint.rotate(self.run.checkpoint_dir, self.run.config.checkpoint.max_checkpoints)
+            self.last_path = path
+            self.tracker.write(f"step {step}: saved {path}" + (f", removed {len(deleted)} old" if deleted else ""))
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Until the write in flight is on disk; its error, if it failed, is raised here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     def save_if_new(self) -> None:
-        """Save unless the current step is saved already (or no step has finished)."""
+        """Save unless the current step is saved already (or no step has finished), and wait for it."""
         if self.run.state.step > 0 and self.run.state.step != self.saved_step:
             self.save()
+        self.wait()
 
     def last_good(self) -> Path | None:
         return self.last_path or self.run.state.resumed_from
