@@ -7,6 +7,7 @@ identical, bit for bit, to a run never interrupted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -216,3 +217,34 @@ def test_bad_flags_are_one_line_exit_2(tmp_path, shard_dir, tokenizer_file, flag
                        capture_output=True, text=True, env=env())
     assert r.returncode == 2 and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(capsys, tmp_path, shard_dir, tokenizer_file,
+                                                                         monkeypatch):
+    """Step 3's loss is NaN: the update is skipped on the device (weights and AdamW state as after step 2), the
+    host hears of it at the next log point, and the steps after it train normally."""
+    from encoder_train import train as train_module
+
+    real, calls = train_module.forward_backward, []
+
+    def nan_on_third(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train_module, "forward_backward", nan_on_third)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONFIG.replace("STEPS", "6").replace("PRECISION", "fp32").replace("data: {num_workers: 1}", "")
+                   .replace("log_interval: 1", "log_interval: 3"))
+    ckpt = tmp_path / "ck"
+    rc = main(["train", "--config_file", str(cfg), "--data_dir", str(shard_dir), "--tokenizer_filepath",
+               str(tokenizer_file), "--checkpoint_dir", str(ckpt), "--checkpoint_every", "1", "--max_checkpoints", "9"])
+    err = capsys.readouterr().err
+    assert rc == 0 and "steps 1-3: the loss or gradient norm was not finite in 1 of them; update skipped" in err
+    states = {s: checkpoint.load(p) for s, p in checkpoint.list_checkpoints(ckpt)}
+    assert all(torch.equal(states[2]["model"][k], states[3]["model"][k]) for k in states[2]["model"])
+    assert not all(torch.equal(states[3]["model"][k], states[4]["model"][k]) for k in states[3]["model"])
+    steps_2 = [int(v["step"]) for v in states[2]["optimizer"]["state"].values()]
+    assert steps_2 == [int(v["step"]) for v in states[3]["optimizer"]["state"].values()]
+    lines = [json.loads(x) for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in lines)  # averages over the finite steps only

@@ -40,10 +40,16 @@ class Batch:
     token_index: torch.Tensor | None = None  # (num_tokens,) flat indices of the real tokens in B*T
     cu_seqlens: torch.Tensor | None = None  # (B + 1,) int32, cumulative row lengths
     max_seqlen: int = 0
+    # Token-budget batches (data/packing.py) come packed already: B = 1, T = the budget, the rows as segments
+    # of cu_seqlens (padded to a fixed count with empty ones), and each token's place in its row here.
+    positions: torch.Tensor | None = None  # (T,) int64
+    resume_at: tuple[int, int] | None = None  # the data position after this batch's round (see packing.py)
 
     @property
-    def packing(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        return None if self.token_index is None else (self.token_index, self.cu_seqlens, self.max_seqlen)
+    def packing(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:
+        if self.token_index is None:
+            return None
+        return self.token_index, self.cu_seqlens, self.max_seqlen, self.positions
 
     def _map_tensors(self, fn) -> Batch:
         return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
@@ -52,6 +58,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         # non_blocking: with pinned memory the copy overlaps with compute instead of stalling the host.
         return self._map_tensors(lambda t: t.to(device, non_blocking=True))
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tell the caching allocator that `stream` uses these tensors (copied on another stream)."""
+        self._map_tensors(lambda t: t.record_stream(stream) or t)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader's pinning thread when pin_memory=True."""

@@ -187,6 +187,9 @@ def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
             f"{flag} {path} is a folder, not a checkpoint file; pass {flag} with a checkpoint file"
             + (f" such as {newest}." if newest else " (checkpoint_XXXXXXXX.pt).")
         )
+    if path.exists() and not path.is_file():  # a pipe, a device
+        raise UserError(f"{flag} {path} is not a regular file (a pipe or a device); pass {flag} with a checkpoint "
+                        "file (checkpoint_XXXXXXXX.pt).")
     if not path.is_file():
         # Only train's flag also takes the word latest.
         also = " or latest" if flag == "--load_checkpoint" else ""
@@ -204,7 +207,12 @@ def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
         ) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"checkpoint {path} is not an encoder-train checkpoint (no model and step inside).")
-    if state.pop("checksum", None) != digest(state):
+    if "checksum" not in state:
+        raise UserError(
+            f"checkpoint {path} carries no checksum, so it cannot be verified: it was not written by this version "
+            "of encoder-train (or was re-saved by hand); resume from a checkpoint this version wrote."
+        )
+    if state.pop("checksum") != digest(state):
         raise UserError(
             f"checkpoint {path} fails verification (its content does not match its checksum); "
             "resume from an earlier checkpoint instead."
@@ -240,6 +248,9 @@ class FolderLock:
 
     def __enter__(self) -> FolderLock:
         directory = self.path.parent
+        if directory.is_symlink() and not directory.exists():
+            raise UserError(f"--checkpoint_dir {directory} is a symbolic link to {os.readlink(directory)}, which does "
+                            "not exist; create that folder, or pass another --checkpoint_dir.")
         if directory.exists() and not directory.is_dir():
             raise UserError(f"--checkpoint_dir {directory} is a file, not a folder; pass a folder (it is created "
                             "if missing).")

@@ -155,21 +155,26 @@ class DataConfig(Section):
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
     mask_probability: Float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
-    num_workers: Int | None = Field(default=None, ge=0)
+    num_workers: Int | None = Field(default=None, ge=0, le=256)  # a typo's 10**6 would fork until the machine dies
     """Background processes that read shards, mask and collate; 0 builds batches in the training process.
     Unset: 2 on a GPU; 0 on a CPU, where a worker takes turns with the compute threads on the same cores
     and slows every matmul it interrupts (2 cores, benchmarks/loader_overhead.py: +29% step time with one
     worker, +4% inline)."""
-    prefetch_batches: Int = Field(default=4, ge=1)
+    prefetch_batches: Int = Field(default=4, ge=1, le=1024)  # the loader queues them all before the first batch
     """Batches each worker keeps ready ahead of the training step."""
     shuffle_files: Int = Field(default=4, ge=1)
     """Rows are shuffled across windows of this many consecutive (shuffled) files."""
+    batch_tokens: Int | None = Field(default=None, ge=2)
+    """Micro-batches of exactly this many tokens, rows packed end to end by best-fit (instead of
+    `training.batch_size` rows padded to the longest): fixed shapes for a compiled GPU step. Absent: rows."""
+    pack_window: Int = Field(default=1024, ge=1)
+    """With batch_tokens: rows packed together at a time (a larger window packs fuller bins)."""
 
 
 class TrainingConfig(Section):
-    batch_size: Int = Field(default=32, ge=1)
+    batch_size: Int = Field(default=32, ge=1, le=65_536)  # rows are gathered one by one: 10**9 never finishes
     """Rows per micro-batch (flag --batch_size). Rows per optimizer step = batch_size x accumulation."""
-    gradient_accumulation_steps: Int = Field(default=1, ge=1)
+    gradient_accumulation_steps: Int = Field(default=1, ge=1, le=16_384)  # a step's micro-batches are held together
     """Micro-batches per optimizer step."""
     max_steps: Int = Field(default=10_000, ge=1)
     """Optimizer steps to train for."""
@@ -274,6 +279,22 @@ class Config(Section):
                 f"{source}: training.warmup_steps ({self.training.warmup_steps}) exceeds training.max_steps "
                 f"({self.training.max_steps}); lower warmup_steps or raise max_steps."
             )
+        t = self.training
+        if t.batch_size * t.gradient_accumulation_steps > MAX_ROWS_PER_STEP:
+            raise UserError(
+                f"{source}: training.batch_size x training.gradient_accumulation_steps ({t.batch_size} x "
+                f"{t.gradient_accumulation_steps}) is {t.batch_size * t.gradient_accumulation_steps:,} rows per "
+                f"optimizer step, more than {MAX_ROWS_PER_STEP:,} (RoBERTa used 8,192); lower one of them."
+            )
+        # Checkpoints are .pt files too: inside a data folder, the next run would read them as shards.
+        ckpt = Path(self.checkpoint.checkpoint_dir).resolve()
+        for key, folder in (("data.data_dir", self.data.data_dir), ("data.val_data_dir", self.data.val_data_dir)):
+            if folder and ckpt.is_relative_to(Path(folder).resolve()):
+                raise UserError(
+                    f"{source}: the checkpoint folder {self.checkpoint.checkpoint_dir} lies inside the {key} folder "
+                    f"{folder}, where the next run would read its checkpoint_*.pt files as data shards; pass a "
+                    "--checkpoint_dir outside it."
+                )
 
 
 # Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML; any other key
@@ -305,6 +326,9 @@ FLAG_TO_KEY: dict[str, str] = {
 # per level.
 MAX_YAML_VALUES = 10_000
 
+# Rows per optimizer step and process: 128 times RoBERTa's 8,192. More is a typo, and would take hours to gather.
+MAX_ROWS_PER_STEP = 1 << 20
+
 
 def resolve_config_path(config_file: str, config_dir: str | None) -> Path:
     """`--config_file` in `--config_dir` (default: the bundled configs), or an existing path as given."""
@@ -326,6 +350,9 @@ def resolve_config_path(config_file: str, config_dir: str | None) -> Path:
     if direct.is_dir() or (config_dir is not None and (Path(config_dir) / config_file).is_dir()):
         raise UserError(f"--config_file {config_file} is a folder, not a YAML file; pass the file inside it "
                         "(e.g. base.yaml).")
+    if direct.exists():  # a pipe, a device: reading it would block or never end
+        raise UserError(f"--config_file {config_file} is not a regular file (a pipe or a device); save the config "
+                        "to a file and pass that.")
     where = config_dir if config_dir is not None else f"the bundled configs ({BUNDLED_CONFIG_DIR})"
     shipped = ", ".join(bundled_configs())
     raise UserError(
@@ -357,11 +384,43 @@ def parse_set(items: list[str]) -> dict[str, tuple[Any, str]]:
     return parsed
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: Any, mark: Any):
+        self.key, self.first, self.problem_mark = key, first, mark
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping: PyYAML silently keeps the last, so a
+    second `model:` section would drop the first one's keys without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}  # key -> where it was first written
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` merges; a key written next to it overrides, as YAML means
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, source: str, what: str) -> Any:
     """YAML text -> Python values, with every way a YAML text can fail said in one sentence."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         _count_values(value, [MAX_YAML_VALUES])
+    except _DuplicateKey as e:
+        first, again = e.first, e.problem_mark
+        where = (f"line {first.line + 1}, columns {first.column + 1} and {again.column + 1}" if first.line == again.line
+                 else f"lines {first.line + 1} and {again.line + 1}")
+        raise UserError(
+            f"{source}: key {_short(e.key)} is written twice in one mapping ({where}), and YAML would silently keep "
+            "only the second; merge them into one."
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -474,6 +533,12 @@ def describe_error(err: Any, source: str) -> str:
             f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}."
         )
     value = err.get("input")
+    if kind == "model_type" and value is None and len(loc) == 1:  # `model:` with nothing under it
+        return (f"{source}: section {key} is empty ({key}: with no key under it); write its keys, or delete the "
+                "line to keep the defaults.")
+    if kind == "invalid_key":
+        where = f"in {'.'.join(loc[:-1])}" if len(loc) > 1 else "at the top level"
+        return f"{source}: key {_short(loc[-1])} {where} is not a name; keys are words such as batch_size."
     msg = err["msg"][0].lower() + err["msg"][1:]
     if kind == "int_type" and isinstance(value, bool):
         msg += " (true/false are not integers)"

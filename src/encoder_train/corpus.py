@@ -89,7 +89,8 @@ def write_stdlib_corpus(path: Path, max_bytes: int | None = None) -> CorpusInfo:
             counts[source] += 1
     if written == 0:
         tmp.unlink()
-        raise UserError(f"max_bytes {max_bytes} is smaller than the first document; pass a larger max_bytes.")
+        raise UserError(f"max_bytes {max_bytes} is smaller than the first document of the corpus; pass a larger "
+                        "--corpus_bytes (100000 or more), or leave it out for the whole corpus.")
     os.replace(tmp, path)  # a half-written corpus never sits at `path`
     return CorpusInfo(
         path=path,

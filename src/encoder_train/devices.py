@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,3 +99,32 @@ def check_fits(dims: ModelDims, world: World, data_parallel: str) -> None:
             f"on {world.device}; lower model.hidden_size, model.num_layers, model.intermediate_size or the "
             "vocabulary."
         )
+
+
+class StepPrefetch:
+    """A step's micro-batches on the GPU one step ahead: while step s computes, step s + 1's batches (in
+    pinned memory) are copied host -> device on a side CUDA stream, so the step never waits for its inputs.
+    On a CPU it just passes `fetch`'s batches through.
+
+    fetch() -> (batches, error): one step's micro-batches, or the data error that stopped them."""
+
+    def __init__(self, fetch: Callable[[], tuple[list, Exception | None]], device: torch.device):
+        self.fetch, self.device = fetch, device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ahead: tuple[list, Exception | None] | None = None
+
+    def __call__(self) -> tuple[list, Exception | None]:
+        if self.side is None:
+            return self.fetch()
+        batches, error = self.ahead if self.ahead is not None else self._copy(self.fetch())
+        main = torch.cuda.current_stream(self.device)
+        main.wait_stream(self.side)  # the copies are done before the step reads them
+        for b in batches:
+            b.record_stream(main)  # memory allocated on the side stream, used on the main one
+        self.ahead = self._copy(self.fetch()) if error is None else ([], None)
+        return batches, error
+
+    def _copy(self, fetched: tuple[list, Exception | None]) -> tuple[list, Exception | None]:
+        batches, error = fetched
+        with torch.cuda.stream(self.side):
+            return [b.to(self.device) for b in batches], error

@@ -177,23 +177,26 @@ class LinearCrossEntropy(torch.autograd.Function):
         xc, wc, bc = x.to(dtype), weight.to(dtype), bias.to(dtype)
         with torch.autocast(device, enabled=False):
             logits = F.linear(xc, wc, bc).float()  # (N, V)
-        # loss = sum over rows of log(sum(exp(logits))) - logits[target], shifted by the row max for range
+        # loss = sum over rows of log(sum(exp(logits))) - logits[target], shifted by the row max for range.
+        # Rows whose target is negative (-100: the padding of a fixed-size prediction set) count for nothing.
+        valid = (target >= 0)[:, None]  # (N, 1)
+        safe = target.clamp_min(0)
         shifted = logits.sub_(logits.amax(dim=1, keepdim=True))  # (N, V), in place
-        at_target = shifted.gather(1, target[:, None])  # (N, 1)
+        at_target = shifted.gather(1, safe[:, None])  # (N, 1)
         total = shifted.exp_().sum(dim=1, keepdim=True)  # shifted now holds exp(shifted); total (N, 1)
-        loss = (total.log() - at_target).sum()
+        loss = ((total.log() - at_target) * valid).sum()
         probs = shifted.div_(total)  # softmax, in place
-        ctx.save_for_backward(xc, wc, probs, target)
+        ctx.save_for_backward(xc, wc, probs, safe, valid)
         ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        xc, wc, probs, target = ctx.saved_tensors
-        # d loss / d logits = softmax - onehot(target)
+        xc, wc, probs, target, valid = ctx.saved_tensors
+        # d loss / d logits = softmax - onehot(target), zero on ignored rows
         # (new_full fills on the device: no host-to-device copy, so no sync on CUDA)
         grad = probs.scatter_add_(1, target[:, None], probs.new_full((len(target), 1), -1.0))
-        grad = grad.mul_(grad_loss)
+        grad = grad.mul_(grad_loss * valid)  # one pass, as the plain scaling was
         gc = grad.to(xc.dtype)
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         return (gc @ wc).to(x_dtype), (gc.t() @ xc).to(w_dtype), grad.sum(0).to(b_dtype), None

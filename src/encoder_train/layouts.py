@@ -88,14 +88,14 @@ class Packed:
     """
 
     def __init__(self, attention_mask: torch.Tensor, token_index: torch.Tensor, cu_seqlens: torch.Tensor,
-                 max_seqlen: int):
+                 max_seqlen: int, positions: torch.Tensor | None = None):
         self.mask = attention_mask  # (B, T)
         self.index = token_index
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
         self._groups = None
         self._padded = None
-        self._positions = None
+        self._positions = positions  # given for token-budget batches, whose rows share one (1, T) line
         self._windowed: dict[int, list] = {}
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +148,8 @@ class Packed:
         if self._groups is not None:
             return self._groups
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
-        order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+        # longest first; the empty segments that pad a token-budget batch's cu_seqlens to a fixed size dropped
+        order = sorted((r for r in range(len(lengths)) if lengths[r]), key=lambda r: -lengths[r])
         self._groups, self._slot, self._real, done = [], torch.empty(len(self.index), dtype=torch.long), [], 0
         for start, end in length_groups([lengths[r] for r in order]):
             rows = torch.tensor(order[start:end])
@@ -186,9 +187,13 @@ def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | No
 Layout = Padded | Packed
 
 
-def make_layout(attention_mask: torch.Tensor, packing: tuple[torch.Tensor, torch.Tensor, int] | None) -> Layout:
-    """Packed when the batch has padding to skip; Padded when it comes without its packing, or when its
-    packing says every row is full (then with no mask: nothing to unpad, nothing to hide)."""
+def make_layout(attention_mask: torch.Tensor, packing: tuple | None) -> Layout:
+    """Packed when the batch has padding to skip, or comes packed to a token budget (its rows' positions
+    given); Padded when it comes without its packing, or when its packing says every row is full (then with
+    no mask: nothing to unpad, nothing to hide). packing: (token_index, cu_seqlens, max_seqlen[, positions])."""
+    if packing is not None and len(packing) > 3 and packing[3] is not None:
+        return Packed(attention_mask, *packing)
+    packing = None if packing is None else packing[:3]
     if packing is None:
         return Padded(attention_mask)
     if packing[0].numel() == attention_mask.numel():  # a shape, known on the host: no device sync

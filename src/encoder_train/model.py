@@ -96,9 +96,12 @@ class Embeddings(nn.Module):
             x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
-            keep = layout.mask.long()  # (B, T)
-            positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
-            x = x + self.position_embeddings(layout.pack(positions) if isinstance(layout, Packed) else positions)
+            if isinstance(layout, Packed):  # (N_tokens,): each token's place in its row, offset
+                positions = layout.positions() + (self.pad_id + 1)
+            else:
+                keep = layout.mask.long()  # (B, T)
+                positions = torch.cumsum(keep, dim=1) * keep + self.pad_id
+            x = x + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
             x = x + self.token_type_embeddings.weight[0]
         return self.dropout(self.norm(x))  # (B, T, H) or (N_tokens, H)
@@ -302,7 +305,7 @@ class MaskedLM(nn.Module):
         predict_positions: torch.Tensor | None = None,
         reduction: str = "mean",
         return_logits: bool = False,
-        packing: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        packing: tuple | None = None,
         return_predicted_logits: bool = False,
     ) -> MLMOutput:
         """input_ids, attention_mask (True = real token), labels: (B, T); labels are -100 where unpredicted.
@@ -310,7 +313,7 @@ class MaskedLM(nn.Module):
         The head runs on the predicted positions only (sparse prediction: about 15% of tokens), which
         saves most of the vocabulary projection. `predict_positions` (N,) are those positions as flat
         indices into B*T, computed by the data workers so the device never waits on a `nonzero`.
-        `packing` = (token_index, cu_seqlens, max_seqlen) runs the unpadded path (see `Packed`), or, when
+        `packing` = (token_index, cu_seqlens, max_seqlen[, positions]) runs the unpadded path (see `Packed`), or, when
         it says every row is full, the padded one with no mask; without it the rows are computed padded
         with a mask built from attention_mask. All give the same result (see `make_layout`).
         """
@@ -362,3 +365,9 @@ def compile_layers(model: MaskedLM, backend: str | Callable = "inductor") -> Non
     dynamic=True: the token count and row length change every batch; one graph covers them all."""
     for layer in model.encoder.layers:
         layer.compile(dynamic=True, backend=backend)
+
+
+def compile_model(model: MaskedLM, backend: str | Callable = "inductor") -> None:
+    """torch.compile the whole model in place with static shapes: for token-budget batches (data.batch_tokens),
+    whose shapes never change, one graph serves the run, and on a GPU the step stops waiting on launches."""
+    model.compile(dynamic=False, backend=backend)

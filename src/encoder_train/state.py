@@ -96,6 +96,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     rows_consumed: int = 0  # rank r reads from rows_consumed + r * batch_size
+    bins_done: int = 0  # token-budget batches: bins of the window at rows_consumed already used (packing.py)
     wandb_run_id: str | None = None
     resumed_from: Path | None = field(default=None)
 
@@ -111,7 +112,8 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data": {"rows_consumed": self.rows_consumed, "world_size": self.world.world_size},
+            "data": {"rows_consumed": self.rows_consumed, "bins_done": self.bins_done,
+                     "world_size": self.world.world_size},
             "rng": distributed.gather_objects(rng, self.world),  # one entry per rank
             "dims": dataclasses.asdict(self.dims),
             "tokenizer": {"json": self.tokenizer.to_str(), "mask_spec": dataclasses.asdict(self.spec)},
@@ -125,6 +127,7 @@ class TrainState:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
         self.rows_consumed = saved["data"]["rows_consumed"]
+        self.bins_done = saved["data"].get("bins_done", 0)
         self.resumed_from = path
         world, seed = self.world, self.config.training.seed
         saved_world = len(saved["rng"])

@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         hint = f" such as {path / 'tokenizer.json'}" if (path / "tokenizer.json").is_file() else ""
         raise UserError(f"--tokenizer_filepath {path} is a folder, not a tokenizer file; pass the tokenizer.json"
                         f"{hint} itself.")
+    if path.exists() and not path.is_file():  # a pipe, a device
+        raise UserError(f"tokenizer file {path} is not a regular file (a pipe or a device); pass "
+                        "--tokenizer_filepath with a tokenizer.json file.")
     if not path.is_file():
         raise UserError(
             f"tokenizer file {path} does not exist; pass --tokenizer_filepath with a tokenizer.json "
@@ -127,6 +131,9 @@ def check_inputs(paths: list[Path]) -> None:
     for path in paths:
         if path.is_dir():
             raise UserError(f"input {path} is a folder; pass the text files inside it (e.g. {path}/*.txt).")
+        if path.exists() and not path.is_file():  # a pipe (`<(zcat x.gz)`), a device: read once, never again
+            raise UserError(f"input {path} is not a regular file (a pipe or a device); save the text to a file "
+                            "and pass that to --input (.gz files are read as they are).")
         if not path.is_file():
             raise UserError(f"input file {path} does not exist; check the path passed to --input.")
         if not os.access(path, os.R_OK):
@@ -170,14 +177,29 @@ def _jsonl_documents(path: Path, progress: Callable[[int], None] | None) -> Iter
                 f"{path} line {number} is not valid JSON ({e.msg}); each line of a .jsonl file must be "
                 'one JSON object with a "text" field.'
             ) from None
+        except RecursionError:
+            raise UserError(
+                f"{path} line {number} nests JSON arrays or objects too deeply to read; each line of a .jsonl "
+                'file must be one JSON object like {"text": "..."}.'
+            ) from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(
                 f'{path} line {number} has no "text" string field; each line of a .jsonl file must be '
                 'one JSON object like {"text": "..."}.'
             )
+        if (lone := _SURROGATE.search(text)) is not None:
+            raise UserError(
+                f"{path} line {number} has the escape \\u{ord(lone.group()):04x}, half of a UTF-16 pair, which is "
+                "no character and cannot be tokenized; repair or remove that line (e.g. re-encode the text from "
+                "its source)."
+            )
         if text.strip():
             yield text
+
+
+# JSON's \ud800-\udfff escapes decode to lone surrogates: no UTF-8 encoding exists, and the Rust side refuses them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
@@ -205,8 +227,9 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
                 "(e.g. with iconv)."
             ) from None
         except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz is an EOFError
+            where = f"past line {number}" if number else "at all"
             raise UserError(
-                f"input file {path} could not be read past line {number} ({e}); check that the file is "
+                f"input file {path} could not be read {where} ({e}); check that the file is "
                 "complete (and valid gzip if it ends in .gz)."
             ) from None
         if progress is not None:
@@ -252,6 +275,24 @@ TRAIN_BATCH_DOCUMENTS = 1000
 MAX_VOCAB_SIZE = 1_000_000
 
 
+# The BPE trainer's time grows with the square of a word's length (400,000 letters without a space: a minute;
+# 3 MB of base64: hours). Longer runs without a break are cut into separate training sequences of this many
+# characters; no useful token is that long, and only the trainer sees the cuts.
+MAX_TRAINING_RUN_CHARS = 1000
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAINING_RUN_CHARS},}}|\s{{{MAX_TRAINING_RUN_CHARS},}}")
+
+
+def _training_pieces(text: str) -> list[str]:
+    """`text`, cut inside every run of MAX_TRAINING_RUN_CHARS or more non-space (or space) characters."""
+    pieces, start = [], 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + MAX_TRAINING_RUN_CHARS, run.end(), MAX_TRAINING_RUN_CHARS):
+            pieces.append(text[start:cut])
+            start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
 def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2,
                     overwrite: bool = False) -> Tokenizer:
     """Train a RoBERTa-style byte-level BPE tokenizer on text/.jsonl(.gz) files and save it to `output`.
@@ -276,6 +317,9 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
     output = Path(output)
     if output.is_dir():
         raise UserError(f"tokenizer output {output} is a folder; pass a file path such as {output}/tokenizer.json.")
+    if output.exists() and not output.is_file():  # replacing /dev/null (as root) would replace the device itself
+        raise UserError(f"tokenizer output {output} is not a regular file (a device or a pipe); pass a file path "
+                        "such as tokenizer.json.")
     if output.exists() and not overwrite:
         raise UserError(
             f"tokenizer output {output} already exists; pass --overwrite to replace it, or choose another --output."
@@ -293,7 +337,7 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         initial_alphabet=byte_alphabet,  # all 256 bytes, even those the corpus lacks
         show_progress=sys.stderr.isatty(),  # a progress bar for a person at a terminal, not for logs
     )
-    documents = iter_texts(inputs)
+    documents = (piece for text in iter_texts(inputs) for piece in _training_pieces(text))
     batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
     tokenizer.train_from_iterator(batches, trainer)
 

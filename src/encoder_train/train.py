@@ -11,7 +11,6 @@ and checkpoints happen visibly at the bottom of the loop. What a checkpoint hold
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import threading
@@ -27,11 +26,12 @@ from encoder_train import checkpoint, devices, distributed
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.config import Config, dump_yaml
 from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.packing import TokenBudgetBatches, packing_efficiency
 from encoder_train.data.shards import ShardInfo, derive_seed, scan_shards
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
-from encoder_train.model import MaskedLM, ModelDims, compile_layers
+from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
 from encoder_train.tokenizer import load_tokenizer, special_tokens
@@ -227,8 +227,8 @@ def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokeni
     model = MaskedLM(dims)
     if weights is not None:
         model.load_state_dict(weights)
-    if cfg.compile:
-        compile_layers(model)
+    if cfg.compile:  # token-budget batches have one shape: the whole model compiles once, statically
+        compile_model(model) if config.data.batch_tokens else compile_layers(model)
     model = distributed.wrap(model.to(world.device), world, cfg.data_parallel)
     optimizer = build_optimizer(model, cfg, world.device)
     scheduler = build_scheduler(optimizer, cfg)
@@ -249,10 +249,14 @@ def describe(run: Run) -> None:
         f"(tokenizer {state.tokenizer.get_vocab_size()}), rows up to {state.dims.max_tokens} tokens; device "
         f"{world.device}, precision {cfg.precision}"
     )
-    shards, val = run.shards, run.val_shards
+    shards, val, data = run.shards, run.val_shards, run.config.data
+    micro = (f"{cfg.batch_size} rows" if data.batch_tokens is None else
+             f"{data.batch_tokens} tokens (rows packed by best fit, {100 * packing_efficiency(shards, state.spec, budget=data.batch_tokens, window=data.pack_window, seed=cfg.seed, shuffle_files=data.shuffle_files, windows=1):.1f}% of slots real tokens)")  # noqa: E501
+    global_batch = (f"{rows_per_step(run)} rows" if data.batch_tokens is None else
+                    f"{data.batch_tokens * cfg.gradient_accumulation_steps * world.world_size} token slots")
     run.say(
         f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows; global batch "
-        f"{rows_per_step(run)} rows per step = {cfg.batch_size} per micro-batch x {cfg.gradient_accumulation_steps} "
+        f"{global_batch} per step = {micro} per micro-batch x {cfg.gradient_accumulation_steps} "
         f"accumulation x {world.world_size} processes" + (f" ({cfg.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val)} rows" if val else "")
     )
@@ -289,6 +293,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
     cfg, state, world = run.config.training, run.state, run.world
     model, optimizer, scheduler, device = state.model, state.optimizer, state.scheduler, world.device
     stream = batch_stream(run)
+    next_step = devices.StepPrefetch(lambda: next_micro_batches(stream, cfg.gradient_accumulation_steps), device)
     tracker = Tracker(directory=run.checkpoint_dir, total_steps=cfg.max_steps, start_step=state.step,
                       fresh=state.resumed_from is None, config=run.config.to_dict(),
                       wandb_run_id=state.wandb_run_id, enabled=world.is_main)
@@ -297,12 +302,12 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
     window = MetricsWindow(device, sum(s.rows for s in run.shards))
     autocast = devices.autocast_for(cfg.precision, device, note=tracker.write)
     clip = cfg.gradient_clip if cfg.gradient_clip > 0 else float("inf")
-    nonfinite_in_a_row, stop_votes = 0, 0.0
+    stop_votes = 0.0
     model.train()
     try:
         with GracefulStop() as stop:
             while state.step < cfg.max_steps and not stop_votes:
-                micro, data_error = next_micro_batches(stream, cfg.gradient_accumulation_steps)
+                micro, data_error = next_step()
                 # Token-weighted mean over the whole global step: each micro-batch's summed loss over all
                 # predicted tokens of all ranks. The same all-reduce tells every rank whether any rank's data
                 # failed, so that all stop together.
@@ -316,38 +321,35 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 step_loss = forward_backward(model, micro, predicted, world, autocast)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                state.rows_consumed += rows_per_step(run)
+                if micro[-1].resume_at is not None:  # token-budget bins: the position after this step's round
+                    state.rows_consumed, state.bins_done = micro[-1].resume_at
+                else:
+                    state.rows_consumed += rows_per_step(run)
                 state.tokens_seen += step_tokens
 
-                # The one host-device sync of a step (and, under torchrun, one small all-reduce): the global
-                # loss, and whether any rank was asked to stop, so that all ranks stop after the same step.
-                status = distributed.sum_all(
-                    torch.stack([step_loss.float(), torch.tensor(float(stop.signum is not None), device=device)]),
-                    world)
-                global_loss, stop_votes = status.tolist()
-                if not math.isfinite(global_loss + float(grad_norm)):
-                    # A NaN/inf loss or gradient must not reach the weights.
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite_in_a_row += 1
-                    tracker.write(f"step {state.step + 1}: loss or gradient norm is not finite; update skipped "
-                                  f"({nonfinite_in_a_row} in a row)")
-                    if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                        saver.wait()
-                        raise UserError(
-                            f"the loss or gradient norm was not finite for {nonfinite_in_a_row} steps in a row "
-                            f"after step {state.step}; the last good checkpoint is {saver.last_good() or 'none'}: "
-                            "lower training.learning_rate or raise training.warmup_steps, then resume from it."
-                        )
-                    continue
-                nonfinite_in_a_row = 0
+                # The global loss, and under torchrun whether any rank was asked to stop, so that all ranks stop
+                # after the same step: one small all-reduce, and the one host-device sync of a distributed step.
+                # A single process reads its own stop flag and never waits for the device here.
+                step_loss = distributed.sum_all(step_loss.float(), world) if world.distributed else step_loss.float()
+                if world.distributed:
+                    stop_votes = distributed.sum_all(torch.tensor(float(stop.signum is not None), device=device),
+                                                     world).item()
+                else:
+                    stop_votes = float(stop.signum is not None)
+                # A NaN/inf loss or gradient must not reach the weights: fused AdamW skips the update on the
+                # device when found_inf is set (its step counts stay too); the host hears of it at log points.
+                finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+                optimizer.found_inf = (~finite).float()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
-                window.add(global_loss, grad_norm, step_tokens)
+                window.add(step_loss, grad_norm, step_tokens, finite)
                 tracker.advance()
 
                 final = state.step == cfg.max_steps
+                if tracker.due(state.step) or final or window.checks_due(state.step, cfg.max_nonfinite_steps):
+                    check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
                 if tracker.due(state.step) or final:
                     tracker.log(window.read(state, scheduler.get_last_lr()[0]), final=final)
                 if run.val_shards and (state.step % cfg.eval_every == 0 or final):
@@ -385,12 +387,20 @@ def stopped(run: Run, saver: Saver, window: MetricsWindow, signum: int, resume_h
 
 def batch_stream(run: Run) -> BatchStream:
     """Rank r takes micro-batches r, r + W, r + 2W, ... of the one global stream: ranks read disjoint rows,
-    and together they read exactly what one process would."""
-    cfg, data, world = run.config.training, run.config.data, run.world
+    and together they read exactly what one process would. Micro-batches are `batch_size` rows, or, with
+    data.batch_tokens, bins of that many tokens (data/packing.py)."""
+    cfg, data, world, state = run.config.training, run.config.data, run.world, run.state
+    if data.batch_tokens is not None:
+        dataset: torch.utils.data.IterableDataset = TokenBudgetBatches(
+            run.shards, state.spec, budget=data.batch_tokens, window=data.pack_window, seed=cfg.seed,
+            shuffle_files=data.shuffle_files, start=(state.rows_consumed, state.bins_done), rank=world.rank,
+            stride=world.world_size)
+    else:
+        dataset = MLMBatches(run.shards, state.spec, batch_size=cfg.batch_size, seed=cfg.seed,
+                             shuffle_files=data.shuffle_files,
+                             start_row=state.rows_consumed + world.rank * cfg.batch_size, stride=world.world_size)
     return BatchStream(
-        MLMBatches(run.shards, run.state.spec, batch_size=cfg.batch_size, seed=cfg.seed,
-                   shuffle_files=data.shuffle_files, start_row=run.state.rows_consumed + world.rank * cfg.batch_size,
-                   stride=world.world_size),
+        dataset,
         num_workers=devices.loader_workers(data.num_workers, world.device),
         prefetch=data.prefetch_batches,
         pin_memory=world.device.type == "cuda",
@@ -425,30 +435,54 @@ def forward_backward(model: torch.nn.Module, micro: list[Batch], predicted: int,
 
 
 class MetricsWindow:
-    """Loss, gradient norm and tokens summed since the last log point; summed on the device, read back (the
-    host waits for the device) only when a log point asks for them."""
+    """Loss, gradient norm and tokens summed since the last log point, and the count of skipped (non-finite)
+    updates; kept on the device and read back (the host waits for the device) only at log points."""
 
     def __init__(self, device: torch.device, rows_per_epoch: int):
         self.loss_sum = torch.zeros((), device=device)
         self.norm_sum = torch.zeros((), device=device)
+        self.finite_steps = torch.zeros((), device=device, dtype=torch.int64)
+        self.skipped = torch.zeros((), device=device, dtype=torch.int64)  # since the last check
+        self.run = torch.zeros((), device=device, dtype=torch.int64)  # non-finite steps in a row, now
+        self.worst_run = torch.zeros((), device=device, dtype=torch.int64)  # longest run since the last check
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
         self.rows_per_epoch = rows_per_epoch
         self.last_loss: float | None = None
+        self.last_check = 0
 
-    def add(self, loss: float, grad_norm: torch.Tensor, tokens: int) -> None:
-        self.loss_sum += loss
-        self.norm_sum += grad_norm.detach()
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, finite: torch.Tensor) -> None:
+        """One step; a skipped (non-finite) one counts for the skip tallies, not for the averages."""
+        self.loss_sum += torch.where(finite, loss, 0.0)
+        self.norm_sum += torch.where(finite, grad_norm.detach(), 0.0)
+        self.finite_steps += finite
+        self.skipped += ~finite
+        self.run.mul_(~finite).add_(~finite)
+        torch.maximum(self.worst_run, self.run, out=self.worst_run)
         self.tokens += tokens
         self.steps += 1
+
+    def checks_due(self, step: int, max_in_a_row: int) -> bool:
+        """Whether a streak of skipped updates could reach the limit before the next log point: look at least
+        every `max_in_a_row` steps, so that the limit means what it says."""
+        return step - self.last_check >= max_in_a_row
+
+    def read_skipped(self, step: int) -> tuple[int, int, int]:
+        """(updates skipped, the longest run of them, the run going on now) since the last check; resets."""
+        skipped, worst, run = (int(x) for x in torch.stack([self.skipped, self.worst_run, self.run]).tolist())
+        self.skipped.zero_()
+        self.worst_run.copy_(self.run)
+        self.last_check = step
+        return skipped, worst, run
 
     def read(self, state: TrainState, lr: float) -> dict[str, float | int]:
         """The window's averages, then a new window."""
         now = time.perf_counter()
+        steps = max(1, int(self.finite_steps.item()))
         metrics = {
             "step": state.step,
-            "loss": self.loss_sum.item() / self.steps,
+            "loss": self.loss_sum.item() / steps,
             "lr": lr,
-            "grad_norm": self.norm_sum.item() / self.steps,
+            "grad_norm": self.norm_sum.item() / steps,
             "tokens_per_second": self.tokens / max(now - self.t0, 1e-9),
             "tokens_seen": state.tokens_seen,
             "epoch": state.rows_consumed / self.rows_per_epoch,
@@ -456,8 +490,26 @@ class MetricsWindow:
         self.last_loss = metrics["loss"]
         self.loss_sum.zero_()
         self.norm_sum.zero_()
+        self.finite_steps.zero_()
         self.steps, self.tokens, self.t0 = 0, 0, now
         return metrics
+
+
+def check_skipped(window: MetricsWindow, step: int, max_in_a_row: int, tracker: Tracker, saver: Saver) -> None:
+    """Report updates skipped for a NaN/inf loss or gradient since the last check; stop the run when
+    `max_in_a_row` of them came in a row (the weights are those of the last good update)."""
+    since = window.last_check
+    skipped, worst, _ = window.read_skipped(step)
+    if skipped:
+        tracker.write(f"steps {since + 1}-{step}: the loss or gradient norm was not finite in {skipped} of them; "
+                      f"update skipped each time ({worst} in a row at most)")
+    if worst >= max_in_a_row:
+        saver.wait()
+        raise UserError(
+            f"the loss or gradient norm was not finite for {worst} steps in a row by step {step}; the last good "
+            f"checkpoint is {saver.last_good() or 'none'}: lower training.learning_rate or raise "
+            "training.warmup_steps, then resume from it."
+        )
 
 
 class Saver:

@@ -95,9 +95,7 @@ class MLMBatches(IterableDataset):
     def __iter__(self) -> Iterator[Batch | DataError]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        order = RowOrder(self.shards, self.seed, self.shuffle_files)
-        opened: OrderedDict[int, ShardReader] = OrderedDict()  # shard index -> open reader, LRU
-        checked: set[int] = set()
+        source = RowSource(self.shards, self.spec, self.seed, self.shuffle_files)
         k = 0
         try:
             while True:
@@ -106,35 +104,49 @@ class MLMBatches(IterableDataset):
                 k += 1
                 first = self.start_row + j * self.stride * self.batch_size
                 try:
-                    rows = [self._row(order.locate(p), opened, checked)
-                            for p in range(first, first + self.batch_size)]
+                    rows = [source.row(p) for p in range(first, first + self.batch_size)]
                 except UserError as e:
                     yield DataError(str(e))
                     return
                 # Masks are seeded by the rows' positions in the stream: fresh on every pass, reproducible on resume.
                 yield collate(rows, self.spec, self.seed, first)
         finally:
-            for reader in opened.values():
-                reader.close()
+            source.close()
 
-    def _row(self, where: tuple[int, int], opened: OrderedDict, checked: set[int]) -> torch.Tensor:
-        shard, row = where
-        if shard not in opened:
+
+class RowSource:
+    """Rows by their position in the endless stream: `RowOrder` says where a row lies, and the shards are
+    opened on first use (their ids checked then), a bounded number at a time."""
+
+    def __init__(self, shards: list[ShardInfo], spec: MaskSpec, seed: int, shuffle_files: int):
+        self.shards, self.spec, self.shuffle_files = shards, spec, shuffle_files
+        self.order = RowOrder(shards, seed, shuffle_files)
+        self.opened: OrderedDict[int, ShardReader] = OrderedDict()  # shard index -> open reader, LRU
+        self.checked: set[int] = set()
+
+    def row(self, position: int) -> torch.Tensor:
+        """(width,) int64: the row at `position`, right-padded."""
+        shard, row = self.order.locate(position)
+        if shard not in self.opened:
             reader = ShardReader(self.shards[shard])
-            if shard not in checked:  # each shard's ids are checked once per worker, on first use
+            if shard not in self.checked:  # each shard's ids are checked once per worker, on first use
                 check_values(reader.info.path, reader, self.spec.vocab_size, self.spec.pad_id, self.spec.special_ids)
-                checked.add(shard)
-            opened[shard] = reader
-            if len(opened) > 2 * self.shuffle_files:  # bound the open files
-                opened.popitem(last=False)[1].close()
-        opened.move_to_end(shard)
-        return opened[shard].row(row)
+                self.checked.add(shard)
+            self.opened[shard] = reader
+            if len(self.opened) > 2 * self.shuffle_files:  # bound the open files
+                self.opened.popitem(last=False)[1].close()
+        self.opened.move_to_end(shard)
+        return self.opened[shard].row(row)
+
+    def close(self) -> None:
+        for reader in self.opened.values():
+            reader.close()
 
 
 class BatchStream:
     """Batches from background workers; a shard error raised in a worker becomes a UserError here."""
 
-    def __init__(self, dataset: MLMBatches, *, num_workers: int, prefetch: int, pin_memory: bool):
+    def __init__(self, dataset: IterableDataset, *, num_workers: int, prefetch: int, pin_memory: bool):
         loader = DataLoader(
             dataset,
             batch_size=None,  # the dataset yields whole batches

@@ -37,6 +37,9 @@ from encoder_train.tokenizer import check_inputs, iter_texts, load_tokenizer, sp
 # Shortest row worth training on: <s>, </s> and a handful of tokens.
 MIN_SEQ_LEN = 8
 
+# The largest shard: one is held in memory while it fills (the default, 8192 rows of 512 int32 ids, is 16 MiB).
+MAX_SHARD_BYTES = 1 << 32
+
 # Characters of text per `encode_batch` call. Large enough that every core gets many documents,
 # small enough that the two batches in flight stay a few MB. Changes speed only, never the output.
 ENCODE_BATCH_CHARS = 1 << 22
@@ -113,9 +116,9 @@ def pretokenize(
 
     documents = iter_texts(inputs, progress=count_bytes)
     first = next(documents)  # raises the "no text" error before any old shard is removed
+    splits = _Splits(output_dir, rows_per_shard, seq_len, val_fraction)  # creates the folders: may fail
     for path in old_shards:
         path.unlink()
-    splits = _Splits(output_dir, rows_per_shard, seq_len, val_fraction)
     packer = _RowPacker(seq_len, bos=ids.bos, eos=ids.eos, pad=ids.pad)
     n_documents = n_tokens = 0
     bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
@@ -166,6 +169,15 @@ def _check_arguments(
         )
     if rows_per_shard < 1:
         raise UserError(f"rows_per_shard {rows_per_shard} must be at least 1; pass e.g. --rows_per_shard 8192.")
+    if rows_per_shard * seq_len * 4 > MAX_SHARD_BYTES:
+        fits = max(1, MAX_SHARD_BYTES // (seq_len * 4))
+        raise UserError(
+            f"--rows_per_shard {rows_per_shard} rows of --seq_len {seq_len} tokens make shards of "
+            f"{rows_per_shard * seq_len * 4 / 2**30:,.1f} GiB, and each is held in memory while it fills; the "
+            f"limit is {MAX_SHARD_BYTES >> 30} GiB: "
+            + (f"pass --rows_per_shard {fits} or less." if fits * seq_len * 4 <= MAX_SHARD_BYTES
+               else f"pass --seq_len {MAX_SHARD_BYTES // 4} or less (the model's positions are far fewer).")
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction {val_fraction} must be in [0, 1); pass e.g. --val_fraction 0.01.")
     if batch_chars < 1:

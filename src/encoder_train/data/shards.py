@@ -69,9 +69,17 @@ def find_shards(data_dir: str | Path | None, flag: str = "--data_dir") -> list[P
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; pass {flag} with a folder of .pt shards.")
     try:
-        paths = sorted(p for p in root.rglob("*.pt") if p.is_file())
+        found = sorted(root.rglob("*.pt"))
+        paths = [p for p in found if p.is_file()]
     except OSError as e:
         raise UserError(f"data folder {root} cannot be searched ({e.strerror}); fix its permissions.") from None
+    # A .pt that is not a readable file would silently drop out of the data: a link into an unmounted disk, a pipe.
+    for p in found:
+        if p.is_symlink() and not p.exists():
+            raise UserError(f"data file {p} is a symbolic link to {os.readlink(p)}, which does not exist; mount or "
+                            "restore its target, or remove the link.")
+        if not p.is_file() and not p.is_dir():
+            raise UserError(f"data file {p} is not a regular file (a pipe or a device); remove it from {root}.")
     if not paths:
         raise UserError(
             f"data folder {root} holds no .pt files (searched subfolders too); "
@@ -253,7 +261,7 @@ def check_values(
         if hi >= vocab_size:
             raise UserError(
                 f"data file {path} holds token id {hi}, outside the tokenizer's vocabulary of {vocab_size}; "
-                "pre-tokenize the data with the same tokenizer you pass to --tokenizer_filepath."
+                "pre-tokenize the data with the model's tokenizer (the one passed to train's --tokenizer_filepath)."
             )
         if pad_id is not None:
             empty = torch.nonzero((chunk == pad_id).all(1)).squeeze(1)
