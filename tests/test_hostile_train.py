@@ -319,3 +319,35 @@ def test_resume_with_other_settings_says_so_and_uses_them(capsys, tmp_path, shar
     rc, out, _ = run_cli(capsys, "train", "--config_file", config(tmp_path, steps=15, every=10), *common,
                          "--load_checkpoint", "latest", "--batch_size", 4)
     assert rc == 0 and "note: resuming with settings" not in out
+
+
+def test_torchrun_variables_without_torchrun_are_one_sentence(tmp_path, shard_dir, tokenizer_file):
+    for extra in ({"RANK": "1", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}):
+        env_ = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")} | extra
+        r = subprocess.run(command(config(tmp_path), shard_dir, tokenizer_file, tmp_path / "ck"), capture_output=True,
+                           text=True, env=env_, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.count("\n") == 1 and "encoder-train: error:" in r.stderr and "torchrun" in r.stderr
+
+
+def test_a_checkpoint_of_another_version_is_one_sentence(capsys, tmp_path, shard_dir, tokenizer_file):
+    ckpt = tmp_path / "ckpt"
+    common = ["train", "--config_file", config(tmp_path, steps=2, every=2), "--data_dir", shard_dir,
+              "--tokenizer_filepath", tokenizer_file, "--checkpoint_dir", ckpt]
+    assert run_cli(capsys, *common)[0] == 0
+    path = checkpoint.checkpoint_path(ckpt, 2)
+    state = checkpoint.load(path)
+    del state["data"], state["rng"]
+    old = tmp_path / "old"
+    old.mkdir()
+    checkpoint.save(state, old, 2)
+    rc, _, err = run_cli(capsys, *common[:-2], "--checkpoint_dir", tmp_path / "new", "--load_checkpoint",
+                         checkpoint.checkpoint_path(old, 2))
+    assert rc == 2 and "another version of encoder-train" in err and err.count("\n") == 1
+
+
+def test_the_memory_refusal_names_the_key_behind_it(capsys, tmp_path, shard_dir, tokenizer_file):
+    rc, _, err = run_cli(capsys, "train", "--config_file", config(tmp_path), "--data_dir", shard_dir,
+                         "--tokenizer_filepath", tokenizer_file, "--checkpoint_dir", tmp_path / "ckpt",
+                         "--set", "model.max_position_embeddings=100000000000", "--dry_run")
+    assert rc == 2 and "largest part comes from model.max_position_embeddings" in err

@@ -96,9 +96,22 @@ def check_fits(dims: ModelDims, world: World, data_parallel: str) -> None:
         raise UserError(
             f"the configured model has about {e.parameters:.3g} parameters, whose weights, gradients and AdamW state "
             f"need about {e.needed / 1e9:.3g} GB per process, more than the {e.available / 1e9:.3g} GB of memory "
-            f"on {world.device}; lower model.hidden_size, model.num_layers, model.intermediate_size or the "
-            "vocabulary."
+            f"on {world.device}; the largest part comes from {largest_part(dims)}: lower it."
         )
+
+
+def largest_part(dims: ModelDims) -> str:
+    """The config keys behind the biggest term of `rough_parameters`."""
+    h, i = dims.hidden_size, dims.intermediate_size
+    parts = {
+        f"the vocabulary ({dims.vocab_size:,} rows: model.vocab_size or model.pad_vocab_multiple) x model.hidden_size":
+            dims.vocab_size * h,
+        f"model.max_position_embeddings ({dims.max_position_embeddings:,}) x model.hidden_size":
+            0 if dims.rotary else dims.max_position_embeddings * h,
+        f"model.num_layers ({dims.num_layers:,}) x model.hidden_size ({h:,}) and model.intermediate_size ({i:,})":
+            dims.num_layers * (4 * h * h + 2 * h * i),
+    }
+    return max(parts, key=parts.get)
 
 
 class StepPrefetch:

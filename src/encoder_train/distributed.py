@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from encoder_train.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,24 @@ class World:
 def init() -> World:
     """Join the torchrun process group if there is one; pick this process's device."""
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return World(device=torch.device("cuda" if cuda else "cpu"))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if "RANK" not in os.environ or world_size == 1:
+            return World(device=torch.device("cuda" if cuda else "cpu"))
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UserError(
+            f"RANK, WORLD_SIZE or LOCAL_RANK is set but not a number (RANK={os.environ.get('RANK')!r}, "
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}); launch with torchrun, or unset them for one process."
+        ) from None
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise UserError(
+            f"RANK and WORLD_SIZE are set ({rank} of {world_size}) but MASTER_ADDR/MASTER_PORT are not: this process "
+            "was not launched by torchrun; launch it with torchrun, or unset RANK and WORLD_SIZE for one process."
+        )
+    if rank == 0:
+        print(f"waiting for {world_size} processes at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+              "(up to 10 minutes)", file=sys.stderr, flush=True)
     if cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

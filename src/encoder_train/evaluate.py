@@ -141,7 +141,8 @@ def fill_mask(trained: Trained, text: str, top_k: int, device: torch.device) -> 
         raise UserError(f"the text has no {mask_token} to fill in; write {mask_token} where a word should go.")
     ids = tok.encode(text).ids  # with the tokenizer's post-processor: <s> ... </s>
     if len(ids) > trained.model.dims.max_tokens:
-        raise UserError(f"the text is {len(ids)} tokens long; the model reads at most {trained.model.dims.max_tokens}.")
+        raise UserError(f"the text is {len(ids)} tokens long; the model reads at most {trained.model.dims.max_tokens}: "
+                        "shorten the text around its <mask> and try again.")
     input_ids = torch.tensor([ids], device=device)
     positions = torch.nonzero(input_ids.view(-1) == spec.mask_id).squeeze(1)
     hidden = trained.model.encode(input_ids, input_ids != spec.pad_id)

@@ -123,6 +123,18 @@ class TrainState:
 
     def restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
         """Continue from `saved` (the model's weights are already in place, see `load_weights`)."""
+        try:
+            self._restore(saved, path, say)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(
+                f"checkpoint {path} lacks or mangles training state this version reads ({type(e).__name__}: {e}); "
+                "it was written by another version of encoder-train: resume with that version, or start a new "
+                "--checkpoint_dir (evaluate, fill-mask and export still read its weights)."
+            ) from None
+
+    def _restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
+        if not isinstance(saved["step"], int) or not isinstance(saved["tokens_seen"], int):
+            raise TypeError("step and tokens_seen must be integers")
         _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]

@@ -111,12 +111,17 @@ class Tracker:
                 metrics_path.rename(aside)
             else:
                 self.logged = _last_logged(metrics_path)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, disable=not enabled)
         self.sinks: list[Sink] = []
         self._wandb: WandbSink | None = None
-        if not enabled:
-            return
+        self._log_points: list[int] = []
+        # The sinks first: one that cannot start (W&B not installed) says so on a line of its own, not the bar's.
+        if enabled:
+            self._start_sinks(directory, metrics_path, config, wandb_run_id, start_step)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, disable=not enabled)
+
+    def _start_sinks(self, directory: Path, metrics_path: Path, config: dict[str, Any], wandb_run_id: str | None,
+                     start_step: int) -> None:
         self.sinks.append(MetricsFile(metrics_path))
         if config["wandb"]["enabled"]:
             w = config["wandb"]
