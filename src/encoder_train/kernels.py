@@ -38,6 +38,8 @@ _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as an int64: SplitMix64's c
 _MIX = ((30, -4658895280553007687), (27, -7723592293110705685), (31, None))  # (shift, multiplier 0xBF58.., 0x94D0..)
 
 
+# Eager under torch.compile: inductor cannot hold the 64-bit constants of SplitMix64 (an OverflowError).
+@torch.compiler.disable
 def random_words(count: int) -> torch.Tensor:
     """(count,) int64 of uniformly random bits: SplitMix64 at counters 1..count from a seed drawn from torch's
     CPU generator. int64 products wrap (mod 2^64) as the unsigned ones of the reference do; the logical
