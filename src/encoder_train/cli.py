@@ -310,6 +310,151 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_finetune_source_flags(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file written by `encoder-train train` (or by finetune)")
+    source.add_argument("--init_from_hf", default=None,
+                        help="a local Hugging Face masked-LM folder instead (an `encoder-train export`, or a released "
+                        "RoBERTa-style model)")
+
+
+def add_finetune_setting_flags(p: argparse.ArgumentParser) -> None:
+    """Hyper-parameters: each defaults to the task's own (glue.py) or FinetuneSettings' default."""
+    p.add_argument("--learning_rate", type=float, default=None, help="peak learning rate (2e-5; GLUE: per task)")
+    p.add_argument("--batch_size", type=positive_int, default=None, help="examples per step (default 32)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="passes over the training file (default 3)")
+    p.add_argument("--warmup_ratio", type=float, default=None, help="share of the steps spent warming up (0.06)")
+    p.add_argument("--weight_decay", type=float, default=None, help="AdamW weight decay (0.1)")
+    p.add_argument("--max_length", type=positive_int, default=None,
+                   help="tokens per example with <s> and </s>, longer texts are cut (512, at most the model's)")
+    p.add_argument("--gradient_clip", type=float, default=None, help="max gradient L2 norm, 0 disables (1.0)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout in the head (default: the model's)")
+    p.add_argument("--pooling", choices=["cls", "mean"], default=None,
+                   help="ModernBERT's head: pool the CLS token (default) or the mean of the tokens")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default bf16")
+    p.add_argument("--seed", type=int, default=None, help="the first seed (default 0)")
+    p.add_argument("--num_seeds", type=positive_int, default=None,
+                   help="runs with seeds seed, seed + 1, ...; the result is their mean and standard deviation")
+    p.add_argument("--log_interval", type=positive_int, default=None, help="steps between metrics.jsonl records")
+    p.add_argument("--overwrite", action="store_true", help="replace fine-tuned checkpoints already in --output_dir")
+
+
+FINETUNE_SETTINGS = ("learning_rate", "batch_size", "epochs", "warmup_ratio", "weight_decay", "max_length",
+                     "gradient_clip", "dropout", "pooling", "precision", "seed", "num_seeds", "log_interval")
+
+
+def finetune_source(args: argparse.Namespace):
+    from encoder_train.finetune.loop import source_from_checkpoint, source_from_hf
+
+    return source_from_hf(args.init_from_hf) if args.init_from_hf else source_from_checkpoint(args.checkpoint)
+
+
+def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a pretrained encoder for sentence (pair) classification or regression",
+        description="Fine-tune a checkpoint with a classification or regression head on a .tsv (GLUE's layout), "
+        ".csv or .jsonl training file; keep the best epoch on the validation file; print its metrics, the last "
+        "line as one JSON object.",
+    )
+    add_finetune_source_flags(p)
+    p.add_argument("--train_file", required=True, help=".tsv (with a header), .csv or .jsonl")
+    p.add_argument("--validation_file", required=True, nargs="+",
+                   help="one file or more (MNLI: dev_matched.tsv dev_mismatched.tsv); the first chooses the epoch")
+    p.add_argument("--test_file", default=None,
+                   help="predicted with the best epoch into predictions_NAME.tsv (scored too if it has labels)")
+    p.add_argument("--task", default=None,
+                   help="a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns, labels, "
+                   "metrics and hyper-parameters")
+    p.add_argument("--text_fields", nargs="+", default=None, metavar="COLUMN",
+                   help="the text column, or two for a sentence pair (default: sentence1 sentence2, sentence, "
+                   "text, ... whichever the file has)")
+    p.add_argument("--label_field", default=None, help="the label column (default: label)")
+    p.add_argument("--regression", action="store_true",
+                   help="the labels are scores to predict (without it, labels with a decimal point mean regression)")
+    p.add_argument("--metric", nargs="+", default=None,
+                   choices=["accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman"],
+                   help="scores to report (default: the GLUE task's; else accuracy, or pearson spearman for "
+                   "regression); the first file's mean of them chooses the best epoch")
+    p.add_argument("--output_dir", default=None, help="default runs/finetune/TASK")
+    add_finetune_setting_flags(p)
+    p.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from encoder_train.finetune.glue import resolve_task
+    from encoder_train.finetune.loop import FinetuneSettings, finetune
+
+    task, metrics, defaults = resolve_task(args.train_file, args.validation_file, args.test_file, args.task,
+                                           args.text_fields, args.label_field, args.regression, args.metric)
+    given = {k: getattr(args, k) for k in FINETUNE_SETTINGS if getattr(args, k) is not None}
+    settings = FinetuneSettings(**{**defaults, **given})
+    source = finetune_source(args)
+    name = task.name or Path(args.train_file).parent.name or Path(args.train_file).stem
+    out = Path(args.output_dir) if args.output_dir else Path("runs/finetune") / name
+    result = finetune(source, task, metrics, settings, out, overwrite=args.overwrite, task_name=name)
+    spread = f" over {len(result.seeds)} seeds" if len(result.seeds) > 1 else ""
+    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" + (f" +- {result.std[k]:.4f}" if spread else "")
+                                  for k, v in result.metrics.items()) + spread + f"; results in {out}")
+    print(json.dumps(result.to_dict()))
+    return 0
+
+
+def add_glue_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "glue",
+        help="fine-tune and score a checkpoint on every GLUE task in a folder (GLUE's download layout)",
+        description="Run every task found in DATA_DIR (CoLA/, SST-2/, MRPC/, QQP/, STS-B/, MNLI/, QNLI/, RTE/, "
+        "WNLI/ with train.tsv and dev.tsv, as GLUE's download lays them out) with each task's documented "
+        "hyper-parameters, score the dev sets with GLUE's metrics and print a table with the GLUE average. "
+        "Nothing is downloaded.",
+    )
+    add_finetune_source_flags(p)
+    p.add_argument("--data_dir", required=True, help="the folder of GLUE's download")
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default: all found)")
+    p.add_argument("--output_dir", default="runs/glue", help="one folder per task (default runs/glue)")
+    add_finetune_setting_flags(p)
+    p.set_defaults(func=run_glue)
+
+
+def run_glue(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from encoder_train.finetune.glue import run_glue as glue
+
+    given = {k: getattr(args, k) for k in FINETUNE_SETTINGS if getattr(args, k) is not None}
+    summary = glue(finetune_source(args), Path(args.data_dir), Path(args.output_dir), given, args.tasks,
+                   overwrite=args.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
+def add_export_classifier_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-classifier",
+        help="write a fine-tuned checkpoint as a Hugging Face sequence-classification folder",
+        description="Write config.json (with the labels), model.safetensors and the tokenizer so that "
+        "pipeline('text-classification', model=DIR) works: RobertaForSequenceClassification or "
+        "ModernBertForSequenceClassification, after the model's family. Needs pip install 'encoder-train[hf]'.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train finetune`")
+    p.add_argument("--output_dir", required=True, help="folder to write (refused when it holds files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
+    p.set_defaults(func=run_export_classifier)
+
+
+def run_export_classifier(args: argparse.Namespace) -> int:
+    from encoder_train.finetune.export import export_classifier
+
+    out = export_classifier(args.checkpoint, args.output_dir, overwrite=args.overwrite)
+    print(f"wrote {out}: serve it with transformers.pipeline('text-classification', model={str(out)!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="encoder-train",
@@ -323,7 +468,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_fill_mask_parser(sub)
     add_export_parser(sub)
+    add_finetune_parser(sub)
+    add_glue_parser(sub)
+    add_export_classifier_parser(sub)
     return parser
+
+
+def rank_prefix() -> str:
+    """`[rank 3] ` under torchrun, to say which rank failed (torchrun then stops the others); else nothing.
+    Read as plain text: a stray WORLD_SIZE without RANK (or not a number) must not hide the message."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    return f"[rank {os.environ.get('RANK', '?')}] " if world not in ("", "0", "1") else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -331,9 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        # Under torchrun, say which rank failed; torchrun then stops the others.
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        print(f"{rank}encoder-train: error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}encoder-train: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("encoder-train: interrupted.", file=sys.stderr)

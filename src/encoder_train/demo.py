@@ -1,4 +1,4 @@
-"""The quickstart: corpus -> tokenizer -> pre-tokenized shards -> training -> evaluation -> fill-mask.
+"""The quickstart: corpus -> tokenizer -> pre-tokenized shards -> training -> evaluation -> fill-mask -> fine-tuning.
 
 Runs on any machine with Python, no download: the corpus is the documentation that ships with
 CPython itself (`pydoc_data.topics` and the standard library's docstrings). Each stage writes into
@@ -20,7 +20,9 @@ from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import autocast_for, pick_device
+from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, fill_mask
+from encoder_train.finetune.docstrings import run_demo_stage
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
 from encoder_train.train import train
@@ -56,25 +58,31 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
     """
     t0 = time.perf_counter()
     work = s.workdir
-    work.mkdir(parents=True, exist_ok=True)
+    if work.exists() and not work.is_dir():
+        raise UserError(f"--workdir {work} is a file, not a folder; pass a folder for the demo's artefacts (it is "
+                        "created if missing).")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {work} cannot be created ({e.strerror}); pass a folder you can write to.") from None
     corpus, tok_path, data = work / "corpus.txt", work / "tokenizer.json", work / "data"
     ckpt_dir = work / "checkpoints"
 
-    print(f"[1/5] corpus: {corpus}")
+    print(f"[1/6] corpus: {corpus}")
     if not corpus.exists():
         info = write_stdlib_corpus(corpus, max_bytes=s.corpus_bytes)
         print(f"      {info.documents} documents, {info.bytes / 1e6:.1f} MB of CPython's own documentation")
     else:
         print("      already there")
 
-    print(f"[2/5] tokenizer: {tok_path}")
+    print(f"[2/6] tokenizer: {tok_path}")
     if not tok_path.exists():
         tok = train_tokenizer([corpus], tok_path, vocab_size=s.vocab_size)
         print(f"      byte-level BPE, {tok.get_vocab_size()} tokens")
     else:
         print("      already there")
 
-    print(f"[3/5] shards: {data / 'train'} and {data / 'val'}")
+    print(f"[3/6] shards: {data / 'train'} and {data / 'val'}")
     if not (data / "train").is_dir():
         report = pretokenize([corpus], tok_path, data, seq_len=s.seq_len, val_fraction=s.val_fraction,
                              progress=False)
@@ -82,6 +90,13 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
               f"fill ratio {report.fill_ratio:.3f}")
     else:
         print("      already there")
+    if not any((data / "val").glob("*.pt")):
+        # Training would stop at its first evaluation's missing folder, naming a flag the demo does not have.
+        raise UserError(
+            f"the demo's corpus {corpus} is too small to hold out any row of {s.seq_len} tokens for evaluation; "
+            f"delete {corpus}, {tok_path} and {data}, then run the demo again with a larger --corpus_bytes "
+            "(100000 or more) or without it."
+        )
 
     overrides = {
         "data.data_dir": str(data / "train"),
@@ -96,13 +111,13 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
         overrides["training.max_steps"] = s.max_steps
         overrides["training.warmup_steps"] = planned.warmup_steps * s.max_steps // planned.max_steps
     config = load_config(s.config_file, overrides)
-    print(f"[4/5] training ({s.config_file.name}): checkpoints and metrics.jsonl in {ckpt_dir}")
+    print(f"[4/6] training ({s.config_file.name}): checkpoints and metrics.jsonl in {ckpt_dir}")
     # The demo passes --load_checkpoint latest itself: after a stop, running it again is all it takes.
     result = train(config, resume_hint="Run the same encoder-train demo command again to continue from it.")
     if result.stopped_by:
         return {"stopped_by": result.stopped_by}
 
-    print("[5/5] evaluation on the held-out rows (fixed masks)")
+    print("[5/6] evaluation on the held-out rows (fixed masks)")
     device = pick_device()
     trained = load_trained(result.checkpoint, device)
     val = scan_shards(data / "val", trained.model.dims.max_tokens)
@@ -119,8 +134,15 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
     for text in FILL_MASK_EXAMPLES:
         guesses = fill_mask(trained, text, top_k=3, device=device)[0]
         print(f"      {text}\n        -> {show_guesses(guesses)}")
+
+    print("[6/6] fine-tuning the trained and the untrained model: which package a docstring comes from")
+    finetuned = run_demo_stage(work, result.checkpoint, config.training.seed)
     summary = {"untrained_loss": before["loss"], "trained_loss": after["loss"], "trained_accuracy": after["accuracy"],
                "step": trained.state["step"], "seconds": time.perf_counter() - t0}
+    if finetuned:
+        summary |= {"finetune_trained_accuracy": finetuned["pretrained"]["accuracy"],
+                    "finetune_untrained_accuracy": finetuned["untrained"]["accuracy"],
+                    "finetune_chance": finetuned["chance"]}
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"done in {summary['seconds']:.0f} s. Artefacts in {work}; try:\n"
           f"  encoder-train fill-mask --checkpoint {result.checkpoint} \"Return the <mask> of the list.\"\n"

@@ -1,0 +1,535 @@
+"""finetune(source, task, settings): set up -> fit, once per seed. Plain code, no callbacks.
+
+For each seed: the pretrained encoder plus a new head (classifier.py), AdamW with RoBERTa's fine-tuning
+betas and weight-decay groups (optim.py), a learning rate that warms up over `warmup_ratio` of the steps and
+decays linearly to zero, `epochs` passes over the training examples in a seeded random order. After every
+epoch the validation files are scored with the task's metrics; the best epoch by the task's score on the
+first validation file is the one kept, as a checkpoint and as the seed's result. Fine-tuning on small tasks
+is noisy, so `num_seeds` runs report the mean and the spread over seeds. Losses: cross-entropy, or for
+regression the mean squared error, with the head's output starting at the mean training label.
+
+Batches: rows right-padded to the longest of the batch. Training batches come from a shuffled order in which
+runs of 50 batches are sorted by length (little padding, still random batches); evaluation reads the
+examples longest first and puts the predictions back in file order.
+
+Output, under `output_dir`:
+
+    seed_<s>/checkpoint_XXXXXXXX.pt   the best epoch's model (the step in the name), written atomically
+    seed_<s>/metrics.jsonl            training records every `log_interval` steps, one record per epoch's scores
+    seed_<s>/predictions_<test>.tsv   with a test file: `index<TAB>prediction` from the best epoch
+    results.json                      what the last printed line says
+
+A fine-tuned checkpoint holds what any checkpoint holds (`model`, `dims`, `tokenizer`, `step`; the `model` is
+the whole MaskedLM, so `evaluate`, `fill-mask` and `export` read it too) and, for the classifier:
+`classifier` (the head's weights), `task` (family, pooling, labels, text columns, metrics, max_length),
+`finetune` (the settings and seed), `metrics` and `epoch` (the best epoch's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from encoder_train import checkpoint, devices
+from encoder_train.batch import MaskSpec
+from encoder_train.config import TrainingConfig
+from encoder_train.data.shards import derive_seed
+from encoder_train.errors import UserError
+from encoder_train.finetune.classifier import SequenceClassifier, family_of
+from encoder_train.finetune.metrics import METRICS, score
+from encoder_train.finetune.tasks import Labels, Split, Task
+from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.optim import build_optimizer, build_scheduler
+from encoder_train.tokenizer import special_tokens
+from encoder_train.tracking import Tracker
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """The fine-tuning hyper-parameters. Defaults: RoBERTa's GLUE recipe (fairseq), 3 epochs; glue.py sets each
+    GLUE task's own."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate, reached after warmup, then decayed linearly to zero."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    epochs: int = 3
+    """Passes over the training examples; the best of them on the validation file is kept."""
+    warmup_ratio: float = 0.06
+    """Share of the steps over which the learning rate rises from 0 (RoBERTa: 6%)."""
+    weight_decay: float = 0.1
+    """AdamW's decoupled weight decay (RoBERTa's fine-tuning: 0.1); biases and LayerNorms get none."""
+    max_length: int = 512
+    """Tokens per example with <s> and </s>; longer texts are cut (a pair: the longer text first). At most the
+    model's positions."""
+    gradient_clip: float = 1.0
+    """Clip the gradient's global L2 norm to this; 0 disables clipping."""
+    dropout: float | None = None
+    """Dropout in the classification head; None: the model's own dropout."""
+    pooling: str = "cls"
+    """ModernBERT's head: "cls" or "mean" pooling; RoBERTa's head always reads <s>."""
+    precision: str = "bf16"
+    """bf16 autocast with fp32 weights, or fp32."""
+    seed: int = 0
+    """The first seed: it seeds the head's initialisation, dropout and the order of the examples."""
+    num_seeds: int = 1
+    """Runs with seeds seed, seed + 1, ...; the results give their mean and standard deviation."""
+    log_interval: int = 10
+    """Steps between records in metrics.jsonl and progress-bar updates."""
+
+    def __post_init__(self) -> None:
+        numbers = {"learning_rate": (self.learning_rate, 0.0, False), "warmup_ratio": (self.warmup_ratio, 0.0, True),
+                   "weight_decay": (self.weight_decay, 0.0, True), "gradient_clip": (self.gradient_clip, 0.0, True)}
+        for name, (value, low, may_equal) in numbers.items():
+            if not math.isfinite(value) or value < low or (value == low and not may_equal):
+                raise UserError(f"--{name} {value} must be a finite number {'at least' if may_equal else 'above'} "
+                                f"{low:g}; pass another value.")
+        if self.warmup_ratio > 1:
+            raise UserError(f"--warmup_ratio {self.warmup_ratio} is a share of the steps; pass a value from 0 to 1.")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout {self.dropout} must be at least 0 and below 1; pass another value.")
+        if self.max_length < 8:
+            raise UserError(f"--max_length {self.max_length} leaves no room for text; pass 8 or more (e.g. 128).")
+        if self.pooling not in ("cls", "mean"):
+            raise UserError(f"--pooling {self.pooling!r} is not cls or mean; pass one of them.")
+        if self.precision not in ("bf16", "fp32"):
+            raise UserError(f"--precision {self.precision!r} is not bf16 or fp32; pass one of them.")
+
+
+# ---- what fine-tuning starts from ---------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """A pretrained encoder: MaskedLM weights, its shape and tokenizer; `origin` names where it came from."""
+
+    weights: dict[str, torch.Tensor]
+    dims: ModelDims
+    tokenizer: Tokenizer
+    spec: MaskSpec
+    origin: str
+
+
+def source_from_checkpoint(path: str | Path) -> Source:
+    from encoder_train.state import load_trained
+
+    trained = load_trained(path, torch.device("cpu"), flag="--checkpoint")
+    return Source(trained.model.state_dict(), trained.model.dims, trained.tokenizer, trained.spec, str(path))
+
+
+def source_from_hf(directory: str | Path) -> Source:
+    """A Hugging Face masked-LM folder (an `encoder-train export`, or a released RoBERTa-style model)."""
+    from encoder_train.hf import import_hf
+
+    folder = import_hf(directory)
+    special = special_tokens(folder.tokenizer, directory)
+    spec = MaskSpec(special.pad, special.mask, special.all_ids, folder.tokenizer.get_vocab_size(), 0.15)
+    return Source(folder.state_dict, folder.dims, folder.tokenizer, spec, str(directory))
+
+
+def untrained(source: Source, seed: int) -> Source:
+    """The same model before any training: initialised from `seed` (as training's step 0 with that seed)."""
+    torch.manual_seed(seed)
+    return dataclasses.replace(source, weights=MaskedLM(source.dims).state_dict(),
+                               origin=f"{source.origin} (untrained: initialised from seed {seed})")
+
+
+# ---- examples -> token ids -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """A split as token ids: <s> A </s> or RoBERTa's pair <s> A </s></s> B </s>, cut to max_length."""
+
+    split: Split
+    ids: list[list[int]]
+    labels: torch.Tensor | None  # (N,) int64 class ids or float32 numbers
+    cut: int = 0  # examples whose texts were longer than max_length
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode(split: Split, tokenizer: Tokenizer, max_length: int, regression: bool) -> Encoded:
+    """Special tokens are placed here, not by the tokenizer's post-processor, so every tokenizer frames texts
+    the same way (export writes this framing into the exported tokenizer)."""
+    special = special_tokens(tokenizer)
+    bos, eos = special.bos, special.eos
+    columns = list(zip(*split.texts, strict=True))  # one tuple of texts per column
+    pieces = [[e.ids for e in tokenizer.encode_batch(list(c), add_special_tokens=False)] for c in columns]
+    rows, cut = [], 0
+    if len(pieces) == 1:
+        for a in pieces[0]:
+            cut += len(a) > max_length - 2
+            rows.append([bos, *a[: max_length - 2], eos])
+    else:
+        for a, b in zip(*pieces, strict=True):
+            cut += len(a) + len(b) > max_length - 4
+            a, b = truncate_pair(a, b, max_length - 4)
+            rows.append([bos, *a, eos, eos, *b, eos])
+    labels = None
+    if split.labels is not None:
+        labels = torch.tensor(split.labels, dtype=torch.float32 if regression else torch.int64)
+    return Encoded(split, rows, labels, cut)
+
+
+def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Cut a token at a time from the longer text, the second on a tie, until both fit in `budget` tokens:
+    Hugging Face's longest_first, in closed form."""
+    excess = len(a) + len(b) - budget
+    if excess <= 0:
+        return a, b
+    la, lb = len(a), len(b)
+    gap = min(excess, abs(la - lb))  # first bring the longer down to the shorter
+    la, lb = (la - gap, lb) if la > lb else (la, lb - gap)
+    rest = excess - gap  # then take turns, the second text first
+    la, lb = la - rest // 2, lb - (rest + 1) // 2
+    return a[:la], b[:lb]
+
+
+def collate(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (B, T) right-padded ids and (B, T) mask, T = the longest row."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, ids != pad_id
+
+
+def training_batches(data: Encoded, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch: a random order of the examples, runs of 50 batches sorted by length, the batches shuffled."""
+    order = torch.randperm(len(data), generator=generator).tolist()
+    run = 50 * batch_size
+    batches = []
+    for start in range(0, len(order), run):
+        chunk = sorted(order[start:start + run], key=lambda i: len(data.ids[i]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+@torch.no_grad()
+def predict(model: SequenceClassifier, data: Encoded, batch_size: int, device: torch.device,
+            autocast: contextlib.AbstractContextManager, pad_id: int) -> torch.Tensor:
+    """(N, C) float32 logits on the CPU, in the file's order; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(data)), key=lambda i: -len(data.ids[i]))
+    out = torch.empty(len(data), model.num_outputs)
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            ids, mask = collate([data.ids[i] for i in index], pad_id)
+            with autocast:
+                logits = model(ids.to(device), mask.to(device))
+            out[index] = logits.float().cpu()  # the host waits for the device here
+    finally:
+        model.train(was_training)
+    return out
+
+
+def decide(logits: torch.Tensor, regression: bool) -> torch.Tensor:
+    """(N, C) logits -> (N,) class ids, or (N,) numbers for regression."""
+    return logits[:, 0] if regression else logits.argmax(-1)
+
+
+def scores(predictions: torch.Tensor, labels: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, float]:
+    return {name: METRICS[name](predictions.tolist(), labels.tolist()) for name in metrics}
+
+
+def validation_metrics(per_split: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One file: its metrics as they are; several (MNLI's matched, mismatched): each prefixed by its name."""
+    if len(per_split) == 1:
+        return next(iter(per_split.values()))
+    return {f"{split}_{name}": value for split, m in per_split.items() for name, value in m.items()}
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    epoch: int  # the best epoch, from 1
+    metrics: dict[str, float]  # of the best epoch, every validation file
+    score: float  # the task's score on the first validation file, which chose the epoch
+    checkpoint: Path
+    test_metrics: dict[str, float] | None = None
+    predictions: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"seed": self.seed, "epoch": self.epoch, "metrics": self.metrics, "checkpoint": str(self.checkpoint)}
+        if self.test_metrics is not None:
+            out["test_metrics"] = self.test_metrics
+        if self.predictions is not None:
+            out["predictions"] = str(self.predictions)
+        return out
+
+
+@dataclass
+class Result:
+    """Every seed's result, with the mean and (sample) standard deviation over seeds of each metric."""
+
+    task: str
+    seeds: list[SeedResult]
+    metrics: dict[str, float] = field(init=False)
+    std: dict[str, float] = field(init=False)
+    score: float = field(init=False)
+    score_std: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        names = self.seeds[0].metrics
+        self.metrics = {k: statistics.fmean(s.metrics[k] for s in self.seeds) for k in names}
+        self.std = {k: _std([s.metrics[k] for s in self.seeds]) for k in names}
+        self.score = statistics.fmean(score(s.metrics) for s in self.seeds)
+        self.score_std = _std([score(s.metrics) for s in self.seeds])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "std": self.std, "score": self.score,
+                "seeds": [s.seed for s in self.seeds], "per_seed": [s.to_dict() for s in self.seeds]}
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def finetune(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings, output_dir: Path,
+             overwrite: bool = False, say: Callable[[str], None] = print, task_name: str | None = None) -> Result:
+    """Fine-tune `source` on `task` once per seed; writes under `output_dir`, returns every seed's best epoch."""
+    check_metrics(metrics, task)
+    device = devices.pick_device()
+    max_length = min(settings.max_length, source.dims.max_tokens)
+    regression = task.labels.kind == "regression"
+    train = encode(task.train, source.tokenizer, max_length, regression)
+    validation = [encode(s, source.tokenizer, max_length, regression) for s in task.validation]
+    test = encode(task.test, source.tokenizer, max_length, regression) if task.test else None
+    name = task_name or task.name or task.train.path.parent.name or task.train.path.stem
+    say(f"{name}: {len(train)} training examples, "
+        + ", ".join(f"{len(v)} in {v.split.path.name}" for v in validation)
+        + (f", {len(test)} in {test.split.path.name} (predicted)" if test else "")
+        + (f"; {task.labels.num_outputs} labels ({', '.join(task.labels.names)})" if not regression else
+           "; regression")
+        + f"; at most {max_length} tokens an example" + (f" ({train.cut} training examples cut)" if train.cut else ""))
+    output_dir = Path(output_dir)
+    results = []
+    with _lock(output_dir):  # taken before anything in the folder is read or removed
+        prepare_output(output_dir, settings, overwrite)
+        for seed in range(settings.seed, settings.seed + settings.num_seeds):
+            results.append(fit(source, task, metrics, settings, seed, train, validation, test,
+                               output_dir / f"seed_{seed}", device, max_length, say))
+    result = Result(name, results)
+    (output_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def check_metrics(metrics: tuple[str, ...], task: Task) -> None:
+    regression = task.labels.kind == "regression"
+    for m in metrics:
+        if m not in METRICS:
+            raise UserError(f"--metric {m!r} is not one of {', '.join(METRICS)}; pass one of those.")
+        if (m in ("pearson", "spearman")) != regression:
+            kind = "regression" if regression else "classification"
+            raise UserError(f"--metric {m} does not score a {kind} task; pass one of "
+                            + ", ".join(k for k in METRICS if (k in ("pearson", "spearman")) == regression) + ".")
+        if m == "f1" and task.labels.num_outputs != 2:
+            raise UserError(f"--metric f1 scores label 1 of a two-label task, and this one has "
+                            f"{task.labels.num_outputs} labels; pass --metric macro_f1.")
+
+
+def prepare_output(output_dir: Path, settings: FinetuneSettings, overwrite: bool) -> None:
+    """Refuse to mix a new run's checkpoints with an old one's, unless told to replace them."""
+    old = [p for s in range(settings.seed, settings.seed + settings.num_seeds)
+           for _, p in checkpoint.list_checkpoints(output_dir / f"seed_{s}")]
+    if old and not overwrite:
+        raise UserError(f"--output_dir {output_dir} already holds fine-tuned checkpoints ({old[0]}); pass another "
+                        "--output_dir, or --overwrite to replace them.")
+    checkpoint.ensure_writable(output_dir)
+    for p in old:
+        p.unlink()
+
+
+@contextlib.contextmanager
+def _lock(output_dir: Path) -> Iterator[None]:
+    """One run per output folder, as for training's checkpoint folder (the folder is created here)."""
+    try:
+        lock = checkpoint.FolderLock(output_dir).__enter__()
+    except UserError as e:
+        raise UserError(str(e).replace("--checkpoint_dir", "--output_dir")) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings, seed: int,
+        train: Encoded, validation: list[Encoded], test: Encoded | None, out: Path, device: torch.device,
+        max_length: int, say: Callable[[str], None]) -> SeedResult:
+    """One seed: set up, then `epochs` passes, scoring the validation files after each."""
+    out.mkdir(parents=True, exist_ok=True)
+    regression = task.labels.kind == "regression"
+    pad_id = source.spec.pad_id
+    torch.manual_seed(seed)  # the head's initialisation and dropout
+    backbone = MaskedLM(source.dims)
+    backbone.load_state_dict(source.weights)
+    model = SequenceClassifier(backbone, task.labels.num_outputs, settings.dropout, settings.pooling).to(device)
+    if regression:
+        model.start_at(float(train.labels.mean()))
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    schedule = TrainingConfig(learning_rate=settings.learning_rate, max_steps=total,
+                              warmup_steps=round(settings.warmup_ratio * total), schedule="linear",
+                              weight_decay=settings.weight_decay, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
+    optimizer = build_optimizer(model, schedule, device)
+    scheduler = build_scheduler(optimizer, schedule)
+    tracker = Tracker(directory=out, total_steps=total, start_step=0, fresh=True, wandb_run_id=None,
+                      config={"training": {"log_interval": settings.log_interval}, "wandb": {"enabled": False},
+                              "tensorboard": {"enabled": False}})
+    autocast = devices.autocast_for(settings.precision, device, note=tracker.write)
+    clip = settings.gradient_clip if settings.gradient_clip > 0 else float("inf")
+    step, best = 0, None
+    # Summed on the device since the last log point; read back (the host waits) only at log points.
+    loss_sum, norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    steps, tokens, t0 = 0, 0, time.perf_counter()
+    model.train()
+    try:
+        for epoch in range(1, settings.epochs + 1):
+            generator = torch.Generator().manual_seed(derive_seed(seed, "finetune", epoch))
+            for index in training_batches(train, settings.batch_size, generator):
+                ids, mask = collate([train.ids[i] for i in index], pad_id)
+                target = train.labels[index].to(device)
+                with autocast:
+                    logits = model(ids.to(device), mask.to(device))
+                loss = (F.mse_loss(logits.float()[:, 0], target) if regression
+                        else F.cross_entropy(logits.float(), target))
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_sum += loss.detach()
+                norm_sum += grad_norm.detach()
+                steps, tokens = steps + 1, tokens + int(mask.sum())
+                tracker.advance()
+                if tracker.due(step) or step == total:
+                    now = time.perf_counter()
+                    record = {"step": step, "loss": loss_sum.item() / steps,  # the host waits for the device here
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": norm_sum.item() / steps,
+                              "tokens_per_second": tokens / max(now - t0, 1e-9), "epoch": step / steps_per_epoch}
+                    if not math.isfinite(record["loss"]):
+                        raise UserError(f"the fine-tuning loss is not finite at step {step} (seed {seed}); lower "
+                                        "--learning_rate, or pass --precision fp32.")
+                    tracker.log(record, final=step == total)
+                    loss_sum.zero_()
+                    norm_sum.zero_()
+                    steps, tokens, t0 = 0, 0, now
+
+            # The epoch's scores on every validation file; the first one's task score chooses the epoch.
+            per_split = {}
+            for data in validation:
+                predictions = decide(predict(model, data, 2 * settings.batch_size, device, autocast, pad_id),
+                                     regression)
+                per_split[data.split.name] = scores(predictions, data.labels, metrics)
+            found = validation_metrics(per_split)
+            chosen = score(next(iter(per_split.values())))
+            record = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in found.items()}}
+            for sink in tracker.sinks:  # the Tracker's sinks: metrics.jsonl (W&B and TensorBoard are off here)
+                sink.log("eval", record, True)
+            better = best is None or chosen > best[1]
+            tracker.write(f"seed {seed} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in found.items())
+                          + ("  (best so far)" if better and epoch > 1 else ""))
+            if better:
+                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                path = save(state, source, task, metrics, settings, seed, step, epoch, found, max_length, out)
+                best = (epoch, chosen, found, path, state)
+    finally:
+        tracker.close()
+
+    epoch, chosen, found, path, state = best
+    result = SeedResult(seed, epoch, found, chosen, path)
+    say(f"seed {seed}: best epoch {epoch} of {settings.epochs}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in found.items()) + f"; checkpoint {path}")
+    if test is not None:
+        model.load_state_dict(state)
+        logits = predict(model, test, 2 * settings.batch_size, device, autocast, pad_id)
+        predictions = decide(logits, regression)
+        result.predictions = write_predictions(test, predictions, task, out)
+        if test.labels is not None:
+            result.test_metrics = scores(predictions, test.labels, metrics)
+            say(f"seed {seed}: {test.split.path.name}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()))
+    return result
+
+
+def save(state: dict[str, torch.Tensor], source: Source, task: Task, metrics: tuple[str, ...],
+         settings: FinetuneSettings, seed: int, step: int, epoch: int, found: dict[str, float], max_length: int,
+         out: Path) -> Path:
+    """The best epoch so far as a checkpoint (atomic); the previous best of this seed is then removed."""
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    snapshot = {
+        "model": backbone,
+        "classifier": head,
+        "step": step,
+        "epoch": epoch,
+        "dims": dataclasses.asdict(source.dims),
+        "tokenizer": {"json": source.tokenizer.to_str(), "mask_spec": dataclasses.asdict(source.spec)},
+        "task": {"name": task.name, "family": family_of(source.dims), "pooling": settings.pooling,
+                 "labels": task.labels.to_dict(), "text_fields": list(task.text_fields),
+                 "label_field": task.label_field, "metrics": list(metrics), "max_length": max_length},
+        "finetune": {**dataclasses.asdict(settings), "seed": seed, "source": source.origin},
+        "metrics": found,
+    }
+    path = checkpoint.save(snapshot, out, step)
+    checkpoint.rotate(out, 1)
+    return path
+
+
+def write_predictions(data: Encoded, predictions: torch.Tensor, task: Task, out: Path) -> Path:
+    """GLUE's submission layout: `index<TAB>prediction`, a label name or a number, in the file's order."""
+    path = out / f"predictions_{data.split.name}.tsv"
+    names = task.labels.names
+    lines = ["index\tprediction"]
+    for index, p in zip(data.split.ids, predictions.tolist(), strict=True):
+        lines.append(f"{index}\t{p:.4f}" if task.labels.kind == "regression" else f"{index}\t{names[p]}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- a fine-tuned model, for use ---------------------------------------------------------------------------
+
+
+@dataclass
+class Finetuned:
+    """A fine-tuned checkpoint restored: the classifier (in eval mode), its tokenizer, what its outputs mean."""
+
+    model: SequenceClassifier
+    tokenizer: Tokenizer
+    labels: Labels
+    state: dict[str, Any]
+
+
+def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
+    from encoder_train.state import load_trained
+
+    trained = load_trained(path, device, flag="--checkpoint")
+    state = trained.state
+    if "classifier" not in state or "task" not in state:
+        raise UserError(f"checkpoint {path} holds no classification head (it is not from `encoder-train finetune`); "
+                        "pass a checkpoint that fine-tuning wrote.")
+    task = state["task"]
+    labels = Labels(task["labels"]["kind"], tuple(task["labels"]["names"]))
+    model = SequenceClassifier(trained.model, labels.num_outputs, state["finetune"].get("dropout"), task["pooling"])
+    model.head.load_state_dict(state["classifier"])
+    return Finetuned(model.to(device).eval(), trained.tokenizer, labels, state)
