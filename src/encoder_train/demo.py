@@ -77,15 +77,20 @@ def run_demo(s: DemoSettings) -> dict[str, float]:
 
     print(f"[2/6] tokenizer: {tok_path}")
     if not tok_path.exists():
-        tok = train_tokenizer([corpus], tok_path, vocab_size=s.vocab_size)
+        # Written aside, then renamed: a demo killed here leaves no half-written tokenizer to skip to later.
+        aside = tok_path.with_name(".tokenizer.json.tmp")
+        tok = train_tokenizer([corpus], aside, vocab_size=s.vocab_size, overwrite=True)
+        aside.replace(tok_path)
         print(f"      byte-level BPE, {tok.get_vocab_size()} tokens")
     else:
         print("      already there")
 
     print(f"[3/6] shards: {data / 'train'} and {data / 'val'}")
-    if not (data / "train").is_dir():
+    done = data / ".complete"  # written last: shards from a demo killed mid-way are made again, not trained on
+    if not done.exists():
         report = pretokenize([corpus], tok_path, data, seq_len=s.seq_len, val_fraction=s.val_fraction,
-                             progress=False)
+                             progress=False, overwrite=True)
+        done.write_text("pretokenize finished\n")
         print(f"      {report.train_rows} training rows, {report.val_rows} held-out rows of {s.seq_len} tokens, "
               f"fill ratio {report.fill_ratio:.3f}")
     else:
