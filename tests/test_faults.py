@@ -241,6 +241,7 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_training_goes_on(capsys, 
                str(tokenizer_file), "--checkpoint_dir", str(ckpt), "--checkpoint_every", "1", "--max_checkpoints", "9"])
     err = capsys.readouterr().err
     assert rc == 0 and "steps 1-3: the loss or gradient norm was not finite in 1 of them; update skipped" in err
+    assert "steps 4-6" not in err  # reported once, at the log point after it
     states = {s: checkpoint.load(p) for s, p in checkpoint.list_checkpoints(ckpt)}
     assert all(torch.equal(states[2]["model"][k], states[3]["model"][k]) for k in states[2]["model"])
     assert not all(torch.equal(states[3]["model"][k], states[4]["model"][k]) for k in states[3]["model"])

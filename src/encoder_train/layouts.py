@@ -28,6 +28,7 @@ class Padded:
         # No mask at all when the rows are known to be full: on CUDA, SDPA can then pick FlashAttention.
         self.bias = key_bias(attention_mask, torch.float32) if has_pads else None
         self._windowed: dict[int, torch.Tensor] = {}
+        self.cache: dict = {}  # what the layers share per batch (rotary angles), keyed by its maker
 
     def positions(self) -> torch.Tensor:
         """(T,): each column's place in its row, for rotary embeddings (broadcast over B)."""
@@ -96,6 +97,7 @@ class Packed:
         self._groups = None
         self._padded = None
         self._positions = positions  # given for token-budget batches, whose rows share one (1, T) line
+        self.cache: dict = {}  # what the layers share per batch (rotary angles), keyed by its maker
         self._windowed: dict[int, list] = {}
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ class Packed:
         return x.new_zeros(B * T, *x.shape[1:]).index_copy(0, self.index, x).view(B, T, *x.shape[1:])
 
     def positions(self) -> torch.Tensor:
-        """(N,): each packed token's place in its row, for rotary embeddings."""
+        """(N,): each packed token's place in its row, for rotary embeddings (and learned positions)."""
         if self._positions is None:
             self._positions = self.index % self.mask.shape[1]
         return self._positions
@@ -118,7 +120,9 @@ class Packed:
         """q, k, v (N, nh, hs) -> (N, nh, hs); `window`: keys at most window / 2 positions away only."""
         if has_varlen_attention(q, dropout_p):
             return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, dropout_p, window)
-        if q.device.type != "cpu":
+        # Rows padded back for SDPA: batches of rows on a GPU. A token-budget batch is one line of many rows
+        # (positions given), which padding back would run as one row: its rows go by length groups instead.
+        if q.device.type != "cpu" and self._positions is None:
             self._padded = self._padded or Padded(self.mask)  # its key bias, built once for all layers
             return self.pack(self._padded.attend(self.unpack(q), self.unpack(k), self.unpack(v), dropout_p, window))
         return self.attend_in_groups(q, k, v, dropout_p, window)
@@ -150,12 +154,14 @@ class Packed:
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
         # longest first; the empty segments that pad a token-budget batch's cu_seqlens to a fixed size dropped
         order = sorted((r for r in range(len(lengths)) if lengths[r]), key=lambda r: -lengths[r])
-        self._groups, self._slot, self._real, done = [], torch.empty(len(self.index), dtype=torch.long), [], 0
+        device = self.cu_seqlens.device
+        self._groups, self._real, done = [], [], 0
+        self._slot = torch.empty(len(self.index), dtype=torch.long, device=device)
         for start, end in length_groups([lengths[r] for r in order]):
-            rows = torch.tensor(order[start:end])
-            n = torch.tensor([lengths[r] for r in order[start:end]])  # (b,)
-            T = int(n[0])
-            t = torch.arange(T)
+            rows = torch.tensor(order[start:end], device=device)
+            n = torch.tensor([lengths[r] for r in order[start:end]], device=device)  # (b,)
+            T = lengths[order[start]]
+            t = torch.arange(T, device=device)
             real = t[None, :] < n[:, None]  # (b, T)
             # pads gather the row's last token: harmless (masked as keys, discarded as queries), no zeros
             gather = self.cu_seqlens[rows][:, None] + torch.minimum(t[None, :], n[:, None] - 1)

@@ -113,14 +113,19 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, theta: float):
         super().__init__()
+        self.theta = theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q, k (..., nh, hs); positions (...) int, one per token -> q, k rotated, in their dtype (in fp32 inside)."""
-        angles = positions[..., None].float() * self.inv_freq  # (..., hs/2)
-        angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # (..., 1, hs): one angle per dim, all heads
-        cos, sin = angles.cos(), angles.sin()
+    def forward(self, q: torch.Tensor, k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k (..., nh, hs) -> q, k rotated, in their dtype (in fp32 inside). The angles of each token's place
+        in its row are computed once per batch and base, and shared by the layers that use that base."""
+        key = ("rotary", self.theta)
+        if key not in layout.cache:
+            angles = layout.positions()[..., None].float() * self.inv_freq  # (..., hs/2)
+            angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # (..., 1, hs): an angle per dim, all heads
+            layout.cache[key] = (angles.cos(), angles.sin())
+        cos, sin = layout.cache[key]
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
             x1, x2 = x.float().chunk(2, dim=-1)
@@ -155,7 +160,7 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, weight, bias).unflatten(-1, (3, self.num_heads, self.head_size))  # (..., 3, nh, hs)
         q, k, v = qkv.unbind(-3)  # each (..., nh, hs), a view
         if self.rotary is not None:
-            q, k = self.rotary(q, k, layout.positions())  # positions (...): each token's place in its row
+            q, k = self.rotary(q, k, layout)  # by each token's place in its row
         y = layout.attend(q, k, v, p, self.window)  # (..., nh, hs): the layout hides the padding from attention
         return self.dropout(self.output(y.flatten(-2)))  # (..., H)
 

@@ -68,8 +68,11 @@ def model_section(dims: ModelDims, cfg: ModelConfig) -> ModelConfig:
 
 def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None:
     current = dataclasses.asdict(dims)
+    # A field a checkpoint lacks was written before the field existed: it had the field's default then.
+    default = {f.name: f.default for f in dataclasses.fields(ModelDims) if f.default is not dataclasses.MISSING}
+    saved = {k: saved.get(k, default.get(k)) for k in current}
     fields = [k for k in SHAPE_FIELDS if not (dims.rotary and k == "max_position_embeddings")]
-    diffs = [f"{k} {saved.get(k)} vs {current[k]}" for k in fields if saved.get(k, current[k]) != current[k]]
+    diffs = [f"{k} {saved[k]} vs {current[k]}" for k in fields if saved[k] != current[k]]
     if diffs:
         raise UserError(
             f"checkpoint {path} was trained with a different model shape (checkpoint vs config: "

@@ -250,7 +250,7 @@ def describe(run: Run) -> None:
         f"{world.device}, precision {cfg.precision}"
     )
     shards, val, data = run.shards, run.val_shards, run.config.data
-    micro = (f"{cfg.batch_size} rows" if data.batch_tokens is None else
+    micro = (f"{cfg.batch_size}" if data.batch_tokens is None else
              f"{data.batch_tokens} tokens (rows packed by best fit, {100 * packing_efficiency(shards, state.spec, budget=data.batch_tokens, window=data.pack_window, seed=cfg.seed, shuffle_files=data.shuffle_files, windows=1):.1f}% of slots real tokens)")  # noqa: E501
     global_batch = (f"{rows_per_step(run)} rows" if data.batch_tokens is None else
                     f"{data.batch_tokens * cfg.gradient_accumulation_steps * world.world_size} token slots")
@@ -299,21 +299,28 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                       wandb_run_id=state.wandb_run_id, enabled=world.is_main)
     state.wandb_run_id = tracker.wandb_run_id or state.wandb_run_id
     saver = Saver(run, tracker)
-    window = MetricsWindow(device, sum(s.rows for s in run.shards))
+    window = MetricsWindow(device, sum(s.rows for s in run.shards), state.step)
     autocast = devices.autocast_for(cfg.precision, device, note=tracker.write)
     clip = cfg.gradient_clip if cfg.gradient_clip > 0 else float("inf")
-    stop_votes = 0.0
+    stop_votes = 0
     model.train()
     try:
         with GracefulStop() as stop:
-            while state.step < cfg.max_steps and not stop_votes:
+            while state.step < cfg.max_steps:
                 micro, data_error = next_step()
-                # Token-weighted mean over the whole global step: each micro-batch's summed loss over all
-                # predicted tokens of all ranks. The same all-reduce tells every rank whether any rank's data
-                # failed, so that all stop together.
-                predicted, step_tokens, failed = distributed.sum_ints(
-                    [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro), int(bool(data_error))],
-                    world)
+                # One small all-reduce of host integers, under torchrun the one time a step waits for the host:
+                # the step's predicted tokens over all ranks (the loss is their token-weighted mean), and whether
+                # any rank's data failed, its checkpoint write failed, or it was asked to stop (SIGTERM), so that
+                # all ranks stop together, after the same step. A single process adds nothing up.
+                predicted, step_tokens, failed, write_failed, stop_votes = distributed.sum_ints(
+                    [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro), int(bool(data_error)),
+                     int(saver.failed), int(stop.signum is not None)], world)
+                if stop_votes:
+                    break
+                if write_failed:
+                    saver.wait()  # raises the write's own error where it failed (rank 0)
+                    raise UserError("the checkpoint write of rank 0 failed (its message says why); the previous "
+                                    "checkpoints are kept.")
                 if failed:  # stop as SIGTERM does: keep the finished steps, then say what broke (exit 2)
                     saver.save_if_new()
                     reason = str(data_error) if data_error else "another process's data could not be read"
@@ -327,15 +334,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                     state.rows_consumed += rows_per_step(run)
                 state.tokens_seen += step_tokens
 
-                # The global loss, and under torchrun whether any rank was asked to stop, so that all ranks stop
-                # after the same step: one small all-reduce, and the one host-device sync of a distributed step.
-                # A single process reads its own stop flag and never waits for the device here.
-                step_loss = distributed.sum_all(step_loss.float(), world) if world.distributed else step_loss.float()
-                if world.distributed:
-                    stop_votes = distributed.sum_all(torch.tensor(float(stop.signum is not None), device=device),
-                                                     world).item()
-                else:
-                    stop_votes = float(stop.signum is not None)
+                step_loss = distributed.sum_all(step_loss.float(), world)  # the global loss; stays on the device
                 # A NaN/inf loss or gradient must not reach the weights: fused AdamW skips the update on the
                 # device when found_inf is set (its step counts stay too); the host hears of it at log points.
                 finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
@@ -348,7 +347,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 tracker.advance()
 
                 final = state.step == cfg.max_steps
-                if tracker.due(state.step) or final or window.checks_due(state.step, cfg.max_nonfinite_steps):
+                if state.step % cfg.log_interval == 0 or final:  # the same steps on every rank
                     check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
                 if tracker.due(state.step) or final:
                     tracker.log(window.read(state, scheduler.get_last_lr()[0]), final=final)
@@ -363,10 +362,12 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 saver.save_if_new()
             saver.wait()
     finally:
-        with contextlib.suppress(Exception):  # an error already on its way wins; the write still finishes
-            saver.wait()
-        stream.close()
-        tracker.close()
+        try:
+            with contextlib.suppress(Exception):  # an error already on its way wins; the write still finishes
+                saver.wait()
+        finally:  # even when a second Ctrl-C interrupts the wait
+            stream.close()
+            tracker.close()
     if stop_votes:
         return stopped(run, saver, window, stop.signum or signal.SIGTERM, resume_hint)
     run.say(f"done: step {state.step}, loss {window.last_loss:.4f}, {state.tokens_seen} tokens seen; "
@@ -438,7 +439,7 @@ class MetricsWindow:
     """Loss, gradient norm and tokens summed since the last log point, and the count of skipped (non-finite)
     updates; kept on the device and read back (the host waits for the device) only at log points."""
 
-    def __init__(self, device: torch.device, rows_per_epoch: int):
+    def __init__(self, device: torch.device, rows_per_epoch: int, start_step: int = 0):
         self.loss_sum = torch.zeros((), device=device)
         self.norm_sum = torch.zeros((), device=device)
         self.finite_steps = torch.zeros((), device=device, dtype=torch.int64)
@@ -448,7 +449,7 @@ class MetricsWindow:
         self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
         self.rows_per_epoch = rows_per_epoch
         self.last_loss: float | None = None
-        self.last_check = 0
+        self.last_check = start_step
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, finite: torch.Tensor) -> None:
         """One step; a skipped (non-finite) one counts for the skip tallies, not for the averages."""
@@ -461,11 +462,6 @@ class MetricsWindow:
         self.tokens += tokens
         self.steps += 1
 
-    def checks_due(self, step: int, max_in_a_row: int) -> bool:
-        """Whether a streak of skipped updates could reach the limit before the next log point: look at least
-        every `max_in_a_row` steps, so that the limit means what it says."""
-        return step - self.last_check >= max_in_a_row
-
     def read_skipped(self, step: int) -> tuple[int, int, int]:
         """(updates skipped, the longest run of them, the run going on now) since the last check; resets."""
         skipped, worst, run = (int(x) for x in torch.stack([self.skipped, self.worst_run, self.run]).tolist())
@@ -477,12 +473,12 @@ class MetricsWindow:
     def read(self, state: TrainState, lr: float) -> dict[str, float | int]:
         """The window's averages, then a new window."""
         now = time.perf_counter()
-        steps = max(1, int(self.finite_steps.item()))
+        steps = int(self.finite_steps.item())  # 0 when every update of the window was skipped: NaN, not 0.0
         metrics = {
             "step": state.step,
-            "loss": self.loss_sum.item() / steps,
+            "loss": self.loss_sum.item() / steps if steps else float("nan"),
             "lr": lr,
-            "grad_norm": self.norm_sum.item() / steps,
+            "grad_norm": self.norm_sum.item() / steps if steps else float("nan"),
             "tokens_per_second": self.tokens / max(now - self.t0, 1e-9),
             "tokens_seen": state.tokens_seen,
             "epoch": state.rows_consumed / self.rows_per_epoch,
@@ -523,6 +519,7 @@ class Saver:
     def __init__(self, run: Run, tracker: Tracker):
         self.run, self.tracker = run, tracker
         self.last_path: Path | None = None
+        self.failed = False  # set by the writer thread; the loop's per-step vote reads it
         self.saved_step: int | None = None if run.state.resumed_from is None else run.state.step
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -544,6 +541,7 @@ class Saver:
             self.tracker.write(f"step {step}: saved {path}" + (f", removed {len(deleted)} old" if deleted else ""))
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
+            self.failed = True
 
     def wait(self) -> None:
         """Until the write in flight is on disk; its error, if it failed, is raised here."""
