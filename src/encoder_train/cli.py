@@ -64,7 +64,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint_dir", default=None,
                    help="folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--init_from_hf", default=None,
-                   help="start from a local Hugging Face RoBERTa masked-LM folder (weights, config.json, tokenizer); "
+                   help="start from a local Hugging Face RoBERTa or ModernBERT masked-LM folder (weights, config.json, "
+                   "tokenizer); "
                    "the YAML's training section still applies")
     p.add_argument("--load_checkpoint", default=None,
                    help="checkpoint file to resume from, or 'latest' for the newest in --checkpoint_dir")
@@ -291,7 +292,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face RobertaForMaskedLM folder",
+        help="write a checkpoint as a Hugging Face RobertaForMaskedLM or ModernBertForMaskedLM folder",
         description="Write config.json, model.safetensors and the tokenizer so that "
         "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
         "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",

@@ -80,8 +80,8 @@ class ModelConfig(Section):
     """Sets the architecture's defaults in one word (`modernbert`: rotary positions, GeGLU, no biases, pre-LN,
     local/global attention, 8,192 positions); each key below still overrides it."""
     init_from_hf: str | None = None
-    """Local Hugging Face RoBERTa masked-LM folder to start from (flag --init_from_hf); its config.json and
-    tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
+    """Local Hugging Face RoBERTa or ModernBERT masked-LM folder to start from (flag --init_from_hf); its config.json
+    and tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
     vocab_size: Int | None = Field(default=None, ge=8)
     """Vocabulary size; absent: the tokenizer's size rounded up to a multiple of `pad_vocab_multiple`."""
     pad_vocab_multiple: Int = Field(default=64, ge=1)

@@ -180,7 +180,7 @@ def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
 
 
 def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write an encoder-train checkpoint as a Hugging Face RobertaForMaskedLM folder; returns the folder.
+    """Write a checkpoint as a RobertaForMaskedLM or ModernBertForMaskedLM folder (`family_of`); returns it.
 
     The files are written to a temporary folder beside `output_dir` and moved into place one by one,
     so no half-written model.safetensors ever sits under its final name. With `overwrite`, files of
@@ -325,7 +325,7 @@ class HFModel:
 
 
 def import_hf(directory: str | Path) -> HFModel:
-    """Read a local RobertaForMaskedLM folder (config.json, weights, tokenizer) for continued pretraining.
+    """Read a local RobertaForMaskedLM or ModernBertForMaskedLM folder (config.json, weights, tokenizer) to train on.
 
     `transformers` reads the config and the weights (model.safetensors or pytorch_model.bin, either
     possibly sharded, with its .index.json); we rename, refuse what our model cannot compute, and read
