@@ -1,6 +1,7 @@
 """The Hugging Face Trainer's side of a speed benchmark, set up as `run_mlm.py` would set it up.
 
-`transformers.Trainer` + `RobertaForMaskedLM` (SDPA attention) + `DataCollatorForLanguageModeling`:
+`transformers.Trainer` + `RobertaForMaskedLM` or, for the modern family, `ModernBertForMaskedLM` (SDPA
+attention either way) + `DataCollatorForLanguageModeling`:
 the rows without their padding, padded per batch to its longest row by the collator, read in order
 (the order encoder-train's loader reads them), each step timed by a callback.
 """
@@ -43,9 +44,12 @@ class CountingCollator:
 
 
 def hf_model(size: Size, seq_len: int, seed: int = SEED):
-    """RobertaForMaskedLM of the same shape, dropout and RoBERTa conventions as encoder-train's model."""
+    """RobertaForMaskedLM (ModernBertForMaskedLM for the modern family) of the same shape, dropout and
+    conventions as encoder-train's model."""
     import transformers
 
+    if size.family == "modernbert":
+        return modern_hf_model(size, seq_len, seed)
     config = transformers.RobertaConfig(
         vocab_size=size.vocab,
         hidden_size=size.hidden,
@@ -139,3 +143,22 @@ def run_hf(
     # Batch i is built for step i + 1; with workers the counts are made in their processes (not here).
     tokens = [collator.real_tokens[i - 1] for i in window] if workers == 0 else [-1] * w.steps
     return Timing(seconds, tokens), trainer.model
+
+
+def modern_hf_model(size: Size, seq_len: int, seed: int = SEED):
+    """ModernBertForMaskedLM describing encoder-train's modern model of this size (`modernbert_config`: layer
+    types, window, rotary bases, no biases, no dropout), with SDPA attention on padded rows and logits at
+    every position (its default; `sparse_prediction` off)."""
+    import transformers
+
+    from encoder_train.hf import modernbert_config
+    from encoder_train.tokenizer import special_tokens, word_level_tokenizer
+
+    special = special_tokens(word_level_tokenizer(size.vocab))  # the ids write_tokenizer's file has
+    assert (special.bos, special.pad, special.eos) == (BOS, PAD, EOS)
+    config = modernbert_config(transformers, size.model_dims(seq_len), special)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
+    assert isinstance(model, transformers.ModernBertForMaskedLM) and model.config._attn_implementation == "sdpa"
+    assert not model.config.sparse_prediction
+    return model

@@ -18,15 +18,19 @@ from encoder_train.train import train
 
 def encoder_train_config(run_dir: Path, data_dir: Path, tokenizer: Path, w: Workload) -> Path:
     """A small YAML config file for this run; train() gets it through load_config like the CLI does."""
+    model = {
+        "vocab_size": w.size.vocab,  # exactly the HF model's (no rounding up to a multiple of 64)
+        "hidden_size": w.size.hidden,
+        "num_layers": w.size.layers,
+        "num_heads": w.size.heads,
+        "intermediate_size": w.size.ffn,
+        "max_position_embeddings": w.seq_len + 2,  # RoBERTa's offset: positions start after the pad id
+    }
+    if w.size.family != "roberta":
+        # The family key sets the rest of the architecture; rotary positions count from 0: the longest row.
+        model = {"family": w.size.family, **model, "max_position_embeddings": w.seq_len}
     raw = {
-        "model": {
-            "vocab_size": w.size.vocab,  # exactly the HF model's (no rounding up to a multiple of 64)
-            "hidden_size": w.size.hidden,
-            "num_layers": w.size.layers,
-            "num_heads": w.size.heads,
-            "intermediate_size": w.size.ffn,
-            "max_position_embeddings": w.seq_len + 2,  # RoBERTa's offset: positions start after the pad id
-        },
+        "model": model,
         "data": {
             "data_dir": str(data_dir),
             "tokenizer_filepath": str(tokenizer),

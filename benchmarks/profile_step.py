@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py                     # bf16, rows of 128 with about 30% padding
     python benchmarks/profile_step.py --precision fp32 --steps 5
+    python benchmarks/profile_step.py --family modernbert     # the modern family's small model
 
 The same step as training takes (unpadded layout, sparse head with the fused loss, clipping, fused
 AdamW) on one batch in memory. Prints the operators by their own time, per step, and the share of
@@ -16,7 +17,7 @@ import contextlib
 import torch
 from synthetic import mask_spec
 from torch.profiler import ProfilerActivity, profile
-from workload import SIZES
+from workload import FAMILIES
 
 from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import collate
@@ -26,6 +27,7 @@ from encoder_train.optim import build_optimizer
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=list(FAMILIES), default="roberta", help="the small model of this family")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=32)
@@ -34,8 +36,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    vocab = SIZES["small"].vocab
-    dims = SIZES["small"].model_dims(args.seq_len)
+    vocab = FAMILIES[args.family]["small"].vocab
+    dims = FAMILIES[args.family]["small"].model_dims(args.seq_len)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(int(0.4 * args.seq_len), args.seq_len + 1, (args.rows,), generator=g).tolist()
     spec = mask_spec(vocab)

@@ -5,6 +5,9 @@
     python benchmarks/speed.py --sizes small --repeats 3         # a shared machine: fastest of 3 per step
     python benchmarks/speed.py --sizes base --seq_lens 512 --batch_size 8   # a CPU with < 48 GB
     python benchmarks/speed.py --sizes --quality --quality_seeds 3          # equal quality only, with its noise
+    python benchmarks/speed.py --family modernbert --sizes small            # the modern family against ModernBERT
+    python benchmarks/speed.py --family modernbert --sizes base --batch_size 8   # ModernBERT-base, rows of 512
+    python benchmarks/speed.py --sizes --compare_families --quality_seeds 3 # RoBERTa vs ModernBERT style, same size
 
 What runs. For each (size, row length, precision) the script writes `.pt` shards and a word-level
 tokenizer into a temp folder, then trains the same model dimensions on the same rows, 32 rows per
@@ -17,6 +20,14 @@ step (`--batch_size`), twice:
                  `DataCollatorForLanguageModeling` (mlm_probability 0.15), as `run_mlm.py` would:
                  the rows without their padding (with `special_tokens_mask`, as the tokenizer gives
                  it), padded per batch to its longest row by the collator, logits over every position.
+
+With `--family modernbert` both sides train the modern family instead (`model.family: modernbert`:
+rotary positions, GeGLU, no biases, pre-LN, every 3rd layer global and a 128-token window elsewhere,
+no dropout): encoder-train with that config key, the Trainer with `ModernBertForMaskedLM` built by
+`encoder_train.hf.modernbert_config` from the same dimensions (SDPA attention, the window as a mask on
+padded rows, logits over every position), the same collator, rows and settings. Sizes: small (RoBERTa
+small's width, depth and heads; intermediate 384, 1.5 x hidden as in ModernBERT) and base
+(ModernBERT-base: 22 x 768, 12 heads, intermediate 1152, vocabulary 50,368; rows of 512).
 
 Both see the same rows in the same order: the HF dataset lists the rows in the order encoder-train's
 loader reads them (`RowOrder`), and the Trainer reads it sequentially, so batch i holds the same 32
@@ -43,15 +54,17 @@ non-special tokens, 0.15 x (n_r - 2) per row), with fwd + bwd = 3 x fwd (the bac
 matmuls per forward one):
 
     dense      6 * L * (4H^2 + 2HF) * sum_r n_r      q, k, v, out projections and the FFN
+                                                     (GeGLU: 3HF, up to 2F for value and gate, down)
     attention 12 * L * H * sum_r n_r^2               per token, forward QK^T and AV are each
                                                      2 * n_r * H FLOPs: 4 n_r H, x3 for fwd + bwd
+                                                     (a local layer of window W: n_r * min(n_r, W + 1))
     MLM head   6 * (H^2 + H*V) * P                   dense + decoder on predicted positions only
 
 (6 x the non-embedding matmul weights per real token, plus attention over the real tokens of the
 row, plus the head where a prediction is made; embeddings, LayerNorms, biases, softmax and the
 optimiser are left out.) MFU = useful FLOP/s / the matmul rate measured on this machine in this run
 for that precision: the fastest single 2048^3 matmul or matmul of the model's own FFN shape
-(B*T x H @ H x F), measured before and after every workload.
+(B*T x H @ H x F; GeGLU H x 2F), measured before and after every workload.
 
 Data. Rows of real length uniform in [0.4 L, L] (about 30% padding overall, `<s>` first, `</s>` last,
 pad id 1 after), ids 5..V-1 drawn from a Zipf law (rank^-1.1). Each row repeats a motif of 4 to 16
@@ -85,9 +98,9 @@ from hf_trainer import run_hf
 from host import cpu_name, usable_cores
 from mfu import MatmulRates, useful_flops
 from ours import run_encoder_train
-from quality import quality
+from quality import family_comparison, quality
 from synthetic import make_rows, rows_in_loader_order, write_shard, write_tokenizer
-from workload import SEED, SIZES, Timing, Workload, fastest
+from workload import FAMILIES, SEED, SIZES, Timing, Workload, fastest
 
 from encoder_train.devices import pick_device
 
@@ -186,7 +199,7 @@ def table(rows: list[Row], rates: MatmulRates) -> str:
         w = r.workload
         mfu = [r.flops / t.seconds / 1e9 / rates.peak(w) for t in (r.ours, r.hf)]
         lines.append(
-            f"| {w.size.name} | {w.seq_len} | {w.precision}{' compiled' if w.compile else ''} | "
+            f"| {w.size.label} | {w.seq_len} | {w.precision}{' compiled' if w.compile else ''} | "
             f"{r.ours.tokens_per_second:,.0f} | "
             f"{r.hf.tokens_per_second:,.0f} | {r.ours.tokens_per_second / r.hf.tokens_per_second:.2f}x | "
             f"{mfu[0]:.1%} | {mfu[1]:.1%} |"
@@ -203,7 +216,7 @@ def details(rows: list[Row], rates: MatmulRates) -> str:
     for r in rows:
         w, n = r.workload, r.ours.steps
         lines.append(
-            f"| {w.size.name} | {w.seq_len} | {w.precision} | {w.batch} | {n} | {r.ours.real_tokens / n:,.0f} | "
+            f"| {w.size.label} | {w.seq_len} | {w.precision} | {w.batch} | {n} | {r.ours.real_tokens / n:,.0f} | "
             f"{r.hf_padding:.1%} | {r.flops / n / 1e9:,.1f} | {r.ours.seconds / n:.3f} | {r.hf.seconds / n:.3f} | "
             f"{rates.peak(w):,.0f} |"
         )
@@ -212,9 +225,11 @@ def details(rows: list[Row], rates: MatmulRates) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=list(FAMILIES), default="roberta",
+                        help="both sides' model: roberta (RobertaForMaskedLM) or modernbert (ModernBertForMaskedLM)")
     parser.add_argument("--sizes", nargs="*", choices=list(SIZES), default=list(SIZES), help="none: --quality only")
     parser.add_argument("--precisions", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
-    parser.add_argument("--seq_lens", nargs="+", type=int, help="row lengths for base (default: 128 512)")
+    parser.add_argument("--seq_lens", nargs="+", type=int, help="row lengths for base (default: 128 512; modern: 512)")
     parser.add_argument("--steps", type=int, help="timed steps (default: small 30; base 5 at 128, 3 at 512)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: small 5; base 3 at 128, 2 at 512)")
     parser.add_argument("--batch_size", type=int, default=32, help="rows per step (lower it where memory is short)")
@@ -222,6 +237,9 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also compare held-out MLM loss (small model)")
     parser.add_argument("--quality_steps", type=int, default=300, help="training steps of the quality check")
     parser.add_argument("--quality_seeds", type=int, default=1, help="seeds of the quality check (noise: 3 or more)")
+    parser.add_argument("--compare_families", action="store_true",
+                        help="held-out loss of RoBERTa small and a ModernBERT-style model of its parameter count "
+                             "(encoder-train only; --quality_steps, --quality_seeds)")
     parser.add_argument("--hf_workers", type=int, default=0, help="HF dataloader_num_workers (its default: 0)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides (warm-up steps compile)")
     parser.add_argument("--quick", action="store_true", help="smoke run: small model, 1 + 2 steps, 20 quality steps")
@@ -240,10 +258,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(machine(device), flush=True)
     rates = MatmulRates(device)
+    sizes = FAMILIES[args.family]
     results: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
-        for size in (SIZES[s] for s in args.sizes):
+        for size in (sizes[s] for s in args.sizes):
             seq_lens = args.seq_lens if (args.seq_lens and size.name == "base") else size.seq_lens
             for seq_len in seq_lens:
                 for precision in args.precisions:
@@ -281,7 +300,11 @@ def main() -> None:
         if args.quality:
             print()
             print(quality(work, args.quality_steps, args.precisions[0], device, args.hf_workers, args.verbose,
-                          args.quality_seeds))
+                          args.quality_seeds, sizes["small"]))
+        if args.compare_families:
+            print()
+            print(family_comparison(work, args.quality_steps, args.precisions[0], device, args.verbose,
+                                    args.quality_seeds))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from encoder_train.config import ModelConfig
 from encoder_train.model import ModelDims
+from encoder_train.state import model_dims
 
 MASK_PROBABILITY = 0.15
 SEED = 0
@@ -24,20 +26,40 @@ class Size:
     layers: int
     hidden: int
     heads: int
-    ffn: int
+    ffn: int  # intermediate size (GeGLU: the up projection is 2 x ffn wide, value and gate)
     vocab: int
     seq_lens: tuple[int, ...]  # row lengths benchmarked by default
+    family: str = "roberta"  # model.family: "modernbert" sets its architecture (see config.py FAMILIES)
+
+    @property
+    def label(self) -> str:
+        """The name in tables and run folders: `small`, `base` (RoBERTa) or `modernbert-small`, ..."""
+        return self.name if self.family == "roberta" else f"{self.family}-{self.name}"
 
     def model_dims(self, seq_len: int) -> ModelDims:
         """encoder-train's model of this size for rows of `seq_len` tokens (RoBERTa's pad id 1, no rounding up)."""
-        return ModelDims(vocab_size=self.vocab, hidden_size=self.hidden, num_layers=self.layers, num_heads=self.heads,
-                         intermediate_size=self.ffn, max_position_embeddings=seq_len + 2, pad_id=1)
+        if self.family == "roberta":
+            return ModelDims(vocab_size=self.vocab, hidden_size=self.hidden, num_layers=self.layers,
+                             num_heads=self.heads, intermediate_size=self.ffn, max_position_embeddings=seq_len + 2,
+                             pad_id=1)
+        # The family's options as training resolves them: the config schema fills them in from model.family.
+        cfg = ModelConfig(family=self.family, vocab_size=self.vocab, hidden_size=self.hidden, num_layers=self.layers,
+                          num_heads=self.heads, intermediate_size=self.ffn, max_position_embeddings=seq_len)
+        return model_dims(cfg, self.vocab, 1, f"benchmark size {self.label}")
 
 
 SIZES = {
     "small": Size("small", 4, 256, 4, 1024, 8192, (128,)),
     "base": Size("base", 12, 768, 12, 3072, 50265, (128, 512)),  # RoBERTa-base
 }
+# The modern family (rotary positions, GeGLU, no biases, pre-LN, every 3rd layer global, a 128-token window
+# elsewhere, no dropout). small: RoBERTa small's width, depth and heads, with ModernBERT's feed-forward
+# proportion (intermediate 1.5 x hidden, as ModernBERT-base's 1152 = 1.5 x 768).
+MODERN_SIZES = {
+    "small": Size("small", 4, 256, 4, 384, 8192, (128,), family="modernbert"),
+    "base": Size("base", 22, 768, 12, 1152, 50368, (512,), family="modernbert"),  # ModernBERT-base
+}
+FAMILIES = {"roberta": SIZES, "modernbert": MODERN_SIZES}
 
 
 @dataclass(frozen=True)
@@ -57,7 +79,8 @@ class Workload:
 
     @property
     def name(self) -> str:
-        return f"{self.size.name}_{self.seq_len}_{self.precision}_b{self.batch}" + ("_compiled" if self.compile else "")
+        compiled = "_compiled" if self.compile else ""
+        return f"{self.size.label}_{self.seq_len}_{self.precision}_b{self.batch}{compiled}"
 
     @property
     def total_steps(self) -> int:
