@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import make_shards, make_tokenizer
+from encoder_train import checkpoint
 from encoder_train.cli import main
 from encoder_train.finetune.docstrings import run_demo_stage, write_task
 from encoder_train.finetune.loop import FinetuneSettings, load_finetuned
@@ -128,6 +129,23 @@ def test_export_gives_the_same_logits_and_serves_a_pipeline(tmp_path, classified
     assert [s["label"] for s in served] == ["alpha", "beta"]
     # Pairs frame as fine-tuning framed them: <s> A </s></s> B </s>.
     assert tok("w5 w6", "w7")["input_ids"] == [0, 5, 6, 2, 2, 7, 2]
+
+
+def test_export_refuses_a_pretraining_checkpoint_and_a_broken_head_leaving_the_folder(capsys, tmp_path, classified,
+                                                                                      pretrained):
+    _, _, printed = classified
+    state = checkpoint.load(last_json(printed)["per_seed"][0]["checkpoint"])
+    del state["task"]["labels"]  # a head whose labels are gone: one sentence, not a KeyError
+    (tmp_path / "broken").mkdir()
+    broken = checkpoint.save(state, tmp_path / "broken", 3)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    for path, says in ((broken, "incomplete or foreign classification head"), (pretrained, "holds no classification")):
+        rc = main(["export-classifier", "--checkpoint", str(path), "--output_dir", str(out), "--overwrite"])
+        err = capsys.readouterr().err
+        assert rc == 2 and says in err and str(path) in err and "Traceback" not in err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
 def test_init_from_hf_and_an_untrained_encoder(capsys, tmp_path):

@@ -182,17 +182,12 @@ def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
 def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a checkpoint as a RobertaForMaskedLM or ModernBertForMaskedLM folder (`family_of`); returns it.
 
-    The files are written to a temporary folder beside `output_dir` and moved into place one by one,
-    so no half-written model.safetensors ever sits under its final name. With `overwrite`, files of
-    these names already in `output_dir` are replaced and any others are left alone.
+    With `overwrite`, files of these names already in `output_dir` are replaced and any others are left
+    alone (`write_folder`).
     """
     transformers = _require("transformers")
-    safetensors_torch = _require("safetensors.torch")
     checkpoint_path, out = Path(checkpoint_path), Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file; pass --output_dir with a folder to create.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} is not empty; pass an empty or new --output_dir, or --overwrite.")
+    check_output_dir(out, overwrite)
 
     # A missing checkpoint, or a folder given for one, is refused here, naming --checkpoint.
     trained = load_trained(checkpoint_path, torch.device("cpu"), flag="--checkpoint")
@@ -214,6 +209,28 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
         # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
         weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
 
+    write_folder(out, config, weights, tokenizer, special, dims)
+    return out
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that is a file or holds files (unless `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is a file; pass --output_dir with a folder to create.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} is not empty; pass an empty or new --output_dir, or --overwrite.")
+
+
+def write_folder(
+    out: Path, config: Any, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, special: SpecialTokens,
+    dims: ModelDims,
+) -> None:
+    """Write a Hugging Face folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+
+    The files are written to a temporary folder beside `out` and moved into place one by one, so no
+    half-written model.safetensors ever sits under its final name; files of other names in `out` are left alone.
+    """
+    safetensors_torch = _require("safetensors.torch")
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
@@ -229,7 +246,6 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
         raise UserError(f"could not write to {out} ({e.strerror}); pass a writable --output_dir.") from None
-    return out
 
 
 def roberta_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:

@@ -14,18 +14,13 @@ post-processor with the tokenizer's own special tokens), whatever post-processor
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, processors
 
-from encoder_train import checkpoint
-from encoder_train.errors import UserError
-from encoder_train.hf import _require, _tokenizer_config, modernbert_config, roberta_config, to_hf
-from encoder_train.model import ModelDims
+from encoder_train.finetune.loop import load_finetuned
+from encoder_train.hf import _require, check_output_dir, modernbert_config, roberta_config, to_hf, write_folder
 from encoder_train.tokenizer import special_tokens
 
 # Our head's module -> the Hugging Face class's, per family.
@@ -39,39 +34,30 @@ CLASSES = {"roberta": "RobertaForSequenceClassification", "modernbert": "ModernB
 def export_classifier(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a fine-tuned checkpoint as a Hugging Face sequence-classification folder; returns the folder."""
     transformers = _require("transformers")
-    safetensors_torch = _require("safetensors.torch")
     checkpoint_path, out = Path(checkpoint_path), Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file; pass --output_dir with a folder to create.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output folder {out} is not empty; pass an empty or new --output_dir, or --overwrite.")
-    state = checkpoint.load(checkpoint_path, flag="--checkpoint")
-    if "classifier" not in state or "task" not in state:
-        raise UserError(f"checkpoint {checkpoint_path} holds no classification head (it is not from `encoder-train "
-                        "finetune`); export an encoder with `encoder-train export`, or fine-tune it first.")
-    dims = ModelDims(**state["dims"])
-    tokenizer = Tokenizer.from_str(state["tokenizer"]["json"])
+    check_output_dir(out, overwrite)
+    # Loaded as `evaluate` loads it: a checkpoint of another kind or version is refused, naming --checkpoint.
+    finetuned = load_finetuned(checkpoint_path, torch.device("cpu"))
+    model, tokenizer, labels = finetuned.model, finetuned.tokenizer, finetuned.labels
+    dims = model.backbone.dims
     special = special_tokens(tokenizer, f"stored in {checkpoint_path}")
-    task, family = state["task"], state["task"]["family"]
 
-    encoder = {k: v for k, v in state["model"].items() if not k.startswith("head.")}  # no MLM head
+    encoder = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head.")}  # no MLM head
     weights = to_hf(encoder, dims)  # refuses, naming the option, what the family's class cannot express
-    for name, tensor in state["classifier"].items():
+    for name, tensor in model.head.state_dict().items():
         module, param = name.rsplit(".", 1)
-        weights[f"{HEAD_NAMES[family][module]}.{param}"] = tensor.contiguous()
+        weights[f"{HEAD_NAMES[model.family][module]}.{param}"] = tensor.contiguous()
 
-    labels = task["labels"]
-    regression = labels["kind"] == "regression"
-    names = ["score"] if regression else labels["names"]
-    dropout = state["finetune"].get("dropout")
-    dropout = dims.dropout if dropout is None else dropout
-    if family == "modernbert":
+    regression = labels.kind == "regression"
+    names = ["score"] if regression else list(labels.names)
+    if model.family == "modernbert":
         config = modernbert_config(transformers, dims, special)
-        config.classifier_pooling = task["pooling"]
+        config.classifier_pooling = model.head.pooling
     else:
         config = roberta_config(transformers, dims, special)
-    config.classifier_dropout = dropout
-    config.architectures = [CLASSES[family]]
+    dropout = finetuned.state["finetune"].get("dropout")  # None: the encoder's, as fine-tuning used
+    config.classifier_dropout = dims.dropout if dropout is None else dropout
+    config.architectures = [CLASSES[model.family]]
     config.id2label = dict(enumerate(names))
     config.label2id = {n: i for i, n in enumerate(names)}
     config.problem_type = "regression" if regression else "single_label_classification"
@@ -80,19 +66,5 @@ def export_classifier(checkpoint_path: str | Path, output_dir: str | Path, overw
     bos, eos = tokenizer.id_to_token(special.bos), tokenizer.id_to_token(special.eos)
     framed.post_processor = processors.RobertaProcessing((eos, special.eos), (bos, special.bos),
                                                          trim_offsets=False, add_prefix_space=False)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-        try:
-            config.save_pretrained(tmp)
-            safetensors_torch.save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            framed.save(str(tmp / "tokenizer.json"))
-            tokenizer_config = _tokenizer_config(framed, special, dims)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-            for f in tmp.iterdir():  # each file appears whole under its name
-                os.replace(f, out / f.name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        raise UserError(f"could not write to {out} ({e.strerror}); pass a writable --output_dir.") from None
+    write_folder(out, config, weights, framed, special, dims)
     return out

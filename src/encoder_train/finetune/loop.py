@@ -528,8 +528,13 @@ def load_finetuned(path: str | Path, device: torch.device) -> Finetuned:
     if "classifier" not in state or "task" not in state:
         raise UserError(f"checkpoint {path} holds no classification head (it is not from `encoder-train finetune`); "
                         "pass a checkpoint that fine-tuning wrote.")
-    task = state["task"]
-    labels = Labels(task["labels"]["kind"], tuple(task["labels"]["names"]))
-    model = SequenceClassifier(trained.model, labels.num_outputs, state["finetune"].get("dropout"), task["pooling"])
-    model.head.load_state_dict(state["classifier"])
+    try:
+        task = state["task"]
+        labels = Labels(task["labels"]["kind"], tuple(task["labels"]["names"]))
+        model = SequenceClassifier(trained.model, labels.num_outputs, state["finetune"].get("dropout"),
+                                   task["pooling"])
+        model.head.load_state_dict(state["classifier"])
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        raise UserError(f"checkpoint {path} holds an incomplete or foreign classification head; it was not written "
+                        "by this version of `encoder-train finetune`.") from None
     return Finetuned(model.to(device).eval(), trained.tokenizer, labels, state)
