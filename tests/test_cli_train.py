@@ -162,7 +162,9 @@ def test_user_errors_exit_2_with_one_sentence(capsys, config_file, shard_dir, to
 
     small_vocab = tmp_path / "small.yaml"
     small_vocab.write_text(CONFIG.replace("hidden_size: 64,", "hidden_size: 64, vocab_size: 100,"))
-    assert "model.vocab_size (100) is smaller than the tokenizer's vocabulary (128)" in fails(config=small_vocab)
+    said = fails(config=small_vocab)
+    assert "model.vocab_size (100) is smaller than the tokenizer's vocabulary (128)" in said
+    assert said.startswith(f"encoder-train: error: the config with tokenizer {tokenizer_file}:"), said
 
 
 def test_mismatched_checkpoint_and_occupied_folder_are_refused_and_kept(capsys, config_file, shard_dir,

@@ -279,3 +279,59 @@ def test_cuda_attention_paths_with_the_window_equal_the_cpu_path():
             bf16 = model(gpu_batch.input_ids, gpu_batch.attention_mask, gpu_batch.labels, gpu_batch.predict_positions,
                          packing=gpu_batch.packing, return_predicted_logits=True).predicted_logits
         assert (bf16.float().cpu() - cpu).abs().max() < 0.05 * cpu.abs().max()
+
+
+@pytest.mark.parametrize("T,window", [(512, 128), (100, 16), (37, 8), (64, 3), (129, 16)])
+def test_blockwise_sliding_window_equals_the_dense_band(T, window):
+    """The CPU's local layers on long rows score each query block against three key blocks only; the outputs of
+    real queries and every gradient equal dense attention under the band mask, with pads in the rows."""
+    from encoder_train.kernels import attention, key_bias
+    from encoder_train.layouts import band, combine, window_bias
+
+    g = torch.Generator().manual_seed(T + window)
+    b, nh, hs = 3, 2, 8
+    q, k, v = (torch.randn(b, nh, T, hs, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    lengths = torch.tensor([T, T // 2 + 1, T // 3 + 1])
+    real = torch.arange(T)[None] < lengths[:, None]  # (b, T)
+    cpu = torch.device("cpu")
+    for mask in (real, None):
+        bias, block = band(None if mask is None else key_bias(mask, torch.float32), T, window, mask, cpu)
+        dense = combine(None if mask is None else key_bias(mask, torch.float32), window_bias(T, window, mask, cpu))
+        assert block == max(window // 2, 1)
+        keep = (real if mask is not None else torch.ones_like(real))[:, None, :, None]
+        weight = torch.randn(b, nh, T, hs, dtype=torch.float64, generator=g) * keep  # pad queries: discarded
+        ours, reference = attention(q, k, v, bias, 0.0, block), attention(q, k, v, dense, 0.0)
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours * keep, reference * keep, rtol=1e-6, atol=1e-6)
+        for a, r in zip(torch.autograd.grad((ours * weight).sum(), (q, k, v)),
+                        torch.autograd.grad((reference * weight).sum(), (q, k, v)), strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+    # Rows too short for blocks to pay keep the dense band.
+    assert band(None, 192, 128, None, cpu)[1] is None
+
+
+@pytest.mark.parametrize("window", [None, 16])
+def test_cpu_attention_in_chunks_of_rows_equals_one_pass(monkeypatch, window):
+    """Long rows' scores are computed a few rows at a time (to stay in the caches): same outputs and gradients,
+    for dense attention with a key bias and for the blockwise window."""
+    from encoder_train import kernels
+    from encoder_train.layouts import band
+
+    g = torch.Generator().manual_seed(3)
+    b, nh, T, hs = 5, 2, 96, 8
+    q, k, v = (torch.randn(b, nh, T, hs, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    real = torch.arange(T)[None] < torch.tensor([96, 90, 50, 40, 33])[:, None]
+    bias = kernels.key_bias(real, torch.float32)
+    block = None
+    if window:
+        bias, block = band(bias, T, window, real, torch.device("cpu"))
+        assert block is not None
+    weight = torch.randn(b, nh, T, hs, dtype=torch.float64, generator=g) * real[:, None, :, None]
+    outputs = []
+    per_row = nh * T * (3 * block if block else T)  # scores of one row
+    for limit in (b * per_row, 2 * per_row):  # one pass; chunks of 2, 2 and 1 rows
+        monkeypatch.setattr(kernels, "CPU_SCORES_PER_CHUNK", limit)
+        y = kernels.attention(q, k, v, bias, 0.0, block)
+        outputs.append((y, *torch.autograd.grad((y * weight).sum(), (q, k, v))))
+    for one, chunked in zip(*outputs, strict=True):
+        torch.testing.assert_close(one, chunked, rtol=1e-12, atol=1e-12)

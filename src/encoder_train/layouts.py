@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from encoder_train.kernels import attention, grouped_attention, has_varlen_attention, key_bias, varlen_attention
 
@@ -27,7 +28,7 @@ class Padded:
         self.mask = attention_mask  # (B, T)
         # No mask at all when the rows are known to be full: on CUDA, SDPA can then pick FlashAttention.
         self.bias = key_bias(attention_mask, torch.float32) if has_pads else None
-        self._windowed: dict[int, torch.Tensor] = {}
+        self._windowed: dict[int, tuple[torch.Tensor | None, int | None]] = {}
         self.cache: dict = {}  # what the layers share per batch (rotary angles), keyed by its maker
 
     def positions(self) -> torch.Tensor:
@@ -37,16 +38,16 @@ class Padded:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
                window: int | None = None) -> torch.Tensor:
         """q, k, v (B, T, nh, hs) -> (B, T, nh, hs); `window`: keys at most window / 2 positions away only."""
-        bias = self.bias if window is None else self._window_bias(window)
-        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, dropout_p)  # (B, nh, T, hs)
-        return y.transpose(1, 2)
+        bias, block = (self.bias, None) if window is None else self._window_bias(window)
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias, dropout_p, block)
+        return y.transpose(1, 2)  # (B, T, nh, hs)
 
-    def _window_bias(self, window: int) -> torch.Tensor | None:
-        """The key bias plus the window's band, built once per batch for every local layer."""
+    def _window_bias(self, window: int) -> tuple[torch.Tensor | None, int | None]:
+        """The key bias plus the window's band, and its block (`band`), built once per batch for every local
+        layer."""
         if window not in self._windowed:
             real = self.mask if self.bias is not None else None
-            self._windowed[window] = combine(self.bias, window_bias(self.mask.shape[1], window, real,
-                                                                    self.mask.device))
+            self._windowed[window] = band(self.bias, self.mask.shape[1], window, real, self.mask.device)
         return self._windowed[window]
 
 
@@ -136,19 +137,19 @@ class Packed:
         groups = self.groups() if window is None else self.window_groups(window)
         return grouped_attention(q, k, v, groups, self._slot, dropout_p)
 
-    def window_groups(self, window: int) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
-        """`groups()` with each group's key bias narrowed to the window, built once per batch."""
+    def window_groups(self, window: int) -> list[tuple[torch.Tensor, int, torch.Tensor | None, int | None]]:
+        """`groups()` with each group's key bias narrowed to the window (`band`), built once per batch."""
         if window not in self._windowed:
             self._windowed[window] = [
-                (rows, T, combine(bias, window_bias(T, window, real, rows.device)))
-                for (rows, T, bias), real in zip(self.groups(), self._real, strict=True)
+                (rows, T, *band(bias, T, window, real, rows.device))
+                for (rows, T, bias, _), real in zip(self.groups(), self._real, strict=True)
             ]
         return self._windowed[window]
 
-    def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None]]:
-        """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None. Built once
-        per batch on the host and shared by every layer; sets self._slot, each packed token's row in the
-        concatenated group outputs."""
+    def groups(self) -> list[tuple[torch.Tensor, int, torch.Tensor | None, int | None]]:
+        """Per length group: token indices (b * T,) to gather, T, key bias (b, 1, 1, T) or None, and no block
+        (`grouped_attention`). Built once per batch on the host and shared by every layer; sets self._slot,
+        each packed token's row in the concatenated group outputs."""
         if self._groups is not None:
             return self._groups
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
@@ -166,7 +167,7 @@ class Packed:
             # pads gather the row's last token: harmless (masked as keys, discarded as queries), no zeros
             gather = self.cu_seqlens[rows][:, None] + torch.minimum(t[None, :], n[:, None] - 1)
             self._slot[gather[real]] = done + torch.nonzero(real.reshape(-1)).squeeze(1)
-            self._groups.append((gather.reshape(-1), T, key_bias(real, torch.float32)))
+            self._groups.append((gather.reshape(-1), T, key_bias(real, torch.float32), None))
             self._real.append(real)
             done += real.numel()
         return self._groups
@@ -183,6 +184,40 @@ def window_bias(T: int, window: int, real: torch.Tensor | None, device: torch.de
     far = (t[:, None] - t[None, :]).abs() > half  # (T, T)
     far = far[None, None] if real is None else far[None, None] & real[:, None, :, None]
     return torch.zeros(far.shape, dtype=torch.float32, device=device).masked_fill_(far, float("-inf"))
+
+
+def band(bias: torch.Tensor | None, T: int, window: int, real: torch.Tensor | None,
+         device: torch.device) -> tuple[torch.Tensor | None, int | None]:
+    """A local layer's attention bias for rows of T (with key bias `bias` (b, 1, 1, T) or None, and `real`
+    (b, T) where rows have pads), and the block of `kernels.local_attention`, or None for dense attention.
+
+    Blockwise on the CPU when it scores at most 3/4 of the dense T x T (rows of 2.5 windows or more: 3c
+    keys per query, c = window / 2, against T); SDPA on CUDA takes the dense band as its mask."""
+    c = max(window // 2, 1)
+    nb = -(-T // c)
+    if device.type == "cpu" and nb * c * 3 * c <= 0.75 * T * T:
+        return block_band_bias(T, window, real, device), c
+    return combine(bias, window_bias(T, window, real, device)), None
+
+
+def block_band_bias(T: int, window: int, real: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(1 or b, 1, nb, c, 3c) additive for `kernels.local_attention` with blocks of c = window / 2: -inf where
+    key j of query i's three blocks is more than window / 2 away, beyond the row (the zero blocks), or a pad.
+    Pad queries see every key of their blocks: their outputs are discarded, and a softmax over nothing would
+    be NaN, whose gradient would spread."""
+    half = window // 2
+    c = max(half, 1)
+    nb = -(-T // c)
+    q_pos = torch.arange(nb * c, device=device).view(nb, c)  # (nb, c)
+    k_pos = torch.arange(-c, (nb + 1) * c, device=device).unfold(0, 3 * c, c)  # (nb, 3c): (i - 1) c ...
+    if real is None:
+        real = torch.ones(1, T, dtype=torch.bool, device=device)
+    real_q = F.pad(real, (0, nb * c - T)).view(-1, nb, c)  # (b, nb, c); False past the row
+    real_k = F.pad(real, (c, nb * c - T + c)).unfold(1, 3 * c, c)  # (b, nb, 3c); False in the zero blocks
+    far = (q_pos[:, :, None] - k_pos[:, None, :]).abs() > half  # (nb, c, 3c)
+    masked = (far[None] | ~real_k[:, :, None, :]) & real_q[:, :, :, None]  # (b, nb, c, 3c)
+    bias = torch.zeros(masked.shape, dtype=torch.float32, device=device).masked_fill_(masked, float("-inf"))
+    return bias[:, None]
 
 
 def combine(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:

@@ -207,7 +207,8 @@ def resolve_model(config: Config, world: World) -> tuple[Config, Tokenizer, Mode
     else:
         tokenizer = load_tokenizer(config.data.tokenizer_filepath)
         pad = special_tokens(tokenizer, config.data.tokenizer_filepath).pad
-        dims, weights = model_dims(config.model, tokenizer.get_vocab_size(), pad, "config"), None
+        source = f"the config with tokenizer {config.data.tokenizer_filepath}"
+        dims, weights = model_dims(config.model, tokenizer.get_vocab_size(), pad, source), None
     devices.check_fits(dims, world, config.training.data_parallel)
     return config, tokenizer, dims, weights
 
