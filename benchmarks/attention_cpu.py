@@ -2,12 +2,17 @@
 
     python benchmarks/attention_cpu.py                 # 32 rows of 51..128 tokens, 4 heads of 64
     python benchmarks/attention_cpu.py --rows 16 --max_len 512 --heads 12
+    python benchmarks/attention_cpu.py --rows 8 --max_len 512 --heads 12 --window 128   # ModernBERT's local layers
 
 One layer's attention over q, k, v given as packed (N, 3H) tokens (as the model holds them), back to
 (N, H), then its backward pass, timed the fastest of --repeats, in each precision:
 
   grouped  encoder-train's CPU path (layouts.Packed): rows sorted by length into at most 4 groups,
-           each padded to its own longest row, attention written out, its own dropout
+           each padded to its own longest row, attention written out, its own dropout, a few rows at
+           a time where a group's scores are large (kernels.CPU_SCORES_PER_CHUNK); with --window,
+           blockwise on rows long enough for it (layouts.BLOCKWISE_SHARE)
+  grouped, one pass        the same with a group's rows in one pass whatever the size of its scores
+  grouped, dense band      (--window) the same with the window as a dense band mask over T x T scores
   padded   every row padded to the batch's longest, torch's SDPA with a boolean key mask (what a
            padded model does; with dropout, SDPA's CPU path is its generic one)
   nested   jagged nested tensors, one per row, through SDPA: no padding at all (no mask, no dropout
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from host import cpu_name
 from synthetic import mask_spec
 
+from encoder_train import kernels, layouts
 from encoder_train.data.loader import collate
 from encoder_train.layouts import Packed
 
@@ -37,6 +43,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head_size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--window", type=int, default=None, help="a local layer's window (keys within window / 2)")
     args = ap.parse_args()
     nh, hs = args.heads, args.head_size
     H = nh * hs
@@ -49,7 +56,18 @@ def main() -> None:
 
     def grouped(qkv: torch.Tensor, p: float) -> torch.Tensor:
         q, k, v = qkv.view(N, 3, nh, hs).unbind(1)  # heads split as model.SelfAttention splits them
-        return Packed(batch.attention_mask, *batch.packing).attend(q, k, v, p).reshape(N, H)
+        return Packed(batch.attention_mask, *batch.packing).attend(q, k, v, p, args.window).reshape(N, H)
+
+    def with_setting(module, name: str, value):
+        """`grouped` with one of its thresholds changed."""
+        def run(qkv: torch.Tensor, p: float) -> torch.Tensor:
+            saved = getattr(module, name)
+            setattr(module, name, value)
+            try:
+                return grouped(qkv, p)
+            finally:
+                setattr(module, name, saved)
+        return run
 
     def padded(qkv: torch.Tensor, p: float) -> torch.Tensor:
         layout = Packed(batch.attention_mask, *batch.packing)
@@ -83,10 +101,17 @@ def main() -> None:
     cpu = cpu_name()
     print(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     padding = 1 - N / (len(lengths) * max(lengths))
-    print(f"{args.rows} rows of {min(lengths)}..{max(lengths)} tokens ({padding:.0%} padding), {nh} heads of {hs}; "
-          f"ms per layer, forward + backward, fastest of {args.repeats}\n")
+    print(f"{args.rows} rows of {min(lengths)}..{max(lengths)} tokens ({padding:.0%} padding), {nh} heads of {hs}"
+          + (f", a window of {args.window}" if args.window else "")
+          + f"; ms per layer, forward + backward, fastest of {args.repeats}\n")
     print("| attention | dropout | fp32 ms | bf16 ms |\n|---|---:|---:|---:|")
-    for name, fn in (("grouped (encoder-train)", grouped), ("padded, SDPA + mask", padded), ("nested, SDPA", nested)):
+    variants = [("grouped (encoder-train)", grouped),
+                ("grouped, one pass", with_setting(kernels, "CPU_SCORES_PER_CHUNK", 1 << 62))]
+    if args.window:  # the window is in the grouped variants only
+        variants.append(("grouped, dense band", with_setting(layouts, "BLOCKWISE_SHARE", 0.0)))
+    else:
+        variants += [("padded, SDPA + mask", padded), ("nested, SDPA", nested)]
+    for name, fn in variants:
         for p in (0.1, 0.0):
             print(f"| {name} | {p} | {time_it(fn, p, torch.float32)} | {time_it(fn, p, torch.bfloat16)} |", flush=True)
 

@@ -186,16 +186,21 @@ def window_bias(T: int, window: int, real: torch.Tensor | None, device: torch.de
     return torch.zeros(far.shape, dtype=torch.float32, device=device).masked_fill_(far, float("-inf"))
 
 
+# Blockwise local attention pays once it scores at most this share of the dense band's T x T (below 3/4 the
+# gathering of key blocks costs more than the scores it saves).
+BLOCKWISE_SHARE = 0.75
+
+
 def band(bias: torch.Tensor | None, T: int, window: int, real: torch.Tensor | None,
          device: torch.device) -> tuple[torch.Tensor | None, int | None]:
     """A local layer's attention bias for rows of T (with key bias `bias` (b, 1, 1, T) or None, and `real`
     (b, T) where rows have pads), and the block of `kernels.local_attention`, or None for dense attention.
 
-    Blockwise on the CPU when it scores at most 3/4 of the dense T x T (rows of 2.5 windows or more: 3c
-    keys per query, c = window / 2, against T); SDPA on CUDA takes the dense band as its mask."""
+    Blockwise on the CPU when it scores at most BLOCKWISE_SHARE of the dense T x T (rows of 2.5 windows or
+    more: 3c keys per query, c = window / 2, against T); SDPA on CUDA takes the dense band as its mask."""
     c = max(window // 2, 1)
     nb = -(-T // c)
-    if device.type == "cpu" and nb * c * 3 * c <= 0.75 * T * T:
+    if device.type == "cpu" and nb * c * 3 * c <= BLOCKWISE_SHARE * T * T:
         return block_band_bias(T, window, real, device), c
     return combine(bias, window_bias(T, window, real, device)), None
 
