@@ -281,7 +281,7 @@ def test_cuda_attention_paths_with_the_window_equal_the_cpu_path():
         assert (bf16.float().cpu() - cpu).abs().max() < 0.05 * cpu.abs().max()
 
 
-@pytest.mark.parametrize("T,window", [(512, 128), (100, 16), (37, 8), (64, 3), (129, 16)])
+@pytest.mark.parametrize("T,window", [(512, 128), (100, 16), (37, 8), (64, 3), (129, 16), (120, 16)])
 def test_blockwise_sliding_window_equals_the_dense_band(T, window):
     """The CPU's local layers on long rows score each query block against three key blocks only; the outputs of
     real queries and every gradient equal dense attention under the band mask, with pads in the rows."""
@@ -290,7 +290,9 @@ def test_blockwise_sliding_window_equals_the_dense_band(T, window):
 
     g = torch.Generator().manual_seed(T + window)
     b, nh, hs = 3, 2, 8
-    q, k, v = (torch.randn(b, nh, T, hs, dtype=torch.float64, generator=g).requires_grad_() for _ in range(3))
+    # As the model hands them over: (b, T, nh, hs) transposed, not contiguous
+    q, k, v = (torch.randn(b, T, nh, hs, dtype=torch.float64, generator=g).transpose(1, 2).requires_grad_()
+               for _ in range(3))
     lengths = torch.tensor([T, T // 2 + 1, T // 3 + 1])
     real = torch.arange(T)[None] < lengths[:, None]  # (b, T)
     cpu = torch.device("cpu")
@@ -335,3 +337,31 @@ def test_cpu_attention_in_chunks_of_rows_equals_one_pass(monkeypatch, window):
         outputs.append((y, *torch.autograd.grad((y * weight).sum(), (q, k, v))))
     for one, chunked in zip(*outputs, strict=True):
         torch.testing.assert_close(one, chunked, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients_with_blockwise_windows():
+    """training.compile on the CPU (dynamic shapes) around local layers scored blockwise: full rows whose length is a
+    multiple of the block (Padded, no tail to pad) and padded rows (Packed length groups)."""
+    from encoder_train.data.loader import collate
+    from encoder_train.model import compile_layers
+
+    dims = modern_dims(local_attention=16, max_position_embeddings=128)
+    torch.manual_seed(0)
+    eager, compiled = MaskedLM(dims), MaskedLM(dims)
+    compiled.load_state_dict(eager.state_dict())
+    compile_layers(compiled, backend="aot_eager")
+    spec = MaskSpec(pad_id=PAD, mask_id=4, special_ids=(0, 1, 2, 3, 4), vocab_size=VOCAB, probability=0.3)
+    g = torch.Generator().manual_seed(1)
+    for lengths in ([120, 120, 120], [100, 90, 40, 20]):
+        rows = [torch.cat([torch.tensor([0]), torch.randint(5, VOCAB, (n - 2,), generator=g), torch.tensor([2])])
+                for n in lengths]
+        b = collate(rows, spec, seed=0)
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss
+            loss.backward()
+            losses.append((loss, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-6)
+        for name, grad in losses[0][1].items():
+            torch.testing.assert_close(losses[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)

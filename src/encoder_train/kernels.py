@@ -139,6 +139,9 @@ def _written_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     return torch.matmul(probs.to(v.dtype), v)
 
 
+# Eager under training.compile (a graph break, CPU only): with dynamic shapes AOTAutograd fails to trace the
+# backward of the overlapping key blocks ("view size is not compatible"), and the matmuls are the same eager.
+@torch.compiler.disable
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, block: int,
                     dropout_p: float) -> torch.Tensor:
     """Sliding-window attention in blocks: q, k, v (b, nh, T, hs) -> (b, nh, T, hs).
@@ -151,14 +154,15 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     b, nh, T, hs = q.shape
     c, nb = block, bias.shape[2]
     tail = nb * c - T
-    qb = F.pad(q * (1.0 / math.sqrt(hs)), (0, 0, 0, tail)).view(b, nh, nb, c, hs)
+    qb = F.pad(q * (1.0 / math.sqrt(hs)), (0, 0, 0, tail)).reshape(b, nh, nb, c, hs)  # q may come transposed
     # One zero block before the row and one after: block i's keys are positions (i - 1) c .. (i + 2) c - 1.
-    kb = F.pad(k, (0, 0, c, tail + c)).unfold(2, 3 * c, c)  # (b, nh, nb, hs, 3c), a view
-    vb = F.pad(v, (0, 0, c, tail + c)).unfold(2, 3 * c, c)  # (b, nh, nb, hs, 3c)
+    # Copied out of the overlapping unfold views (3x k and v): as strided views they make matmul slower.
+    kb = F.pad(k, (0, 0, c, tail + c)).unfold(2, 3 * c, c).contiguous()  # (b, nh, nb, hs, 3c)
+    vb = F.pad(v, (0, 0, c, tail + c)).unfold(2, 3 * c, c).transpose(-1, -2).contiguous()  # (b, nh, nb, 3c, hs)
     scores = torch.matmul(qb, kb) + bias  # (b, nh, nb, c, 3c), fp32 bias: fp32 scores
     probs = dropout(torch.softmax(scores, dim=-1, dtype=torch.float32), dropout_p, training=True)
-    y = torch.matmul(probs.to(v.dtype), vb.transpose(-1, -2))  # (b, nh, nb, c, hs)
-    return y.view(b, nh, nb * c, hs)[:, :, :T]
+    y = torch.matmul(probs.to(v.dtype), vb)  # (b, nh, nb, c, hs)
+    return y.reshape(b, nh, nb * c, hs)[:, :, :T]
 
 
 def key_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
