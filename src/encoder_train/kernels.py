@@ -156,12 +156,11 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     tail = nb * c - T
     qb = F.pad(q * (1.0 / math.sqrt(hs)), (0, 0, 0, tail)).reshape(b, nh, nb, c, hs)  # q may come transposed
     # One zero block before the row and one after: block i's keys are positions (i - 1) c .. (i + 2) c - 1.
-    # Copied out of the overlapping unfold views (3x k and v): as strided views they make matmul slower.
-    kb = F.pad(k, (0, 0, c, tail + c)).unfold(2, 3 * c, c).contiguous()  # (b, nh, nb, hs, 3c)
-    vb = F.pad(v, (0, 0, c, tail + c)).unfold(2, 3 * c, c).transpose(-1, -2).contiguous()  # (b, nh, nb, 3c, hs)
+    kb = F.pad(k, (0, 0, c, tail + c)).unfold(2, 3 * c, c)  # (b, nh, nb, hs, 3c), overlapping views
+    vb = F.pad(v, (0, 0, c, tail + c)).unfold(2, 3 * c, c)  # (b, nh, nb, hs, 3c)
     scores = torch.matmul(qb, kb) + bias  # (b, nh, nb, c, 3c), fp32 bias: fp32 scores
     probs = dropout(torch.softmax(scores, dim=-1, dtype=torch.float32), dropout_p, training=True)
-    y = torch.matmul(probs.to(v.dtype), vb)  # (b, nh, nb, c, hs)
+    y = torch.matmul(probs.to(v.dtype), vb.transpose(-1, -2))  # (b, nh, nb, c, hs)
     return y.reshape(b, nh, nb * c, hs)[:, :, :T]
 
 
