@@ -262,3 +262,25 @@ def test_modernbert_family_gets_its_own_head_and_export(capsys, tmp_path):
     roberta = tiny_checkpoint(tmp_path / "roberta")
     assert main([*args[:2], str(roberta), *args[3:], "--output_dir", str(tmp_path / "r"), "--pooling", "mean"]) == 2
     assert "reads the <s> token only" in capsys.readouterr().err
+
+
+def test_an_output_folder_in_use_is_refused_naming_output_dir(capsys, tmp_path, pretrained):
+    import subprocess
+    import sys
+
+    train = write_jsonl(tmp_path / "train.jsonl", examples(16, 0))
+    out = tmp_path / "out"
+    holder = subprocess.Popen(  # another process holds the folder, as a running fine-tuning would
+        [sys.executable, "-c", "import sys, time; from encoder_train.checkpoint import FolderLock; "
+         f"FolderLock({str(out)!r}).__enter__(); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc = main(["finetune", "--checkpoint", str(pretrained), "--train_file", str(train), "--validation_file",
+                   str(train), "--output_dir", str(out), "--epochs", "1", *FAST])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert rc == 2 and f"checkpoint folder {out} is in use" in err and "pass another --output_dir" in err, err
+    assert "--checkpoint_dir" not in err and not list(out.glob("seed_*"))

@@ -242,24 +242,25 @@ class FolderLock:
 
     NAME = ".encoder-train.lock"
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, flag: str = "--checkpoint_dir"):
         self.path = Path(directory) / self.NAME
+        self.flag = flag  # the command-line flag that named the folder, for the messages
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
         directory = self.path.parent
         if directory.is_symlink() and not directory.exists():
-            raise UserError(f"--checkpoint_dir {directory} is a symbolic link to {os.readlink(directory)}, which does "
-                            "not exist; create that folder, or pass another --checkpoint_dir.")
+            raise UserError(f"{self.flag} {directory} is a symbolic link to {os.readlink(directory)}, which does "
+                            f"not exist; create that folder, or pass another {self.flag}.")
         if directory.exists() and not directory.is_dir():
-            raise UserError(f"--checkpoint_dir {directory} is a file, not a folder; pass a folder (it is created "
+            raise UserError(f"{self.flag} {directory} is a file, not a folder; pass a folder (it is created "
                             "if missing).")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(
-                f"checkpoint folder {self.path.parent} is not writable ({e.strerror}); pass --checkpoint_dir with "
+                f"checkpoint folder {self.path.parent} is not writable ({e.strerror}); pass {self.flag} with "
                 "a folder you can write to."
             ) from None
         try:
@@ -272,7 +273,7 @@ class FolderLock:
                                 "use a folder on a file system that supports locks.") from None
             raise UserError(
                 f"checkpoint folder {self.path.parent} is in use by another encoder-train run ({holder}); "
-                "wait for it to finish or stop it, or pass another --checkpoint_dir."
+                f"wait for it to finish or stop it, or pass another {self.flag}."
             ) from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)

@@ -297,10 +297,15 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
         "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    add_export_flags(p, "checkpoint file written by `encoder-train train`")
+    p.set_defaults(func=run_export)
+
+
+def add_export_flags(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """The flags both exports take: the checkpoint, the folder to write, and whether to replace an earlier one."""
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
     p.add_argument("--output_dir", required=True, help="folder to write (refused when it holds files)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
-    p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -442,9 +447,7 @@ def add_export_classifier_parser(sub: argparse._SubParsersAction) -> None:
         "pipeline('text-classification', model=DIR) works: RobertaForSequenceClassification or "
         "ModernBertForSequenceClassification, after the model's family. Needs pip install 'encoder-train[hf]'.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train finetune`")
-    p.add_argument("--output_dir", required=True, help="folder to write (refused when it holds files)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
+    add_export_flags(p, "checkpoint file written by `encoder-train finetune`")
     p.set_defaults(func=run_export_classifier)
 
 

@@ -152,12 +152,12 @@ class Tracker:
         )
         self._dispatch("train", metrics, final)
 
-    def log_eval(self, metrics: Metrics) -> None:
-        """A held-out evaluation: a line above the bar, then every sink."""
-        self.write(
+    def log_eval(self, metrics: Metrics, line: str | None = None) -> None:
+        """A held-out evaluation: a line above the bar (`line`, or the masked-LM scores), then every sink."""
+        self.write(line or (
             f"step {metrics['step']}: val loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.4f}, "
             f"perplexity {metrics['val_perplexity']:.2f}"
-        )
+        ))
         self._dispatch("eval", metrics, True)
 
     def _dispatch(self, kind: str, metrics: Metrics, final: bool) -> None:

@@ -33,7 +33,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optim import build_optimizer, build_scheduler
+from encoder_train.state import host_copy
 from encoder_train.tokenizer import special_tokens
 from encoder_train.tracking import Tracker
 
@@ -323,7 +324,8 @@ def finetune(source: Source, task: Task, metrics: tuple[str, ...], settings: Fin
         + f"; at most {max_length} tokens an example" + (f" ({train.cut} training examples cut)" if train.cut else ""))
     output_dir = Path(output_dir)
     results = []
-    with _lock(output_dir):  # taken before anything in the folder is read or removed
+    # One run per output folder, as for training's checkpoint folder; taken before anything in it is read or removed.
+    with checkpoint.FolderLock(output_dir, flag="--output_dir"):
         prepare_output(output_dir, settings, overwrite)
         for seed in range(settings.seed, settings.seed + settings.num_seeds):
             results.append(fit(source, task, metrics, settings, seed, train, validation, test,
@@ -357,19 +359,6 @@ def prepare_output(output_dir: Path, settings: FinetuneSettings, overwrite: bool
     checkpoint.ensure_writable(output_dir)
     for p in old:
         p.unlink()
-
-
-@contextlib.contextmanager
-def _lock(output_dir: Path) -> Iterator[None]:
-    """One run per output folder, as for training's checkpoint folder (the folder is created here)."""
-    try:
-        lock = checkpoint.FolderLock(output_dir).__enter__()
-    except UserError as e:
-        raise UserError(str(e).replace("--checkpoint_dir", "--output_dir")) from None
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings, seed: int,
@@ -443,14 +432,12 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                 per_split[data.split.name] = scores(predictions, data.labels, metrics)
             found = validation_metrics(per_split)
             chosen = score(next(iter(per_split.values())))
-            record = {"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in found.items()}}
-            for sink in tracker.sinks:  # the Tracker's sinks: metrics.jsonl (W&B and TensorBoard are off here)
-                sink.log("eval", record, True)
             better = best is None or chosen > best[1]
-            tracker.write(f"seed {seed} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in found.items())
-                          + ("  (best so far)" if better and epoch > 1 else ""))
+            tracker.log_eval({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in found.items()}},
+                             line=f"seed {seed} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in found.items())
+                             + ("  (best so far)" if better and epoch > 1 else ""))
             if better:
-                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                state = host_copy(model.state_dict())
                 path = save(state, source, task, metrics, settings, seed, step, epoch, found, max_length, out)
                 best = (epoch, chosen, found, path, state)
     finally:
