@@ -104,6 +104,26 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     return stale
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which would race
+    with the background checkpoint writer); Linux reports it in /proc/self/status."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, once, and put back at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file made by tempfile (mode 0600) the mode any program's new file gets: 0666 less the umask, so
+    that colleagues on a shared cluster can read checkpoints and exports as they can read the user's other files."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
     """Write `state` atomically as the checkpoint of `step`; returns its path."""
     final = checkpoint_path(directory, step)
@@ -117,6 +137,7 @@ def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(tmp)
         os.replace(tmp, final)
         _fsync_dir(final.parent)  # make the rename itself durable
     except BaseException as e:
@@ -196,14 +217,21 @@ def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
         raise UserError(f"checkpoint {path} does not exist; pass {flag} with a checkpoint file{also}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # random bytes ("Unsupported operand"), not a refused class ("global")
+            raise UserError(f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); "
+                            "resume from an earlier checkpoint instead.") from None
         raise UserError(
             f"checkpoint {path} holds objects that safe (weights_only) loading refuses; it was not written "
             "by encoder-train and is not loaded."
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError):
+    except PermissionError:
+        raise UserError(f"checkpoint {path} cannot be read (permission denied); make it readable or pass another "
+                        f"{flag}.") from None
+    except Exception:  # noqa: BLE001 - random bytes or a cut file fail anywhere in the unpickler (IndexError, ...)
         raise UserError(
-            f"checkpoint {path} is truncated or corrupt; resume from an earlier checkpoint instead."
+            f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); resume from an earlier "
+            "checkpoint instead."
         ) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
         raise UserError(f"checkpoint {path} is not an encoder-train checkpoint (no model and step inside).")

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+from encoder_train.checkpoint import follow_umask
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.state import load_trained
@@ -241,6 +242,7 @@ def write_folder(
             tokenizer_config = _tokenizer_config(tokenizer, special, dims)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
             for f in tmp.iterdir():
+                follow_umask(f)  # files in a mkdtemp folder may be private; the exported ones are not
                 os.replace(f, out / f.name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

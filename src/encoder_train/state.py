@@ -178,6 +178,12 @@ def host_copy(obj: Any) -> Any:
 
 def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path: Path) -> None:
     """Refuse a checkpoint this run cannot continue, before any weights are touched."""
+    if "classifier" in saved or "finetune" in saved:
+        raise UserError(
+            f"checkpoint {path} is a fine-tuned classifier from `encoder-train finetune`, not a pretraining "
+            "checkpoint, so pretraining cannot resume from it; pass a checkpoint that `encoder-train train` wrote "
+            "(or use this one with `encoder-train export-classifier` or `evaluate`)."
+        )
     if saved.get("sharded_optimizer", False) != sharded:
         raise UserError(
             f"checkpoint {path} was written with training.data_parallel = "

@@ -146,10 +146,25 @@ def read_records(path: str | Path, flag: str, columns: tuple[str, ...] | None = 
         raise UserError(f"{path} cannot be read ({e.strerror}); check the file and its permissions.") from None
 
 
+# A field may be a whole document: Python's default cap of 128 KB per field would refuse it. Texts are cut to
+# the model's length later; only memory bounds a field here.
+FIELD_LIMIT = 2**31 - 1
+
+
 def _read_table(path: Path, f, suffix: str, columns: tuple[str, ...] | None, header_names: tuple[str, ...],
                 limit: int | None, keep: tuple[str, ...] | None) -> Records:
+    csv.field_size_limit(FIELD_LIMIT)
     # GLUE's TSVs are not quoted: a " is part of the text (SST-2, MNLI), so quoting is off for .tsv.
     reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.reader(f)
+    try:
+        return _parse_table(path, reader, suffix, columns, header_names, limit, keep)
+    except csv.Error as e:  # a NUL byte, a quote left open at the end of the file, ...
+        raise UserError(f"{path} line {reader.line_num} cannot be read as a {suffix} table ({e}); fix that line, "
+                        "or save the data as .jsonl.") from None
+
+
+def _parse_table(path: Path, reader, suffix: str, columns: tuple[str, ...] | None, header_names: tuple[str, ...],
+                 limit: int | None, keep: tuple[str, ...] | None) -> Records:
     first = next(reader, None)
     if first is None:
         raise UserError(f"{path} is empty; it needs a header row and at least one example.")
