@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -250,7 +251,8 @@ def test_import_refusals(transformers_folder, tmp_path):
 
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
-    with pytest.raises(UserError, match=r"model.safetensors: .*intermediate.dense.weight has shape \(64, 32\)"):
+    with pytest.raises(UserError, match=r"says intermediate_size 48 but .*model.safetensors holds "
+                                        r".*intermediate.dense.weight of shape \(64, 32\)"):
         import_hf(folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(UserError, match="no model.safetensors nor pytorch_model.bin"):
@@ -258,6 +260,33 @@ def test_import_refusals(transformers_folder, tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(UserError, match="config.json does not exist"):
         import_hf(folder)
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("hidden_size", 10**9, "hidden_size 1000000000"), ("num_hidden_layers", 1000, "num_hidden_layers 1000"),
+    ("intermediate_size", 10**9, "intermediate_size 1000000000"), ("vocab_size", VOCAB + 1, f"vocab_size {VOCAB + 1}"),
+    ("max_position_embeddings", 10**9, "max_position_embeddings 1000000000")])
+def test_absurd_sizes_in_config_json_are_refused_before_anything_is_allocated(transformers_folder, key, value, named):
+    """The config is compared with the weights' stored shapes first: under a 3 GB address-space cap (the model is
+    tiny; a hidden size of 10^9 would need TBs) the import refuses in one sentence instead of running out of memory."""
+    folder, _ = transformers_folder
+    config = json.loads((folder / "config.json").read_text())
+    heads = {"num_attention_heads": 1} if key == "hidden_size" else {}
+    (folder / "config.json").write_text(json.dumps({**config, key: value, **heads}))
+    script = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from encoder_train.errors import UserError
+from encoder_train.hf import import_hf
+try:
+    import_hf({str(folder)!r})
+except UserError as e:
+    print(e)
+    sys.exit(2)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"says {named} but" in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_import_refuses_what_our_model_cannot_compute(transformers_folder):

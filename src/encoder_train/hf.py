@@ -36,6 +36,7 @@ import pickle
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -365,6 +366,7 @@ def import_hf(directory: str | Path) -> HFModel:
         raise UserError(f"{config_file} could not be read by transformers ({_why(e)}); re-save the model with "
                         "save_pretrained.") from None
     dims = _dims(config, config_file)
+    _check_stored_shapes(directory, dims, config_file)  # before from_pretrained allocates what config.json says
     hf, info, weights_file = _load_weights(transformers, directory, config)
 
     names = hf_names(dims)
@@ -422,29 +424,19 @@ def _dims(config: Any, path: Path) -> ModelDims:
     # no position_embedding_type, but keeps the key of a config.json that sets it.
     fixed = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
              "add_cross_attention": False}
-    for key, value in fixed.items():
-        if getattr(config, key, value) != value:
-            raise UserError(f"{path} sets {key} to {getattr(config, key)!r}; our model supports only {value!r}.")
-    try:
-        dims = ModelDims(
-            vocab_size=int(config.vocab_size),
-            hidden_size=int(config.hidden_size),
-            num_layers=int(config.num_hidden_layers),
-            num_heads=int(config.num_attention_heads),
-            intermediate_size=int(config.intermediate_size),
-            max_position_embeddings=int(config.max_position_embeddings),
-            pad_id=int(config.pad_token_id),  # RoBERTa's position offset: it must be set
-            dropout=float(config.hidden_dropout_prob),
-            attention_dropout=float(config.attention_probs_dropout_prob),
-            layer_norm_eps=float(config.layer_norm_eps),
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path} lacks a usable size or pad_token_id ({e}); re-save the model with "
-                        "save_pretrained.") from None
-    if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
-        raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
-                        f"num_attention_heads {dims.num_heads} describe no usable model; fix the config.")
-    return dims
+    _refuse_other_values(config, path, fixed)
+    return _build_dims(path, "size or pad_token_id", lambda: dict(
+        vocab_size=int(config.vocab_size),
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        intermediate_size=int(config.intermediate_size),
+        max_position_embeddings=int(config.max_position_embeddings),
+        pad_id=int(config.pad_token_id),  # RoBERTa's position offset: it must be set
+        dropout=float(config.hidden_dropout_prob),
+        attention_dropout=float(config.attention_probs_dropout_prob),
+        layer_norm_eps=float(config.layer_norm_eps),
+    ))
 
 
 def _modern_dims(config: Any, path: Path) -> ModelDims:
@@ -452,9 +444,7 @@ def _modern_dims(config: Any, path: Path) -> ModelDims:
     the two bases; what our model computes differently is refused."""
     fixed = {"hidden_activation": "gelu", "classifier_activation": "gelu", "decoder_bias": True,
              "tie_word_embeddings": True}
-    for key, value in fixed.items():
-        if getattr(config, key, value) != value:
-            raise UserError(f"{path} sets {key} to {getattr(config, key)!r}; our model supports only {value!r}.")
+    _refuse_other_values(config, path, fixed)
     layer_types = list(config.layer_types)
     globals_at = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     every = globals_at[1] - globals_at[0] if len(globals_at) > 1 else len(layer_types)
@@ -464,40 +454,108 @@ def _modern_dims(config: Any, path: Path) -> ModelDims:
     rope = config.rope_parameters
     if any(rope[t].get("rope_type", "default") != "default" for t in ("full_attention", "sliding_attention")):
         raise UserError(f"{path} uses a rotary scaling (rope_type other than default) our model does not compute.")
+    return _build_dims(path, "size, rotary base or pad_token_id", lambda: dict(
+        vocab_size=int(config.vocab_size),
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        intermediate_size=int(config.intermediate_size),
+        max_position_embeddings=int(config.max_position_embeddings),
+        pad_id=int(config.pad_token_id),
+        dropout=float(config.mlp_dropout),
+        attention_dropout=float(config.attention_dropout),
+        layer_norm_eps=float(config.norm_eps),
+        pre_layer_norm=True,
+        first_attention_norm=False,
+        position_embedding="rotary",
+        rope_theta=float(rope["full_attention"]["rope_theta"]),
+        local_rope_theta=float(rope["sliding_attention"]["rope_theta"]),
+        global_attention_every=every,
+        local_attention=int(config.local_attention),
+        feed_forward="geglu",
+        attention_bias=bool(config.attention_bias),
+        feed_forward_bias=bool(config.mlp_bias),
+        norm_bias=bool(config.norm_bias),
+        head_bias=bool(config.classifier_bias),
+        token_type_embedding=False,
+        init="modernbert",
+    ))
+
+
+def _refuse_other_values(config: Any, path: Path, fixed: dict[str, Any]) -> None:
+    """Each (key, value our model computes): a config that says otherwise is refused."""
+    for key, value in fixed.items():
+        if getattr(config, key, value) != value:
+            raise UserError(f"{path} sets {key} to {getattr(config, key)!r}; our model supports only {value!r}.")
+
+
+def _build_dims(path: Path, lacking: str, fields: Callable[[], dict[str, Any]]) -> ModelDims:
+    """ModelDims from `fields()` (the config's values read and converted there, so that a missing or malformed
+    one is this one sentence), refusing shapes that describe no model."""
     try:
-        dims = ModelDims(
-            vocab_size=int(config.vocab_size),
-            hidden_size=int(config.hidden_size),
-            num_layers=int(config.num_hidden_layers),
-            num_heads=int(config.num_attention_heads),
-            intermediate_size=int(config.intermediate_size),
-            max_position_embeddings=int(config.max_position_embeddings),
-            pad_id=int(config.pad_token_id),
-            dropout=float(config.mlp_dropout),
-            attention_dropout=float(config.attention_dropout),
-            layer_norm_eps=float(config.norm_eps),
-            pre_layer_norm=True,
-            first_attention_norm=False,
-            position_embedding="rotary",
-            rope_theta=float(rope["full_attention"]["rope_theta"]),
-            local_rope_theta=float(rope["sliding_attention"]["rope_theta"]),
-            global_attention_every=every,
-            local_attention=int(config.local_attention),
-            feed_forward="geglu",
-            attention_bias=bool(config.attention_bias),
-            feed_forward_bias=bool(config.mlp_bias),
-            norm_bias=bool(config.norm_bias),
-            head_bias=bool(config.classifier_bias),
-            token_type_embedding=False,
-            init="modernbert",
-        )
+        dims = ModelDims(**fields())
     except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path} lacks a usable size, rotary base or pad_token_id ({e}); re-save the model with "
-                        "save_pretrained.") from None
+        raise UserError(f"{path} lacks a usable {lacking} ({e}); re-save the model with save_pretrained.") from None
     if dims.num_layers < 1 or dims.num_heads < 1 or dims.hidden_size % dims.num_heads:
         raise UserError(f"{path}: num_hidden_layers {dims.num_layers}, hidden_size {dims.hidden_size} and "
                         f"num_attention_heads {dims.num_heads} describe no usable model; fix the config.")
     return dims
+
+
+def _stored_shapes(directory: Path) -> tuple[dict[str, tuple[int, ...]], Path] | None:
+    """Every tensor's shape in the folder's weights, read from the headers only (safetensors) or through a memory
+    map (a .bin), so nothing the size of the model is allocated; None when the files cannot be read this way
+    (from_pretrained then reports why)."""
+    found = [directory / name for name in WEIGHTS_FILES if (directory / name).is_file()]
+    if not found:
+        return None
+    first = found[0]
+    try:
+        files = ([directory / f for f in sorted(set(json.loads(first.read_text())["weight_map"].values()))]
+                 if first.name.endswith(".index.json") else [first])
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            if f.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(f), framework="pt") as g:
+                    shapes |= {k: tuple(g.get_slice(k).get_shape()) for k in g.keys()}  # noqa: SIM118
+            else:
+                stored = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                shapes |= {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: from_pretrained's own message names it
+        return None
+    return shapes, first
+
+
+def _check_stored_shapes(directory: Path, dims: ModelDims, config_file: Path) -> None:
+    """Refuse a config.json whose sizes the weights contradict, naming the key, before any tensor is made: a
+    hidden_size of 10^9 would otherwise be allocated (GBs) before from_pretrained compares the shapes."""
+    read = _stored_shapes(directory)
+    if read is None:
+        return
+    stored, weights_file = read
+    layers = {int(m.group(1)) for k in stored if (m := re.search(r"\.layers?\.(\d+)\.", k))}
+    if layers and max(layers) + 1 != dims.num_layers:
+        raise UserError(f"{config_file} says num_hidden_layers {dims.num_layers} but {weights_file} holds "
+                        f"{max(layers) + 1} layers; fix num_hidden_layers in config.json, or re-save the model with "
+                        "save_pretrained.")
+    with torch.device("meta"):  # our shapes, in the Hugging Face class's names and layout, with no memory
+        expected = {k: tuple(v.shape) for k, v in to_hf(MaskedLM(dims).state_dict(), dims).items()}
+    sizes = {"vocab_size": dims.vocab_size, "hidden_size": dims.hidden_size,
+             "intermediate_size": dims.intermediate_size, "max_position_embeddings": dims.max_position_embeddings}
+    for name, shape in expected.items():
+        have = stored.get(name)
+        if have is None or len(have) != len(shape):
+            continue  # absent or of another rank: from_pretrained's report names it
+        for axis, (want, got) in enumerate(zip(shape, have, strict=True)):
+            if want == got or name.endswith("token_type_embeddings.weight") and axis == 0:
+                continue  # token types: the file may hold 2, we keep type 0
+            # The key behind this axis: the size that divides it (q/k/v fused: 3 H; GeGLU's up: 2 I).
+            key = next((k for k, v in sizes.items() if v and want % v == 0 and want // v in (1, 2, 3)), None)
+            said = f"{key} {sizes[key]}" if key else f"a shape of {shape}"
+            raise UserError(f"{config_file} says {said} but {weights_file} holds {name} of shape {have}; fix "
+                            "config.json to match the weights, or re-save the model with save_pretrained.")
 
 
 def _load_weights(
