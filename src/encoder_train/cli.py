@@ -312,7 +312,8 @@ def run_export(args: argparse.Namespace) -> int:
     from encoder_train.hf import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output_dir, overwrite=args.overwrite)
-    print(f"wrote {out}: load it with transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r})")
+    print(f"wrote {out}: load it with transformers.AutoModelForMaskedLM.from_pretrained({str(out)!r}), or for "
+          f"sentence embeddings (mean pooling) with sentence_transformers.SentenceTransformer({str(out)!r})")
     return 0
 
 

@@ -211,8 +211,41 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
         # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
         weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
 
-    write_folder(out, config, weights, tokenizer, special, dims)
+    write_folder(out, config, weights, tokenizer, special, dims, sentence_transformers_files(dims))
     return out
+
+
+def sentence_transformers_files(dims: ModelDims) -> dict[str, Any]:
+    """What `SentenceTransformer(folder)` reads beside the transformers files: the encoder (module 0, the folder
+    itself) followed by a pooling module (1_Pooling).
+
+    Pooling: the mean of the last hidden states over real tokens, for both families. A masked-LM encoder's <s>
+    state is never trained to summarise the row (no next-sentence task: RoBERTa's recipe), while every token's
+    state is, so the mean is the better sentence vector before any fine-tuning; it is also what sentence-transformers
+    itself adds when it loads a plain masked-LM folder, and what ModernBERT-based embedding models use.
+    """
+    return {
+        "modules.json": [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ],
+        # The folder holds a masked-LM model: loaded as one (task fill-mask), nothing in it is left unused (as a
+        # bare encoder its head would be reported as unexpected weights); the token vectors are the encoder's
+        # last hidden states.
+        "sentence_bert_config.json": {
+            "max_seq_length": dims.max_tokens, "do_lower_case": False, "transformer_task": "fill-mask",
+            "modality_config": {"text": {"method": "forward", "method_output_name": ["hidden_states", -1]}},
+            "module_output_name": "token_embeddings",
+        },
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": dims.hidden_size, "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False, "include_prompt": True,
+        },
+        "config_sentence_transformers.json": {"prompts": {}, "default_prompt_name": None,
+                                              "similarity_fn_name": "cosine"},
+    }
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -225,9 +258,10 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
 
 def write_folder(
     out: Path, config: Any, weights: dict[str, torch.Tensor], tokenizer: Tokenizer, special: SpecialTokens,
-    dims: ModelDims,
+    dims: ModelDims, extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a Hugging Face folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json.
+    """Write a Hugging Face folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json, and
+    `extra` (relative path -> JSON content).
 
     The files are written to a temporary folder beside `out` and moved into place one by one, so no
     half-written model.safetensors ever sits under its final name; files of other names in `out` are left alone.
@@ -242,9 +276,13 @@ def write_folder(
             tokenizer.save(str(tmp / "tokenizer.json"))
             tokenizer_config = _tokenizer_config(tokenizer, special, dims)
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-            for f in tmp.iterdir():
+            for name, content in (extra or {}).items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 follow_umask(f)  # files in a mkdtemp folder may be private; the exported ones are not
-                os.replace(f, out / f.name)
+                (out / f.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, out / f.relative_to(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as e:
