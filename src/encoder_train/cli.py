@@ -161,7 +161,7 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_fill_mask(args: argparse.Namespace) -> int:
     from encoder_train.devices import pick_device
-    from encoder_train.evaluate import check_same_vocabulary, fill_mask
+    from encoder_train.evaluate import check_same_vocabulary, fill_mask, show_guesses
     from encoder_train.state import load_trained
     from encoder_train.tokenizer import load_tokenizer
 
@@ -176,8 +176,7 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     for text, masks in filled:
         print(text)
         for i, candidates in enumerate(masks):
-            shown = "  ".join(f"{tok!r} {p:.3f}" for tok, p in candidates)
-            print(f"  mask {i + 1}: {shown}")
+            print(f"  mask {i + 1}: {show_guesses(candidates)}")
     return 0
 
 
