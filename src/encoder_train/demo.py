@@ -107,9 +107,16 @@ class Progress:
     the number of runs, and the evaluation's results (a rerun reprints them). `this_run` says, per stage, whether
     this run ran it, resumed it or skipped it as done."""
 
+    VERSION = 1  # of what is kept: a file of another version (or unreadable) is started afresh
+
     def __init__(self, path: Path) -> None:
         self.path = path
-        kept = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):  # none yet; or damaged (it only holds times and numbers to reprint)
+            kept = {}
+        if not isinstance(kept, dict) or kept.get("version") != self.VERSION:
+            kept = {}
         self.seconds: dict[str, float] = kept.get("seconds", {})
         self.runs: int = kept.get("runs", 0) + 1
         self.evaluation: dict[str, Any] | None = kept.get("evaluation")
@@ -132,8 +139,8 @@ class Progress:
 
     def save(self) -> None:
         aside = self.path.with_name(f".{self.path.name}.tmp")  # a kill mid-write leaves the previous file whole
-        aside.write_text(json.dumps({"runs": self.runs, "seconds": self.seconds, "evaluation": self.evaluation},
-                                    indent=2) + "\n")
+        aside.write_text(json.dumps({"version": self.VERSION, "runs": self.runs, "seconds": self.seconds,
+                                     "evaluation": self.evaluation}, indent=2) + "\n")
         aside.replace(self.path)
 
     def stopped(self, signum: int) -> None:
