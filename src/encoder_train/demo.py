@@ -32,7 +32,7 @@ from encoder_train.data.shards import scan_shards
 from encoder_train.devices import autocast_for, pick_device
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, show_guesses
-from encoder_train.finetune.docstrings import run_demo_stage
+from encoder_train.finetune.docstrings import FINETUNES, kept_results, run_demo_stage
 from encoder_train.learned import TOP_K, examples, log_frequencies, masked_scores, word_mask
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
@@ -328,12 +328,10 @@ def show_evaluation(r: dict[str, Any]) -> None:
 
 def finetune_stage(config: Config, checkpoint: Path, work: Work, progress: Progress) -> dict[str, Any] | None:
     print("[6/6] fine-tuning the trained and the untrained model: which package a docstring comes from")
+    done = [name for name in FINETUNES if name in kept_results(work.root, checkpoint)]
     finetuned = run_demo_stage(work.root, checkpoint, config.training.seed)
-    if finetuned is None:
-        progress.did("skipped: too few docstrings")
-        return None
-    reused = finetuned.pop("reused")
-    progress.did("skipped" if len(reused) == 2 else "resumed" if reused else "ran")
+    progress.did("skipped: too few docstrings" if finetuned is None else "skipped" if len(done) == len(FINETUNES)
+                 else "resumed" if done else "ran")
     return finetuned
 
 

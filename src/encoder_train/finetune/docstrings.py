@@ -103,18 +103,15 @@ def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[
                    settings: FinetuneSettings = DEMO_SETTINGS) -> dict[str, Any] | None:
     """Build the task from work/corpus.txt, fine-tune the demo's checkpoint and the same model untrained on it,
     print both accuracies. Each fine-tune's numbers go into work/finetune/results.json as it finishes: a later
-    run skips the fine-tunes found there (reprinting them), so a stopped stage continues with the one left.
-    The returned numbers name those under "reused"."""
+    run skips the fine-tunes found there (reprinting them), so a stopped stage continues with the one left."""
     folder = work / "finetune"
     kept = folder / "results.json"
-    results: dict[str, Any] = json.loads(kept.read_text()) if kept.is_file() else {}
-    if results.get("from") != str(checkpoint_path):  # numbers of another checkpoint's model are not kept
-        results = {"from": str(checkpoint_path)}
+    results = kept_results(work, checkpoint_path)
     reused = [name for name in FINETUNES if name in results]
     if len(reused) == len(FINETUNES):
         say(f"      fine-tuned before ({kept}):")
         _report(results, say)
-        return results | {"reused": reused}
+        return results
     task_files = write_task(work / "corpus.txt", folder / "data", seed)  # the same task again: seeded
     if task_files is None:
         say(f"      skipped: {work / 'corpus.txt'} holds too few docstrings (a corpus cut short by --corpus_bytes); "
@@ -147,7 +144,19 @@ def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[
         results["seconds"] = results.get("seconds", 0.0) + time.perf_counter() - t0
         _write_json(kept, results)
     _report(results, say)
-    return results | {"reused": reused}
+    return results
+
+
+def kept_results(work: Path, checkpoint_path: Path) -> dict[str, Any]:
+    """What work/finetune/results.json holds of fine-tunes that started from `checkpoint_path` (each of FINETUNES
+    found in it is done); nothing when it is missing or came from another checkpoint."""
+    kept = work / "finetune" / "results.json"
+    try:
+        results = json.loads(kept.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: the fine-tunes are done again
+        results = {}
+    return results if isinstance(results, dict) and results.get("from") == str(checkpoint_path) else {
+        "from": str(checkpoint_path)}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
