@@ -149,7 +149,7 @@ def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[
 
 def kept_results(work: Path, checkpoint_path: Path) -> dict[str, Any]:
     """What work/finetune/results.json holds of fine-tunes that started from `checkpoint_path` (each of FINETUNES
-    found in it is done); nothing when it is missing or came from another checkpoint."""
+    found in it is done); only that path when the file is missing, damaged or of another checkpoint."""
     kept = work / "finetune" / "results.json"
     try:
         results = json.loads(kept.read_text())
