@@ -33,7 +33,7 @@ def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
     assert "untrained model: loss" in out and "trained model:   loss" in out
     assert "word frequencies alone" in out and "commonest first guesses" in out and "words of 4+ letters" in out
     # 12 steps get no word right: fill-mask is not advertised, only evaluate.
-    assert "no held-out word of 4+ letters for fill-mask to show" in out
+    assert "fill-mask gets no held-out word of 4+ letters right yet" in out
     assert "encoder-train fill-mask" not in out and "encoder-train evaluate" in out
     assert summary["runs"] == 1 and list(summary["stages"]) == STAGES
     ran = {name: stage["this_run"] for name, stage in summary["stages"].items()}

@@ -316,8 +316,8 @@ def show_evaluation(r: dict[str, Any]) -> None:
           f"        words of 4+ letters ({ma['words']}): first guess right untrained {mb['word_top1']:.1%}, trained "
           f"{ma['word_top1']:.1%}; in the top {TOP_K} untrained {mb['word_topk']:.1%}, trained {ma['word_topk']:.1%}")
     if not r["examples"]:
-        print("      no held-out word of 4+ letters for fill-mask to show: the trained model gets none right at its "
-              "first guess; [6/6] shows what this training gives a classifier.")
+        print("      fill-mask gets no held-out word of 4+ letters right yet, so there is none to show; [6/6] shows "
+              "what this training gives a classifier.")
         return
     print(f"      the first {len(r['examples'])} of these words that the trained model gets right, in held-out "
           "order, each given to fill-mask in its sentence:")
