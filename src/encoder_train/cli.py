@@ -268,8 +268,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the quickstart: train a small encoder on CPython's own documentation, no download",
         description="Build a corpus from the documentation that ships with Python, train a tokenizer, "
-        "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and fill in "
-        "masked words. Running it again resumes where it stopped.",
+        "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and against word "
+        "frequencies alone, then fine-tune both on a docstring classification task. Running it again resumes where "
+        "it stopped.",
     )
     p.add_argument("--workdir", default="runs/demo", help="folder for every artefact (default runs/demo)")
     p.add_argument("--max_steps", type=positive_int, default=None, help="override demo.yaml's training.max_steps")
