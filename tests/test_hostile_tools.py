@@ -247,14 +247,6 @@ def test_demo_stopped_by_a_signal_says_to_rerun_the_demo_and_exits_128_plus_sign
     assert "--load_checkpoint" not in err and "Traceback" not in err
 
 
-def test_demo_fill_mask_shows_whitespace_tokens_visibly():
-    from encoder_train.demo import show_guesses  # imports torch
-
-    shown = show_guesses([(" list", 0.31), ("\n", 0.12), (" ", 0.05), ("\t\n", 0.01)])
-    assert shown == r"'list' 0.31, '\n' 0.12, ' ' 0.05, '\t\n' 0.01"
-    assert "'' " not in shown
-
-
 def test_demo_duration_agrees_between_readme_and_demo_yaml():
     readme = re.findall(r"in about (\S+) minutes", (ROOT / "README.md").read_text())
     yaml = re.findall(r"in about (\S+) minutes", (BUNDLED_CONFIG_DIR / "demo.yaml").read_text())

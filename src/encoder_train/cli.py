@@ -161,7 +161,7 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_fill_mask(args: argparse.Namespace) -> int:
     from encoder_train.devices import pick_device
-    from encoder_train.evaluate import check_same_vocabulary, fill_mask
+    from encoder_train.evaluate import check_same_vocabulary, fill_mask, show_guesses
     from encoder_train.state import load_trained
     from encoder_train.tokenizer import load_tokenizer
 
@@ -176,8 +176,7 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     for text, masks in filled:
         print(text)
         for i, candidates in enumerate(masks):
-            shown = "  ".join(f"{tok!r} {p:.3f}" for tok, p in candidates)
-            print(f"  mask {i + 1}: {shown}")
+            print(f"  mask {i + 1}: {show_guesses(candidates)}")
     return 0
 
 
@@ -269,8 +268,9 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the quickstart: train a small encoder on CPython's own documentation, no download",
         description="Build a corpus from the documentation that ships with Python, train a tokenizer, "
-        "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and fill in "
-        "masked words. Running it again resumes where it stopped.",
+        "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and against word "
+        "frequencies alone, then fine-tune both on a docstring classification task. Running it again resumes where "
+        "it stopped.",
     )
     p.add_argument("--workdir", default="runs/demo", help="folder for every artefact (default runs/demo)")
     p.add_argument("--max_steps", type=positive_int, default=None, help="override demo.yaml's training.max_steps")

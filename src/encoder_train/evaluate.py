@@ -155,3 +155,9 @@ def fill_mask(trained: Trained, text: str, top_k: int, device: torch.device) -> 
         [(tok.decode([i]), p) for i, p in zip(idx.tolist(), pr.tolist(), strict=True)]
         for idx, pr in zip(top.indices, top.values, strict=True)
     ]
+
+
+def show_guesses(guesses: list[tuple[str, float]]) -> str:
+    """`' list' 0.312  '\\n' 0.120`: each token as Python writes a string, so the space that starts a word and a
+    whitespace token stay visible, with its probability. fill-mask and the demo both print guesses this way."""
+    return "  ".join(f"{token!r} {p:.3f}" for token, p in guesses)

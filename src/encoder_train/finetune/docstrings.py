@@ -96,20 +96,23 @@ def write_task(corpus: Path, folder: Path, seed: int = 0) -> DocstringTask | Non
 # Tried on the demo's checkpoint (held-out accuracy, trained / untrained): 2e-4 x 4 epochs 0.458 / 0.338;
 # 5e-4 x 5 epochs 0.755 / 0.699; 1e-3 x 5 epochs 0.755 / 0.491. 5e-4 is the fairer to the untrained model.
 DEMO_SETTINGS = FinetuneSettings(learning_rate=5e-4, batch_size=32, epochs=5, warmup_ratio=0.1, max_length=128)
+FINETUNES = ("pretrained", "untrained")  # in this order: the pretrained one, the point of the demo, first
 
 
 def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[str], None] = print,
                    settings: FinetuneSettings = DEMO_SETTINGS) -> dict[str, Any] | None:
     """Build the task from work/corpus.txt, fine-tune the demo's checkpoint and the same model untrained on it,
-    print both accuracies; the numbers are kept in work/finetune/results.json (a second run reprints them)."""
+    print both accuracies. Each fine-tune's numbers go into work/finetune/results.json as it finishes: a later
+    run skips the fine-tunes found there (reprinting them), so a stopped stage continues with the one left."""
     folder = work / "finetune"
     kept = folder / "results.json"
-    if kept.is_file():
-        results = json.loads(kept.read_text())
+    results = kept_results(work, checkpoint_path)
+    reused = [name for name in FINETUNES if name in results]
+    if len(reused) == len(FINETUNES):
         say(f"      fine-tuned before ({kept}):")
         _report(results, say)
         return results
-    task_files = write_task(work / "corpus.txt", folder / "data", seed)
+    task_files = write_task(work / "corpus.txt", folder / "data", seed)  # the same task again: seeded
     if task_files is None:
         say(f"      skipped: {work / 'corpus.txt'} holds too few docstrings (a corpus cut short by --corpus_bytes); "
             "the full corpus has them.")
@@ -120,18 +123,47 @@ def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[
         f"comes from;\n      {len(task.train.texts)} training and {len(task.validation[0].texts)} held-out docstrings "
         f"in {folder / 'data'}")
     quiet = lambda message: None  # noqa: E731 - the stage prints its own summary
-    results: dict[str, Any] = {"classes": list(task_files.classes), "chance": 1 / len(task_files.classes),
-                               "train_examples": len(task.train.texts),
-                               "validation_examples": len(task.validation[0].texts)}
-    t0 = time.perf_counter()
-    for name, start in (("pretrained", source), ("untrained", untrained(source, seed))):
-        result = finetune(start, task, ("accuracy",), settings, folder / name, overwrite=True, say=quiet)
+    results |= {"classes": list(task_files.classes), "chance": 1 / len(task_files.classes),
+                "train_examples": len(task.train.texts), "validation_examples": len(task.validation[0].texts)}
+    for name in FINETUNES:
+        if name in reused:
+            say(f"      {name} model: fine-tuned before, kept in {kept}")
+            continue
+        t0 = time.perf_counter()
+        try:
+            say(f"      fine-tuning the {name} model in {folder / name}")
+            start = source if name == "pretrained" else untrained(source, seed)
+            result = finetune(start, task, ("accuracy",), settings, folder / name, overwrite=True, say=quiet)
+        except KeyboardInterrupt:  # Ctrl-C, or the demo's SIGTERM: say what is kept, then stop as asked
+            done = [n for n in FINETUNES if n in results]
+            say(f"      stopped while fine-tuning the {name} model"
+                + (f"; the {done[0]} model's fine-tune is kept in {kept}" if done else ""))
+            raise
         best = result.seeds[0]
         results[name] = {"accuracy": best.metrics["accuracy"], "epoch": best.epoch, "checkpoint": str(best.checkpoint)}
-    results["seconds"] = time.perf_counter() - t0
-    kept.write_text(json.dumps(results, indent=2) + "\n")
+        results["seconds"] = results.get("seconds", 0.0) + time.perf_counter() - t0
+        _write_json(kept, results)
     _report(results, say)
     return results
+
+
+def kept_results(work: Path, checkpoint_path: Path) -> dict[str, Any]:
+    """What work/finetune/results.json holds of fine-tunes that started from `checkpoint_path` (each of FINETUNES
+    found in it is done); only that path when the file is missing, damaged or of another checkpoint."""
+    kept = work / "finetune" / "results.json"
+    try:
+        results = json.loads(kept.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: the fine-tunes are done again
+        results = {}
+    return results if isinstance(results, dict) and results.get("from") == str(checkpoint_path) else {
+        "from": str(checkpoint_path)}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Written aside, then renamed: a stop mid-write leaves the previous file whole."""
+    aside = path.with_name(f".{path.name}.tmp")
+    aside.write_text(json.dumps(data, indent=2) + "\n")
+    aside.replace(path)
 
 
 def _report(results: dict[str, Any], say: Callable[[str], None]) -> None:
