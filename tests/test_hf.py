@@ -152,7 +152,7 @@ def test_export_refuses_pre_layer_norm(tmp_path, word_tokenizer):
 
 def test_export_without_transformers_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
-    with pytest.raises(UserError, match=r"pip install 'encoder-train\[hf\]'"):
+    with pytest.raises(UserError, match=r"needs the transformers package.*pip install (-e '.*|'encoder-train)\[hf\]' adds it"):
         export_checkpoint(tmp_path / "checkpoint_00000002.pt", tmp_path / "hf")
 
 
@@ -165,8 +165,9 @@ def test_export_refuses_a_non_empty_folder_unless_overwrite(tmp_path, word_token
         export_checkpoint(path, out)
     export_checkpoint(path, out, overwrite=True)
     export_checkpoint(path, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt",
-                                                     "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "1_Pooling", "config.json", "config_sentence_transformers.json", "model.safetensors", "modules.json",
+        "notes.txt", "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json"]
     with pytest.raises(UserError, match="does not exist"):
         export_checkpoint(tmp_path / "nowhere.pt", tmp_path / "hf2")
 

@@ -79,7 +79,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb_log_freq", type=positive_int, default=None, help="optimizer steps between W&B logs")
     p.add_argument("--wandb_project_name", default=None, help="W&B project (default: encoder-train)")
     p.add_argument("--tensorboard", action="store_true", default=None,
-                   help="write TensorBoard event files to CHECKPOINT_DIR/tensorboard (pip install tensorboard)")
+                   help="write TensorBoard event files to CHECKPOINT_DIR/tensorboard (the tensorboard extra)")
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default=None,
+                   help="a progress bar, or one plain line per training.log_interval (for logs written to a file); "
+                   "auto (default): the bar on a terminal, lines otherwise")
     p.add_argument("--batch_size", type=positive_int, default=None,
                    help="rows per micro-batch, overriding training.batch_size")
     p.add_argument("--gradient_clip", type=float, default=None,
@@ -343,11 +346,15 @@ def add_finetune_setting_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_seeds", type=positive_int, default=None,
                    help="runs with seeds seed, seed + 1, ...; the result is their mean and standard deviation")
     p.add_argument("--log_interval", type=positive_int, default=None, help="steps between metrics.jsonl records")
+    p.add_argument("--progress", choices=["auto", "bar", "lines"], default=None,
+                   help="a progress bar, or one plain line per --log_interval (for logs written to a file); auto "
+                   "(default): the bar on a terminal, lines otherwise")
     p.add_argument("--overwrite", action="store_true", help="replace fine-tuned checkpoints already in --output_dir")
 
 
 FINETUNE_SETTINGS = ("learning_rate", "batch_size", "epochs", "warmup_ratio", "weight_decay", "max_length",
-                     "gradient_clip", "dropout", "pooling", "precision", "seed", "num_seeds", "log_interval")
+                     "gradient_clip", "dropout", "pooling", "precision", "seed", "num_seeds", "log_interval",
+                     "progress")
 
 
 def finetune_source(args: argparse.Namespace):

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
 
 from encoder_train.errors import UserError
 
@@ -213,7 +222,11 @@ class TrainingConfig(Section):
     seed: Int = Field(default=0, ge=0, lt=2**63)
     """Seeds initialisation, dropout, data order and masking."""
     log_interval: Int = Field(default=10, ge=1)
-    """Steps between progress-bar updates and lines in metrics.jsonl."""
+    """Steps between progress updates and lines in metrics.jsonl."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """How progress is shown (flag --progress): `bar`, a progress bar redrawn in place; `lines`, one plain line per
+    log_interval (step, loss, lr, tokens/s, elapsed, ETA), for output that goes to a file; `auto`, the bar on a
+    terminal and lines otherwise (a cluster job's log)."""
     eval_every: Int = Field(default=1000, ge=1)
     """Steps between held-out evaluations (when data.val_data_dir is set); one also runs at the end."""
     eval_batches: Int | None = Field(default=None, ge=1)
@@ -231,12 +244,29 @@ class CheckpointConfig(Section):
     """Checkpoint file to resume from, or `latest` for the newest in checkpoint_dir (flag --load_checkpoint)."""
 
 
+def _wandb_name(what: str, reserved: str, longest: int) -> Any:
+    """A string W&B accepts as a run id or project name, checked before training starts (W&B itself refuses it
+    only when the run starts, or fails on a file name the id makes)."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return value
+        bad = sorted({c for c in value if c in reserved or c.isspace() or not c.isprintable()})
+        if not value or bad or len(value) > longest:
+            shown = ", ".join(repr(c) for c in bad)
+            raise ValueError(f"a W&B {what} must be 1 to {longest} characters without spaces or any of "
+                             f"{' '.join(reserved)}" + (f" (found {shown})" if bad else f" (it has {len(value)})"))
+        return value
+
+    return AfterValidator(check)
+
+
 class WandbConfig(Section):
     enabled: Bool = False
     """Log to Weights & Biases (flag --wandb). Off: W&B is never imported."""
-    project: str = "encoder-train"
+    project: Annotated[str, _wandb_name("project name", "/\\#?%:", 128)] = "encoder-train"
     """W&B project (flag --wandb_project_name)."""
-    run_id: str | None = None
+    run_id: Annotated[str | None, _wandb_name("run id", ":;,#?/'", 128)] = None
     """Resume this W&B run; by default a resumed checkpoint continues its own run (flag --wandb_run_id)."""
     log_freq: Int = Field(default=10, ge=1)
     """Optimizer steps between W&B logs (flag --wandb_log_freq)."""
@@ -319,6 +349,7 @@ FLAG_TO_KEY: dict[str, str] = {
     "wandb_log_freq": "wandb.log_freq",
     "wandb_project_name": "wandb.project",
     "tensorboard": "tensorboard.enabled",
+    "progress": "training.progress",
 }
 
 # A config is a few dozen values: more than this many after YAML's aliases are expanded is an alias bomb
@@ -503,10 +534,16 @@ def validate(raw: dict[str, Any], source: str, origins: dict[str, str] | None = 
         if origin:  # the value came from the command line, not the file
             if err["type"] == "extra_forbidden":
                 raise UserError(describe_error(err, origin)) from None
-            msg = err["msg"][0].lower() + err["msg"][1:]
+            msg = _message(err)
             shown = origin if origin.startswith("--set") else f"{origin} {_short(err.get('input'))}"
             raise UserError(f"{shown} is invalid ({key}): {msg}.") from None
         raise UserError(describe_error(err, source)) from None
+
+
+def _message(err: Any) -> str:
+    """pydantic's message, lower-cased, without its "Value error, " before our own validators' sentences."""
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+    return msg[0].lower() + msg[1:]
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -539,7 +576,7 @@ def describe_error(err: Any, source: str) -> str:
     if kind == "invalid_key":
         where = f"in {'.'.join(loc[:-1])}" if len(loc) > 1 else "at the top level"
         return f"{source}: key {_short(loc[-1])} {where} is not a name; keys are words such as batch_size."
-    msg = err["msg"][0].lower() + err["msg"][1:]
+    msg = _message(err)
     if kind == "int_type" and isinstance(value, bool):
         msg += " (true/false are not integers)"
     return f"{source}: {key} = {_short(value)} is invalid: {msg}; fix the value in the file or on the command line."

@@ -10,3 +10,34 @@ class UserError(Exception):
     """A mistake the user can fix: bad file, bad config value, mismatched checkpoint, ..."""
 
     exit_code = 2
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds an optional extra to this installation: `pip install -e '<clone>[extra]'` where
+    encoder-train was installed from a clone (editable, as quickstart.sh and .ci/run do), else from PyPI."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        direct = metadata.distribution("encoder-train").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH
+        return f"pip install -e '.[{extra}]' (in your clone of encoder-train)"
+    try:
+        info = json.loads(direct) if direct else {}
+    except ValueError:
+        info = {}
+    if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file://"):
+        return f"pip install -e '{unquote(urlparse(info['url']).path)}[{extra}]'"
+    return f"pip install 'encoder-train[{extra}]'"
+
+
+def require(module: str, extra: str, feature: str):
+    """Import an optional dependency, or stop with the one command that installs the extra providing it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{feature} needs the {module.split('.')[0]} package, which is not installed; "
+                        f"{install_hint(extra)} adds it.") from None

@@ -29,7 +29,6 @@ only when needed.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pickle
@@ -46,7 +45,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from encoder_train.checkpoint import follow_umask
-from encoder_train.errors import UserError
+from encoder_train.errors import UserError, require
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import ROBERTA_SPECIAL_TOKENS, SpecialTokens, special_tokens
@@ -81,7 +80,6 @@ ROBERTA_TYPES = ("roberta", "xlm-roberta")  # same architecture, same parameter 
 # The weights files from_pretrained looks for, in its order; the one found is named in our messages.
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
-HF_EXTRA = "pip install 'encoder-train[hf]'"
 
 
 # Our module -> ModernBertForMaskedLM's. query, key and value all map to `Wqkv`: fused on export (their rows
@@ -699,12 +697,7 @@ def _byte_level_bpe(vocab: Path, merges: Path) -> Tokenizer:
 
 def _require(module: str) -> ModuleType:
     """Import an optional dependency of the `hf` extra, or tell the user how to install it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(
-            f"Hugging Face interop needs the {module.split('.')[0]} package; install it with {HF_EXTRA}."
-        ) from None
+    return require(module, "hf", "Hugging Face interop")
 
 
 def _why(e: Exception) -> str:

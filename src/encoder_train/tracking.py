@@ -1,5 +1,5 @@
-"""Where metrics go: a progress bar, and a set of sinks with one interface: `metrics.jsonl`, Weights &
-Biases and TensorBoard.
+"""Where metrics go: progress on the terminal (a bar, or one plain line per log point when the output goes to
+a file), and a set of sinks with one interface: `metrics.jsonl`, Weights & Biases and TensorBoard.
 
 The loop hands the `Tracker` numbers that are already on the host, once per log point; each sink keeps
 its own rhythm (W&B and TensorBoard every `log_freq` steps, the file at every log point). W&B and
@@ -12,14 +12,52 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from encoder_train.errors import UserError
+from encoder_train.errors import UserError, require
 
 Metrics = dict[str, float | int]
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    """What the Tracker records and where; pretraining builds it from its config, fine-tuning from its flags."""
+
+    log_interval: int
+    """Steps between progress lines and metrics.jsonl records."""
+    progress: str = "auto"
+    """"bar", "lines", or "auto": the bar on a terminal, lines when the output is a file."""
+    wandb: bool = False
+    wandb_project: str = "encoder-train"
+    wandb_log_freq: int = 10
+    tensorboard: bool = False
+    tensorboard_log_freq: int = 10
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrackerSettings:
+        return cls(log_interval=config.training.log_interval, progress=config.training.progress,
+                   wandb=config.wandb.enabled, wandb_project=config.wandb.project, wandb_log_freq=config.wandb.log_freq,
+                   tensorboard=config.tensorboard.enabled, tensorboard_log_freq=config.tensorboard.log_freq)
+
+    def lines(self) -> bool:
+        """Plain lines rather than a bar: asked for, or `auto` with stderr not a terminal (a job's log file, where
+        a bar's carriage-return redraws pile up as megabytes of one line)."""
+        return self.progress == "lines" or (self.progress == "auto" and not sys.stderr.isatty())
+
+
+def check_sink_folders(directory: Path, settings: TrackerSettings) -> None:
+    """Refuse, before training starts, a sink's folder that is taken by a file (the sink would fail at start)."""
+    for enabled, name, flag in ((settings.tensorboard, "tensorboard", "--tensorboard"),
+                                (settings.wandb and not os.environ.get("WANDB_DIR"), "wandb", "--wandb")):
+        folder = directory / name
+        if enabled and folder.exists() and not folder.is_dir():
+            raise UserError(f"{flag} writes into {folder}, which is a file; move that file away, or pass another "
+                            "--checkpoint_dir.")
 
 
 class Sink(Protocol):
@@ -30,12 +68,16 @@ class Sink(Protocol):
 
 
 class MetricsFile:
-    """One JSON line per record, appended to `metrics.jsonl`; every log point is written."""
+    """One JSON line per record, appended to `metrics.jsonl`; every log point is written once. A resumed run
+    repeats the steps between its checkpoint and the crash; resume is exact, so those records are in the file
+    already, with the same values, and are not written twice."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, logged: dict[str, int]):
+        self.path, self.logged = path, logged
 
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
+        if metrics["step"] <= self.logged[kind]:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
 
@@ -46,21 +88,22 @@ class MetricsFile:
 class WandbSink:
     """A W&B run that a resumed checkpoint continues (its id is stored in the checkpoint)."""
 
-    def __init__(self, project: str, run_id: str | None, config: dict[str, Any], directory: Path, log_freq: int):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError(
-                "--wandb needs the wandb package, which is not installed; pip install 'encoder-train[wandb]'."
-            ) from None
+    def __init__(self, project: str, run_id: str | None, config: dict[str, Any], directory: Path, log_freq: int,
+                 logged: dict[str, int]):
+        wandb = require("wandb", "wandb", "--wandb")
         # Run files go next to the checkpoints unless the user chose a place with WANDB_DIR.
         kwargs: dict[str, Any] = {} if os.environ.get("WANDB_DIR") else {"dir": str(directory)}
         self.run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, config=config,
                               **kwargs)
         self.log_freq = log_freq
+        # W&B's steps only grow: what the run logged before a crash stays, and a step below it would be dropped
+        # with a warning. It logged what metrics.jsonl holds (both at the same log points).
+        self.logged = logged
 
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
         step = int(metrics["step"])
+        if step <= self.logged[kind]:
+            return
         if kind == "eval" or final or step % self.log_freq == 0:
             self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
 
@@ -72,14 +115,11 @@ class TensorBoardSink:
     """Event files under `directory`, one scalar per metric, tagged by its name (loss, lr, val_loss, ...)."""
 
     def __init__(self, directory: Path, log_freq: int, start_step: int):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError(
-                "--tensorboard needs the tensorboard package, which is not installed; "
-                "pip install 'encoder-train[tensorboard]'."
-            ) from None
-        # purge_step: after a resume, TensorBoard hides what a killed run wrote past the checkpoint.
+        require("tensorboard", "tensorboard", "--tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: after a resume, TensorBoard drops what a killed run wrote past the checkpoint, so every
+        # step after it is written again here (none is skipped, unlike metrics.jsonl and W&B, which keep theirs).
         self.writer = SummaryWriter(log_dir=str(directory), purge_step=start_step + 1 if start_step else None)
         self.log_freq = log_freq
 
@@ -96,42 +136,38 @@ class TensorBoardSink:
 
 
 class Tracker:
-    """The progress bar and the sinks; on every rank but 0 (enabled=False) it prints and writes nothing."""
+    """Progress (a bar or plain lines) and the sinks; on every rank but 0 (enabled=False) it prints and writes
+    nothing."""
 
-    def __init__(self, *, directory: Path, total_steps: int, start_step: int, fresh: bool, config: dict[str, Any],
-                 wandb_run_id: str | None, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, *, directory: Path, total_steps: int, start_step: int, fresh: bool, settings: TrackerSettings,
+                 run_config: dict[str, Any] | None = None, wandb_run_id: str | None = None, enabled: bool = True):
+        self.enabled, self.settings = enabled, settings
+        self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
+        self.lines = enabled and settings.lines()
         metrics_path = directory / "metrics.jsonl"
-        # Steps already recorded, per kind of record. A resumed run repeats the steps between its checkpoint
-        # and the crash; resume is exact, so those records exist already, with the same values.
-        self.logged = {"train": 0, "eval": 0}
+        logged = {"train": 0, "eval": 0}  # the last step of each kind of record already in metrics.jsonl
         if enabled and metrics_path.exists():
             if fresh:  # a new run: an old file belongs to a run that left no checkpoint
                 aside = metrics_path.with_name(f"metrics.{int(metrics_path.stat().st_mtime)}.jsonl")
                 metrics_path.rename(aside)
             else:
-                self.logged = _last_logged(metrics_path)
+                logged = _last_logged(metrics_path)
         self.sinks: list[Sink] = []
         self._wandb: WandbSink | None = None
-        self._log_points: list[int] = []
         # The sinks first: one that cannot start (W&B not installed) says so on a line of its own, not the bar's.
         if enabled:
-            self._start_sinks(directory, metrics_path, config, wandb_run_id, start_step)
+            check_sink_folders(directory, settings)
+            self.sinks.append(MetricsFile(metrics_path, logged))
+            if settings.wandb:
+                self._wandb = WandbSink(settings.wandb_project, wandb_run_id, run_config or {}, directory,
+                                        settings.wandb_log_freq, logged)
+                self.sinks.append(self._wandb)
+            if settings.tensorboard:
+                self.sinks.append(TensorBoardSink(directory / "tensorboard", settings.tensorboard_log_freq, start_step))
+        self._log_points = [settings.log_interval, settings.wandb_log_freq if settings.wandb else 0,
+                            settings.tensorboard_log_freq if settings.tensorboard else 0]
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, disable=not enabled)
-
-    def _start_sinks(self, directory: Path, metrics_path: Path, config: dict[str, Any], wandb_run_id: str | None,
-                     start_step: int) -> None:
-        self.sinks.append(MetricsFile(metrics_path))
-        if config["wandb"]["enabled"]:
-            w = config["wandb"]
-            self._wandb = WandbSink(w["project"], wandb_run_id, config, directory, w["log_freq"])
-            self.sinks.append(self._wandb)
-        if config["tensorboard"]["enabled"]:
-            self.sinks.append(TensorBoardSink(directory / "tensorboard", config["tensorboard"]["log_freq"],
-                                              start_step))
-        self._log_points = [config["training"]["log_interval"], config["wandb"]["log_freq"] if self._wandb else 0,
-                            config["tensorboard"]["log_freq"] if config["tensorboard"]["enabled"] else 0]
+                        file=sys.stderr, disable=not enabled or self.lines)
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -145,12 +181,24 @@ class Tracker:
         self.bar.update(steps)
 
     def log(self, metrics: Metrics, final: bool = False) -> None:
-        """A training record: the progress bar, then every sink."""
-        self.bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-            refresh=False,
-        )
+        """A training record: the progress bar or line, then every sink."""
+        step = int(metrics["step"])
+        if self.lines and (final or step % self.settings.log_interval == 0):
+            self.write(self.progress_line(metrics))
+        else:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False)
         self._dispatch("train", metrics, final)
+
+    def progress_line(self, metrics: Metrics) -> str:
+        """`step 120/300 (40%)  loss 5.1234  lr 1.20e-04  12,345 tok/s  elapsed 1m02s  eta 1m33s`: the ETA from
+        this process's own pace (steps done since it started, over the time since)."""
+        step, elapsed = int(metrics["step"]), time.perf_counter() - self.t0
+        done = step - self.start_step
+        eta = _duration((self.total - step) * elapsed / done) if done > 0 else "?"
+        return (f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)  loss {metrics['loss']:.4f}  "
+                f"lr {metrics['lr']:.2e}  {metrics['tokens_per_second']:,.0f} tok/s  elapsed {_duration(elapsed)}  "
+                f"eta {eta}")
 
     def log_eval(self, metrics: Metrics, line: str | None = None) -> None:
         """A held-out evaluation: a line above the bar (`line`, or the masked-LM scores), then every sink."""
@@ -161,14 +209,16 @@ class Tracker:
         self._dispatch("eval", metrics, True)
 
     def _dispatch(self, kind: str, metrics: Metrics, final: bool) -> None:
-        if metrics["step"] <= self.logged[kind]:  # recorded before the resume already
-            return
         for sink in self.sinks:
             sink.log(kind, metrics, final)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.lines:
+            print(message, file=sys.stderr, flush=True)
+        else:
             self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
@@ -176,6 +226,12 @@ class Tracker:
         for sink in self.sinks:
             sink.close()
         self.sinks = []
+
+
+def _duration(seconds: float) -> str:
+    """`45s`, `3m07s`, `2h05m`."""
+    s = int(seconds)
+    return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _last_logged(path: Path) -> dict[str, int]:

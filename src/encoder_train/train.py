@@ -35,7 +35,7 @@ from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_mod
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
 from encoder_train.tokenizer import load_tokenizer, special_tokens
-from encoder_train.tracking import Tracker
+from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
 
 
 @dataclass
@@ -112,15 +112,14 @@ def find_resume(config: Config, say=print) -> tuple[dict[str, Any] | None, Path 
     return state, path
 
 
-def train(config: Config,
-          resume_hint: str = "Resume with the same command plus --load_checkpoint latest.",
-          dry_run: bool = False) -> TrainResult:
+def train(config: Config, resume_hint: str | None = None, dry_run: bool = False) -> TrainResult:
     """Train from `config`; under torchrun, every rank calls this and they train one model together.
 
     `resume_hint` is printed after a stop by a signal: how to continue (the demo resumes on its own).
     `dry_run`: print the resolved config, the model's size and the data, and return before anything is
     written or allocated.
     """
+    resume_hint = resume_hint or how_to_resume(config.checkpoint.load_checkpoint)
     world = distributed.init()
     try:
         if dry_run:
@@ -134,6 +133,16 @@ def train(config: Config,
             return fit(run, resume_hint)
     finally:
         distributed.close(world)
+
+
+def how_to_resume(load_checkpoint: str | None) -> str:
+    """What to run after a stop, given how this run was started."""
+    if load_checkpoint == "latest":
+        return "Resume with the same command."
+    if load_checkpoint:
+        return (f"Resume with the same command, --load_checkpoint latest in place of --load_checkpoint "
+                f"{load_checkpoint}.")
+    return "Resume with the same command plus --load_checkpoint latest."
 
 
 # ---- set up ---------------------------------------------------------------------------------------------
@@ -168,6 +177,7 @@ def setup(config: Config, world: World, held: contextlib.ExitStack) -> Run:
         # anything in the folder is read or written.
         held.enter_context(checkpoint.FolderLock(ckpt_dir))
         checkpoint.ensure_writable(ckpt_dir)
+        check_sink_folders(ckpt_dir, TrackerSettings.from_config(config))  # before any training time is spent
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
     saved, resumed_from = find_resume(config, say)
@@ -296,8 +306,8 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
     stream = batch_stream(run)
     next_step = devices.StepPrefetch(lambda: next_micro_batches(stream, cfg.gradient_accumulation_steps), device)
     tracker = Tracker(directory=run.checkpoint_dir, total_steps=cfg.max_steps, start_step=state.step,
-                      fresh=state.resumed_from is None, config=run.config.to_dict(),
-                      wandb_run_id=state.wandb_run_id, enabled=world.is_main)
+                      fresh=state.resumed_from is None, settings=TrackerSettings.from_config(run.config),
+                      run_config=run.config.to_dict(), wandb_run_id=state.wandb_run_id, enabled=world.is_main)
     state.wandb_run_id = tracker.wandb_run_id or state.wandb_run_id
     saver = Saver(run, tracker)
     window = MetricsWindow(device, sum(s.rows for s in run.shards), state.step)
@@ -477,6 +487,9 @@ class MetricsWindow:
         steps = int(self.finite_steps.item())  # 0 when every update of the window was skipped: NaN, not 0.0
         metrics = {
             "step": state.step,
+            # Steps this record averages: log_interval, fewer in the first window after a resume from a checkpoint
+            # between log points (a window never spans a resume), and skipped (non-finite) steps not counted.
+            "window_steps": steps,
             "loss": self.loss_sum.item() / steps if steps else float("nan"),
             "lr": lr,
             "grad_norm": self.norm_sum.item() / steps if steps else float("nan"),

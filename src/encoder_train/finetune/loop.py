@@ -54,7 +54,7 @@ from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.state import host_copy
 from encoder_train.tokenizer import special_tokens
-from encoder_train.tracking import Tracker
+from encoder_train.tracking import Tracker, TrackerSettings
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ class FinetuneSettings:
     num_seeds: int = 1
     """Runs with seeds seed, seed + 1, ...; the results give their mean and standard deviation."""
     log_interval: int = 10
-    """Steps between records in metrics.jsonl and progress-bar updates."""
+    """Steps between records in metrics.jsonl and progress updates."""
+    progress: str = "auto"
+    """A progress bar ("bar"), one plain line per log_interval ("lines"), or "auto": the bar on a terminal."""
 
     def __post_init__(self) -> None:
         numbers = {"learning_rate": (self.learning_rate, 0.0, False), "warmup_ratio": (self.warmup_ratio, 0.0, True),
@@ -105,6 +107,8 @@ class FinetuneSettings:
             raise UserError(f"--max_length {self.max_length} leaves no room for text; pass 8 or more (e.g. 128).")
         if self.pooling not in ("cls", "mean"):
             raise UserError(f"--pooling {self.pooling!r} is not cls or mean; pass one of them.")
+        if self.progress not in ("auto", "bar", "lines"):
+            raise UserError(f"--progress {self.progress!r} is not auto, bar or lines; pass one of them.")
         if self.precision not in ("bf16", "fp32"):
             raise UserError(f"--precision {self.precision!r} is not bf16 or fp32; pass one of them.")
 
@@ -381,9 +385,8 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                               weight_decay=settings.weight_decay, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6)
     optimizer = build_optimizer(model, schedule, device)
     scheduler = build_scheduler(optimizer, schedule)
-    tracker = Tracker(directory=out, total_steps=total, start_step=0, fresh=True, wandb_run_id=None,
-                      config={"training": {"log_interval": settings.log_interval}, "wandb": {"enabled": False},
-                              "tensorboard": {"enabled": False}})
+    tracker = Tracker(directory=out, total_steps=total, start_step=0, fresh=True,
+                      settings=TrackerSettings(log_interval=settings.log_interval, progress=settings.progress))
     autocast = devices.autocast_for(settings.precision, device, note=tracker.write)
     clip = settings.gradient_clip if settings.gradient_clip > 0 else float("inf")
     step, best = 0, None
