@@ -410,9 +410,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     name = task.name or Path(args.train_file).parent.name or Path(args.train_file).stem
     out = Path(args.output_dir) if args.output_dir else Path("runs/finetune") / name
     result = finetune(source, task, metrics, settings, out, overwrite=args.overwrite, task_name=name)
-    spread = f" over {len(result.seeds)} seeds" if len(result.seeds) > 1 else ""
-    print(f"{name}: " + ", ".join(f"{k} {v:.4f}" + (f" +- {result.std[k]:.4f}" if spread else "")
-                                  for k, v in result.metrics.items()) + spread + f"; results in {out}")
+    print(f"{name}: {result.line()}; results in {out}")
     print(json.dumps(result.to_dict()))
     return 0
 

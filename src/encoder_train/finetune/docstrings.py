@@ -133,7 +133,8 @@ def run_demo_stage(work: Path, checkpoint_path: Path, seed: int, say: Callable[[
         try:
             say(f"      fine-tuning the {name} model in {folder / name}")
             start = source if name == "pretrained" else untrained(source, seed)
-            result = finetune(start, task, ("accuracy",), settings, folder / name, overwrite=True, say=quiet)
+            result = finetune(start, task, ("accuracy",), settings, folder / name, overwrite=True, say=quiet,
+                              label=name)
         except KeyboardInterrupt:  # Ctrl-C, or the demo's SIGTERM: say what is kept, then stop as asked
             done = [n for n in FINETUNES if n in results]
             say(f"      stopped while fine-tuning the {name} model"

@@ -127,6 +127,12 @@ def task_files(task: GlueTask, folder: Path) -> tuple[Path, list[Path]]:
     return train, validation
 
 
+def own_rate(source: Source) -> dict[str, Any]:
+    """GLUE's per-task learning rates were tuned for RoBERTa-base and -large; a narrower model (and one pretrained
+    briefly) needs ~10-50x more, so below base's width the rate is searched for (`search_learning_rate`)."""
+    return {"learning_rate": None} if source.dims.hidden_size < 768 else {}
+
+
 def run_glue(source: Source, data_dir: Path, output_dir: Path, overrides: dict[str, Any],
              wanted: list[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tune on every GLUE task found in `data_dir`; prints a table, returns the summary."""
@@ -135,8 +141,9 @@ def run_glue(source: Source, data_dir: Path, output_dir: Path, overrides: dict[s
     for task, folder in tasks:
         train, validation = task_files(task, folder)
         loaded = load_task(train, validation, spec=spec_for(task, train), name=task.name)
-        settings = FinetuneSettings(**{**task.settings, **overrides})
-        print(f"== {task.name}: learning rate {settings.learning_rate:g}, batch {settings.batch_size}, "
+        settings = FinetuneSettings(**{**task.settings, **own_rate(source), **overrides})
+        rate = "searched for" if settings.learning_rate is None else f"{settings.learning_rate:g}"
+        print(f"== {task.name}: learning rate {rate}, batch {settings.batch_size}, "
               f"{settings.epochs} epochs, {settings.num_seeds} seed(s)", flush=True)
         results.append((task, finetune(source, loaded, task.metrics, settings, Path(output_dir) / task.folder,
                                        overwrite=overwrite)))

@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,11 +60,13 @@ from encoder_train.tracking import Tracker, TrackerSettings
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """The fine-tuning hyper-parameters. Defaults: RoBERTa's GLUE recipe (fairseq), 3 epochs; glue.py sets each
-    GLUE task's own."""
+    """The fine-tuning hyper-parameters. Defaults: RoBERTa's GLUE recipe (fairseq), 3 epochs, with the learning rate
+    searched for; glue.py sets each GLUE task's own for base-size models."""
 
-    learning_rate: float = 2e-5
-    """Peak learning rate, reached after warmup, then decayed linearly to zero."""
+    learning_rate: float | None = None
+    """Peak learning rate, reached after warmup, then decayed linearly to zero. None: chosen by a short search on
+    the training examples (`search_learning_rate`): the right rate differs by 100x between a briefly pretrained
+    small model and RoBERTa-large, and a wrong one gives a majority-class classifier."""
     batch_size: int = 32
     """Examples per optimizer step."""
     epochs: int = 3
@@ -93,8 +96,10 @@ class FinetuneSettings:
     """A progress bar ("bar"), one plain line per log_interval ("lines"), or "auto": the bar on a terminal."""
 
     def __post_init__(self) -> None:
-        numbers = {"learning_rate": (self.learning_rate, 0.0, False), "warmup_ratio": (self.warmup_ratio, 0.0, True),
+        numbers = {"warmup_ratio": (self.warmup_ratio, 0.0, True),
                    "weight_decay": (self.weight_decay, 0.0, True), "gradient_clip": (self.gradient_clip, 0.0, True)}
+        if self.learning_rate is not None:
+            numbers["learning_rate"] = (self.learning_rate, 0.0, False)
         for name, (value, low, may_equal) in numbers.items():
             if not math.isfinite(value) or value < low or (value == low and not may_equal):
                 raise UserError(f"--{name} {value} must be a finite number {'at least' if may_equal else 'above'} "
@@ -272,9 +277,11 @@ class SeedResult:
     checkpoint: Path
     test_metrics: dict[str, float] | None = None
     predictions: Path | None = None
+    majority: dict[str, float] = field(default_factory=dict)  # split -> the majority class's share (classification)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"seed": self.seed, "epoch": self.epoch, "metrics": self.metrics, "checkpoint": str(self.checkpoint)}
+        out = {"seed": self.seed, "epoch": self.epoch, "metrics": self.metrics, "checkpoint": str(self.checkpoint),
+               "majority_class_rate": self.majority}
         if self.test_metrics is not None:
             out["test_metrics"] = self.test_metrics
         if self.predictions is not None:
@@ -293,16 +300,45 @@ class Result:
     score: float = field(init=False)
     score_std: float = field(init=False)
 
+    learning_rate: float | None = None
+    search: dict[str, float] | None = None  # learning rate -> held-out score, when it was searched for
+    test_metrics: dict[str, float] | None = field(init=False, default=None)
+    test_std: dict[str, float] | None = field(init=False, default=None)
+
     def __post_init__(self) -> None:
         names = self.seeds[0].metrics
         self.metrics = {k: statistics.fmean(s.metrics[k] for s in self.seeds) for k in names}
         self.std = {k: _std([s.metrics[k] for s in self.seeds]) for k in names}
+        if all(s.test_metrics for s in self.seeds):  # a labelled test file: its mean and spread as for dev
+            tests = [s.test_metrics for s in self.seeds]
+            self.test_metrics = {k: statistics.fmean(t[k] for t in tests) for k in tests[0]}
+            self.test_std = {k: _std([t[k] for t in tests]) for k in tests[0]}
         self.score = statistics.fmean(score(s.metrics) for s in self.seeds)
         self.score_std = _std([score(s.metrics) for s in self.seeds])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"task": self.task, "metrics": self.metrics, "std": self.std, "score": self.score,
-                "seeds": [s.seed for s in self.seeds], "per_seed": [s.to_dict() for s in self.seeds]}
+        out = {"task": self.task, "metrics": self.metrics, "std": self.std, "score": self.score,
+               "majority_class_rate": self.seeds[0].majority, "learning_rate": self.learning_rate}
+        if self.search is not None:
+            out["learning_rate_search"] = self.search
+        if self.test_metrics is not None:
+            out |= {"test_metrics": self.test_metrics, "test_std": self.test_std}
+        return out | {"seeds": [s.seed for s in self.seeds], "per_seed": [s.to_dict() for s in self.seeds]}
+
+    def line(self) -> str:
+        """The result in words: each metric (with its spread over seeds), the majority-class rate beside
+        accuracy, then the test file's."""
+        spread = len(self.seeds) > 1
+
+        def show(metrics: dict[str, float], std: dict[str, float] | None, split: str | None) -> str:
+            return ", ".join(f"{k} {v:.4f}" + (f" +- {std[k]:.4f}" if spread and std else "")
+                             + majority_note(k, self.seeds[0].majority, split) for k, v in metrics.items())
+
+        first = next(iter(self.seeds[0].majority), None)
+        text = show(self.metrics, self.std, first) + (f" over {len(self.seeds)} seeds" if spread else "")
+        if self.test_metrics is not None:
+            text += "; test " + show(self.test_metrics, self.test_std, "test")
+        return text
 
 
 def _std(values: list[float]) -> float:
@@ -310,8 +346,10 @@ def _std(values: list[float]) -> float:
 
 
 def finetune(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings, output_dir: Path,
-             overwrite: bool = False, say: Callable[[str], None] = print, task_name: str | None = None) -> Result:
-    """Fine-tune `source` on `task` once per seed; writes under `output_dir`, returns every seed's best epoch."""
+             overwrite: bool = False, say: Callable[[str], None] = print, task_name: str | None = None,
+             label: str = "") -> Result:
+    """Fine-tune `source` on `task` once per seed; writes under `output_dir`, returns every seed's best epoch.
+    `label` starts every progress line (the demo fine-tunes two models, one after the other)."""
     check_metrics(metrics, task)
     device = devices.pick_device()
     max_length = min(settings.max_length, source.dims.max_tokens)
@@ -327,14 +365,21 @@ def finetune(source: Source, task: Task, metrics: tuple[str, ...], settings: Fin
            "; regression")
         + f"; at most {max_length} tokens an example" + (f" ({train.cut} training examples cut)" if train.cut else ""))
     output_dir = Path(output_dir)
-    results = []
+    results, search = [], None
     # One run per output folder, as for training's checkpoint folder; taken before anything in it is read or removed.
     with checkpoint.FolderLock(output_dir, flag="--output_dir"):
         prepare_output(output_dir, settings, overwrite)
+        if settings.learning_rate is None:
+            search = search_learning_rate(source, task, metrics, settings, train, device, max_length)
+            best = max(search, key=lambda lr: (search[lr], -float(lr)))  # a tie: the lower rate
+            settings = dataclasses.replace(settings, learning_rate=float(best))
+            say(f"{label + ': ' if label else ''}learning rate {best}, the best of "
+                + ", ".join(f"{lr} ({v:.3f})" for lr, v in search.items())
+                + " on held-out training examples (pass --learning_rate to set it)")
         for seed in range(settings.seed, settings.seed + settings.num_seeds):
             results.append(fit(source, task, metrics, settings, seed, train, validation, test,
-                               output_dir / f"seed_{seed}", device, max_length, say))
-    result = Result(name, results)
+                               output_dir / f"seed_{seed}", device, max_length, say, label))
+    result = Result(name, results, settings.learning_rate, search)
     (output_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     return result
 
@@ -367,8 +412,9 @@ def prepare_output(output_dir: Path, settings: FinetuneSettings, overwrite: bool
 
 def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings, seed: int,
         train: Encoded, validation: list[Encoded], test: Encoded | None, out: Path, device: torch.device,
-        max_length: int, say: Callable[[str], None]) -> SeedResult:
+        max_length: int, say: Callable[[str], None], label: str = "") -> SeedResult:
     """One seed: set up, then `epochs` passes, scoring the validation files after each."""
+    who = f"{label} seed {seed}" if label else f"seed {seed}"
     out.mkdir(parents=True, exist_ok=True)
     regression = task.labels.kind == "regression"
     pad_id = source.spec.pad_id
@@ -389,6 +435,8 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                       settings=TrackerSettings(log_interval=settings.log_interval, progress=settings.progress))
     autocast = devices.autocast_for(settings.precision, device, note=tracker.write)
     clip = settings.gradient_clip if settings.gradient_clip > 0 else float("inf")
+    # The share of the most frequent class in each labelled file: the accuracy of always answering it.
+    majority = {} if regression else {v.split.name: majority_rate(v.labels) for v in validation}
     step, best = 0, None
     # Summed on the device since the last log point; read back (the host waits) only at log points.
     loss_sum, norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -428,17 +476,22 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                     steps, tokens, t0 = 0, 0, now
 
             # The epoch's scores on every validation file; the first one's task score chooses the epoch.
-            per_split = {}
+            per_split, single_class = {}, {}
             for data in validation:
                 predictions = decide(predict(model, data, 2 * settings.batch_size, device, autocast, pad_id),
                                      regression)
                 per_split[data.split.name] = scores(predictions, data.labels, metrics)
+                if not regression and len(data) > 1 and bool((predictions == predictions[0]).all()):
+                    single_class[data.split.path.name] = task.labels.names[int(predictions[0])]
             found = validation_metrics(per_split)
             chosen = score(next(iter(per_split.values())))
             better = best is None or chosen > best[1]
             tracker.log_eval({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in found.items()}},
-                             line=f"seed {seed} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in found.items())
+                             line=f"{who} epoch {epoch}: " + show_metrics(found, majority)
                              + ("  (best so far)" if better and epoch > 1 else ""))
+            for data, predictions in single_class.items():
+                tracker.write(f"{who} epoch {epoch}: every prediction on {data} is {predictions!r}; the classifier "
+                              "has learnt only one class: raise --learning_rate or --epochs.")
             if better:
                 state = host_copy(model.state_dict())
                 path = save(state, source, task, metrics, settings, seed, step, epoch, found, max_length, out)
@@ -447,9 +500,8 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
         tracker.close()
 
     epoch, chosen, found, path, state = best
-    result = SeedResult(seed, epoch, found, chosen, path)
-    say(f"seed {seed}: best epoch {epoch} of {settings.epochs}: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in found.items()) + f"; checkpoint {path}")
+    result = SeedResult(seed, epoch, found, chosen, path, majority=majority)
+    say(f"{who}: best epoch {epoch} of {settings.epochs}: " + show_metrics(found, majority) + f"; checkpoint {path}")
     if test is not None:
         model.load_state_dict(state)
         logits = predict(model, test, 2 * settings.batch_size, device, autocast, pad_id)
@@ -457,9 +509,66 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
         result.predictions = write_predictions(test, predictions, task, out)
         if test.labels is not None:
             result.test_metrics = scores(predictions, test.labels, metrics)
-            say(f"seed {seed}: {test.split.path.name}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()))
+            if not regression:
+                majority["test"] = majority_rate(test.labels)
+            say(f"{who}: {test.split.path.name}: " + show_metrics(result.test_metrics, majority, "test"))
     return result
+
+
+def majority_rate(labels: torch.Tensor) -> float:
+    """The most frequent class's share of `labels`: what a classifier that learnt nothing scores in accuracy."""
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
+def majority_note(metric: str, majority: dict[str, float], split: str | None) -> str:
+    """` (majority class 0.2560)` after an accuracy (of `split`, or of a validation file named in the metric)."""
+    if not metric.endswith("accuracy"):
+        return ""
+    name = split if split in majority else next((s for s in majority if metric.startswith(f"{s}_")), None)
+    return f" (majority class {majority[name]:.4f})" if name in majority else ""
+
+
+def show_metrics(found: dict[str, float], majority: dict[str, float], split: str | None = None) -> str:
+    split = split or next(iter(majority), None)
+    return ", ".join(f"{k} {v:.4f}" + majority_note(k, majority, split) for k, v in found.items())
+
+
+# Learning rates tried when none is given: a grid of half-decades from RoBERTa-large's GLUE rate (1e-5) to what a
+# small, briefly pretrained model needs (5e-4 to 1e-3 measured on the demo's task).
+SEARCH_RATES = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+SEARCH_TRAIN, SEARCH_HELD_OUT = 2000, 500  # examples: the search costs little beside the run on a large task
+
+
+def search_learning_rate(source: Source, task: Task, metrics: tuple[str, ...], settings: FinetuneSettings,
+                         train: Encoded, device: torch.device, max_length: int) -> dict[str, float]:
+    """{rate: held-out score}: each of `SEARCH_RATES` fine-tuned with `settings` (its epochs and warmup) on up to
+    2,000 training examples and scored on up to 500 others, all drawn from the training file (the validation
+    file stays unseen until the real run). Seeded: the same data gives the same choice."""
+    generator = torch.Generator().manual_seed(derive_seed(settings.seed, "lr-search"))
+    order = torch.randperm(len(train), generator=generator).tolist()
+    held_n = min(SEARCH_HELD_OUT, max(1, len(train) // 5))
+    held, fit_on = order[:held_n], order[held_n:held_n + SEARCH_TRAIN]
+
+    def part(index: list[int], name: str) -> Encoded:
+        split = dataclasses.replace(train.split, path=train.split.path.with_name(name),
+                                    texts=[train.split.texts[i] for i in index], ids=[str(i) for i in index],
+                                    labels=[train.split.labels[i] for i in index])
+        return Encoded(split, [train.ids[i] for i in index], train.labels[index])
+
+    found = {}
+    with tempfile.TemporaryDirectory(prefix="lr-search-") as work:
+        for lr in SEARCH_RATES:
+            trial = dataclasses.replace(settings, learning_rate=lr, num_seeds=1, progress="lines",
+                                        log_interval=1 << 30)  # quiet: only the epochs' lines
+            try:
+                result = fit(source, task, metrics, trial, settings.seed, part(fit_on, "search_train"),
+                             [part(held, "search_held_out")], None, Path(work) / f"{lr:g}", device, max_length,
+                             say=lambda _: None, label=f"learning rate {lr:g}:")
+            except UserError:  # the loss diverged at this rate: the worst score there is
+                found[f"{lr:g}"] = -1.0
+                continue
+            found[f"{lr:g}"] = result.score
+    return found
 
 
 def save(state: dict[str, torch.Tensor], source: Source, task: Task, metrics: tuple[str, ...],

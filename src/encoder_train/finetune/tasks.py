@@ -82,7 +82,7 @@ class Split:
     path: Path
     texts: list[tuple[str, ...]]
     labels: list[int] | list[float] | None
-    ids: list[str]  # the `index`/`idx`/`id` column where there is one, else the line number: for predictions
+    ids: list[str]  # the `index`/`idx`/`id` column where there is one, else 0, 1, ...: for predictions
 
     @property
     def name(self) -> str:
@@ -262,8 +262,10 @@ ID_COLUMNS = ("index", "idx", "id")
 
 
 def _ids(records: Records) -> list[str]:
+    """Each example's id in predictions files: the file's own `index`/`idx`/`id` column, else its position among
+    the examples from 0, as GLUE's submission files number them (never the line number)."""
     column = next((c for c in ID_COLUMNS if c in records.columns), None)
-    return [str(row.get(column, number)) if column else str(number) for number, row in records.rows]
+    return [str(row.get(column, i)) if column else str(i) for i, (_, row) in enumerate(records.rows)]
 
 
 # ---- labels ---------------------------------------------------------------------------------------------
