@@ -491,9 +491,21 @@ def rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK', '?')}] " if world not in ("", "0", "1") else ""
 
 
+# The commands that compute, and those of them that print their CPU thread count at start (evaluate and fill-mask
+# print only their answer).
+COMPUTES = ("train", "evaluate", "fill-mask", "finetune", "glue", "demo")
+SAYS_THREADS = ("train", "finetune", "glue", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in COMPUTES:
+            from encoder_train.threads import configure
+
+            line = configure()  # before torch starts OpenMP (the commands import it lazily)
+            if args.command in SAYS_THREADS and os.environ.get("RANK", "0") == "0":
+                print(line, flush=True)
         return args.func(args)
     except UserError as e:
         print(f"{rank_prefix()}encoder-train: error: {e}", file=sys.stderr)

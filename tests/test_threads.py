@@ -1,0 +1,55 @@
+"""CPU threads: the usable CPUs, a container's quota and torchrun's processes per machine decide the count; the
+user's OMP_NUM_THREADS and OMP_WAIT_POLICY are kept; the count is printed at start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from encoder_train.threads import choose, cpu_quota
+from test_hostile_train import command, config, env
+
+
+def test_a_cgroup_quota_is_read_from_v2_then_v1(tmp_path):
+    v2, quota, period = tmp_path / "cpu.max", tmp_path / "quota", tmp_path / "period"
+    v2.write_text("150000 100000\n")
+    assert cpu_quota(v2, (quota, period)) == 2  # 1.5 CPUs: rounded up
+    v2.write_text("max 100000\n")
+    assert cpu_quota(v2, (quota, period)) is None
+    missing = tmp_path / "absent"
+    quota.write_text("400000\n")
+    period.write_text("100000\n")
+    assert cpu_quota(missing, (quota, period)) == 4
+    quota.write_text("-1\n")
+    assert cpu_quota(missing, (quota, period)) is None
+    assert cpu_quota(missing, (missing, missing)) is None
+
+
+def test_the_count_follows_cpus_quota_and_processes_and_keeps_the_users_choice():
+    assert choose({}, usable=8, quota=None)[0] == 8
+    assert choose({}, usable=8, quota=3)[0] == 3
+    assert choose({"LOCAL_WORLD_SIZE": "4"}, usable=8, quota=None)[0] == 2
+    assert choose({"LOCAL_WORLD_SIZE": "16"}, usable=8, quota=None)[0] == 1
+    threads, why = choose({"OMP_NUM_THREADS": "3"}, usable=8, quota=None)
+    assert threads is None and "OMP_NUM_THREADS=3 (yours)" in why
+    assert "OMP_WAIT_POLICY active" in choose({"OMP_WAIT_POLICY": "ACTIVE"}, usable=2, quota=None)[1]
+
+
+def test_train_prints_its_thread_count_and_keeps_omp_num_threads(tmp_path, shard_dir, tokenizer_file):
+    args = command(config(tmp_path, steps=2, every=5), shard_dir, tokenizer_file, tmp_path / "a")
+    default = subprocess.run(args, capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": ""}, timeout=300)
+    usable = len(os.sched_getaffinity(0))
+    assert default.returncode == 0 and f"cpu threads: {usable} ({usable} usable CPUs" in default.stdout
+    assert "OMP_WAIT_POLICY passive" in default.stdout
+    args[args.index(str(tmp_path / "a"))] = str(tmp_path / "b")
+    mine = subprocess.run(args, capture_output=True, text=True, env={**env(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert mine.returncode == 0 and "cpu threads: 1 (OMP_NUM_THREADS=1 (yours)" in mine.stdout
+
+
+def test_the_wait_policy_reaches_openmp_before_torch_loads_it(tmp_path):
+    script = ("import os, sys\nfrom encoder_train.threads import configure\nconfigure()\n"
+              "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}, timeout=120)
+    assert out.stdout.split() == ["PASSIVE", "True"]
