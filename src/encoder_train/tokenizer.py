@@ -115,13 +115,30 @@ def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | No
         read = _jsonl_documents if _is_jsonl(path) else _paragraph_documents
         for text in read(path, progress):
             found = True
-            yield text
+            yield from pieces(text)
     if not found:
         names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
         raise UserError(
             f"the input {names} holds no text; pass files with at least one non-blank line "
             '(plain text) or one non-empty "text" field (.jsonl).'
         )
+
+
+def pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
+    """`text` cut into documents of at most `limit` characters, each cut just before a space that follows a
+    non-space: the tokenizers' pre-tokenizers split there anyway (the space starts the next word's token), so the
+    tokens are those of the whole text. A run of `limit` characters with no such space (a base64 blob) is cut
+    where it reaches the limit. One line of 20 MB otherwise goes to the tokenizer whole, which holds ~150 bytes
+    per character while it works (3.4 GB, where 1 MB pieces keep the usual few hundred MB)."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind(" ", start + limit // 2, start + limit)
+        while cut > start and text[cut - 1].isspace():  # inside a run of spaces: cut before the run
+            cut = text.rfind(" ", start + limit // 2, cut)
+        cut = cut if cut > start else start + limit
+        yield text[start:cut]
+        start = cut
+    yield text[start:] if start else text
 
 
 def check_inputs(paths: list[Path]) -> None:
