@@ -152,7 +152,8 @@ def test_export_refuses_pre_layer_norm(tmp_path, word_tokenizer):
 
 def test_export_without_transformers_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
-    with pytest.raises(UserError, match=r"needs the transformers package.*pip install (-e '.*|'encoder-train)\[hf\]' adds it"):
+    adds = r"needs the transformers package.*pip install (-e '.*|'encoder-train)\[hf\]' adds it"
+    with pytest.raises(UserError, match=adds):
         export_checkpoint(tmp_path / "checkpoint_00000002.pt", tmp_path / "hf")
 
 

@@ -28,7 +28,7 @@ def _offline(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["roberta", "modernbert"])
-def test_sentence_transformers_loads_an_export_without_warnings_and_mean_pools(tmp_path, bpe_tokenizer, caplog,
+def test_sentence_transformers_loads_an_export_without_warnings_and_mean_pools(tmp_path, bpe_tokenizer, caplog,  # noqa: F811
                                                                               family):
     vocab = bpe_tokenizer.get_vocab_size()
     dims = dims_for(vocab) if family == "roberta" else modern_dims(vocab_size=vocab)

@@ -2,7 +2,7 @@
 
 Precedence: schema defaults < YAML file < command-line flags. Defaults live here and nowhere else;
 the bundled YAML files in `configs/` are just data. Every field has a one-line docstring, which the
-README's table of fields is checked against.
+docs/configuration.md is generated from (python -m encoder_train.docgen).
 
 A config has six sections:
 
@@ -214,7 +214,7 @@ class TrainingConfig(Section):
     """bf16 autocast with fp32 master weights, or plain fp32. bf16 falls back to fp32 where unsupported."""
     compile: Bool = False
     """torch.compile each encoder layer (in place, dynamic shapes: no recompiling as batch lengths vary); speed only,
-    and measured no faster than eager on a 2-core CPU or an H200 (see the README's Speed section)."""
+    and measured no faster than eager on a 2-core CPU or an H200 (docs/benchmarks.md)."""
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: DDP (weights replicated) or FSDP2 (weights, gradients and optimizer state sharded)."""
     max_nonfinite_steps: Int = Field(default=5, ge=1)

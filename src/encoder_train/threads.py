@@ -2,11 +2,14 @@
 
 On a machine shared with other busy processes (a login node, a CI runner, a laptop), OpenMP's default wait policy
 lets a thread that reaches a barrier spin for its neighbour, which the kernel may have descheduled to run the other
-process: a training step then takes several times longer (benchmarks/threads.py: 3.5x on 2 cores beside one busy
-loop, against 1.7x with waiting threads asleep). So, unless the user chose otherwise:
-- OMP_WAIT_POLICY=PASSIVE (waiting threads sleep); it must be in the environment before torch loads OpenMP;
+process: a training step then takes several times longer (benchmarks/threads.py, 2 cores beside one busy loop:
+3.5x slower with the default, 1.7x with waiting threads asleep, 1.4x with one thread). Alone, though, sleeping
+threads cost ~25% on small models (waking them takes longer than a short spin). So, unless the user chose:
 - as many threads as the CPUs this process may run on (its affinity mask, e.g. from taskset or SLURM's cgroup)
-  and its container's CPU quota allow, divided among the processes torchrun starts on this machine.
+  and its container's CPU quota allow, divided among the processes torchrun starts on this machine;
+- when the machine is already busy at start (a 1-minute load average of 0.5 or more, before this process has
+  done anything), one thread fewer per busy CPU and OMP_WAIT_POLICY=PASSIVE (waiting threads sleep); it must be in
+  the environment before torch loads OpenMP. An idle machine keeps OpenMP's default, the fastest alone.
 An OMP_NUM_THREADS the user set is kept, as is an OMP_WAIT_POLICY.
 """
 
@@ -41,23 +44,32 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def choose(env: dict[str, str], usable: int, quota: int | None) -> tuple[int | None, str]:
-    """(threads to set, or None to keep the user's OMP_NUM_THREADS; a description for the start-up line)."""
+def choose(env: dict[str, str], usable: int, quota: int | None, load: float) -> tuple[int | None, str | None, str]:
+    """(threads to set or None to keep the user's, the wait policy to set or None, the start-up line's reason)."""
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
-    wait = env.get("OMP_WAIT_POLICY", "").lower() or "passive"
+    busy = round(load) if load >= 0.5 else 0  # CPUs other processes keep busy
+    policy = None if "OMP_WAIT_POLICY" in env else ("PASSIVE" if busy else None)
+    wait = (env.get("OMP_WAIT_POLICY") or policy or "OpenMP's default").lower().replace("openmp's", "OpenMP's")
+    wait = f"wait policy {wait}"
     if env.get("OMP_NUM_THREADS"):
-        return None, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (yours), OMP_WAIT_POLICY {wait}"
-    cpus = min(usable, quota or usable)
+        return None, policy, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (yours), {wait}"
+    cpus = max(1, min(usable, quota or usable) - busy)
     threads = max(1, cpus // local)
     why = f"{usable} usable CPUs" + (f", container quota {quota}" if quota else "")
+    why += f", load {load:.1f} from other processes" if busy else ""
     why += f", {local} processes on this machine" if local > 1 else ""
-    return threads, f"{why}, OMP_WAIT_POLICY {wait}"
+    return threads, policy, f"{why}, {wait}"
 
 
 def configure() -> str:
     """Set the wait policy (before torch is imported) and the thread count; returns the start-up line."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    threads, why = choose(dict(os.environ), usable_cpus(), cpu_quota())
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    threads, policy, why = choose(dict(os.environ), usable_cpus(), cpu_quota(), load)
+    if policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = policy
     import torch
 
     if threads is not None:
