@@ -8,8 +8,10 @@ threads cost ~25% on small models (waking them takes longer than a short spin). 
 - as many threads as the CPUs this process may run on (its affinity mask, e.g. from taskset or SLURM's cgroup)
   and its container's CPU quota allow, divided among the processes torchrun starts on this machine;
 - when the machine is already busy at start (a 1-minute load average of 0.5 or more, before this process has
-  done anything), one thread fewer per busy CPU and OMP_WAIT_POLICY=PASSIVE (waiting threads sleep); it must be in
-  the environment before torch loads OpenMP. An idle machine keeps OpenMP's default, the fastest alone.
+  done anything), OMP_WAIT_POLICY=PASSIVE (waiting threads sleep); it must be in the environment before torch
+  loads OpenMP. An idle machine keeps OpenMP's default, the fastest alone.
+The thread count never depends on the load: the count can change how a matmul splits its sums, and a resumed run
+must compute what the interrupted one would have (exact resume); the wait policy changes timing only.
 An OMP_NUM_THREADS the user set is kept, as is an OMP_WAIT_POLICY.
 """
 
@@ -47,14 +49,13 @@ def usable_cpus() -> int:
 def choose(env: dict[str, str], usable: int, quota: int | None, load: float) -> tuple[int | None, str | None, str]:
     """(threads to set or None to keep the user's, the wait policy to set or None, the start-up line's reason)."""
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", "1") or 1))
-    busy = round(load) if load >= 0.5 else 0  # CPUs other processes keep busy
+    busy = load >= 0.5  # other processes keep a CPU busy
     policy = None if "OMP_WAIT_POLICY" in env else ("PASSIVE" if busy else None)
     wait = (env.get("OMP_WAIT_POLICY") or policy or "OpenMP's default").lower().replace("openmp's", "OpenMP's")
     wait = f"wait policy {wait}"
     if env.get("OMP_NUM_THREADS"):
         return None, policy, f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} (yours), {wait}"
-    cpus = max(1, min(usable, quota or usable) - busy)
-    threads = max(1, cpus // local)
+    threads = max(1, min(usable, quota or usable) // local)
     why = f"{usable} usable CPUs" + (f", container quota {quota}" if quota else "")
     why += f", load {load:.1f} from other processes" if busy else ""
     why += f", {local} processes on this machine" if local > 1 else ""
