@@ -14,7 +14,6 @@ import contextlib
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
+from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
 
@@ -310,7 +310,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                       run_config=run.config.to_dict(), wandb_run_id=state.wandb_run_id, enabled=world.is_main)
     state.wandb_run_id = tracker.wandb_run_id or state.wandb_run_id
     saver = Saver(run, tracker)
-    window = MetricsWindow(device, sum(s.rows for s in run.shards), state.step)
+    window, rows_per_epoch = MetricsWindow(device, state.step), sum(s.rows for s in run.shards)
     autocast = devices.autocast_for(cfg.precision, device, note=tracker.write)
     clip = cfg.gradient_clip if cfg.gradient_clip > 0 else float("inf")
     stop_votes = 0
@@ -348,11 +348,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 step_loss = distributed.sum_all(step_loss.float(), world)  # the global loss; stays on the device
                 # A NaN/inf loss or gradient must not reach the weights: fused AdamW skips the update on the
                 # device when found_inf is set (its step counts stay too); the host hears of it at log points.
-                finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-                optimizer.found_inf = (~finite).float()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                finite = apply_update(optimizer, scheduler, step_loss, grad_norm)
                 state.step += 1
                 window.add(step_loss, grad_norm, step_tokens, finite)
                 tracker.advance()
@@ -361,7 +357,8 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 if state.step % cfg.log_interval == 0 or final:  # the same steps on every rank
                     check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
                 if tracker.due(state.step) or final:
-                    tracker.log(window.read(state, scheduler.get_last_lr()[0]), final=final)
+                    tracker.log(window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
+                                            state.rows_consumed / rows_per_epoch), final=final)
                 if run.val_shards and (state.step % cfg.eval_every == 0 or final):
                     # Every rank evaluates the same rows (FSDP needs all ranks in the forward); rank 0 logs.
                     result = evaluate(model, run.val_shards, state.spec, batch_size=cfg.batch_size, device=device,
@@ -444,65 +441,6 @@ def forward_backward(model: torch.nn.Module, micro: list[Batch], predicted: int,
         loss.backward()
         step_loss += loss.detach() / world.world_size
     return step_loss
-
-
-class MetricsWindow:
-    """Loss, gradient norm and tokens summed since the last log point, and the count of skipped (non-finite)
-    updates; kept on the device and read back (the host waits for the device) only at log points."""
-
-    def __init__(self, device: torch.device, rows_per_epoch: int, start_step: int = 0):
-        self.loss_sum = torch.zeros((), device=device)
-        self.norm_sum = torch.zeros((), device=device)
-        self.finite_steps = torch.zeros((), device=device, dtype=torch.int64)
-        self.skipped = torch.zeros((), device=device, dtype=torch.int64)  # since the last check
-        self.run = torch.zeros((), device=device, dtype=torch.int64)  # non-finite steps in a row, now
-        self.worst_run = torch.zeros((), device=device, dtype=torch.int64)  # longest run since the last check
-        self.steps, self.tokens, self.t0 = 0, 0, time.perf_counter()
-        self.rows_per_epoch = rows_per_epoch
-        self.last_loss: float | None = None
-        self.last_check = start_step
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, finite: torch.Tensor) -> None:
-        """One step; a skipped (non-finite) one counts for the skip tallies, not for the averages."""
-        self.loss_sum += torch.where(finite, loss, 0.0)
-        self.norm_sum += torch.where(finite, grad_norm.detach(), 0.0)
-        self.finite_steps += finite
-        self.skipped += ~finite
-        self.run.mul_(~finite).add_(~finite)
-        torch.maximum(self.worst_run, self.run, out=self.worst_run)
-        self.tokens += tokens
-        self.steps += 1
-
-    def read_skipped(self, step: int) -> tuple[int, int, int]:
-        """(updates skipped, the longest run of them, the run going on now) since the last check; resets."""
-        skipped, worst, run = (int(x) for x in torch.stack([self.skipped, self.worst_run, self.run]).tolist())
-        self.skipped.zero_()
-        self.worst_run.copy_(self.run)
-        self.last_check = step
-        return skipped, worst, run
-
-    def read(self, state: TrainState, lr: float) -> dict[str, float | int]:
-        """The window's averages, then a new window."""
-        now = time.perf_counter()
-        steps = int(self.finite_steps.item())  # 0 when every update of the window was skipped: NaN, not 0.0
-        metrics = {
-            "step": state.step,
-            # Steps this record averages: log_interval, fewer in the first window after a resume from a checkpoint
-            # between log points (a window never spans a resume), and skipped (non-finite) steps not counted.
-            "window_steps": steps,
-            "loss": self.loss_sum.item() / steps if steps else float("nan"),
-            "lr": lr,
-            "grad_norm": self.norm_sum.item() / steps if steps else float("nan"),
-            "tokens_per_second": self.tokens / max(now - self.t0, 1e-9),
-            "tokens_seen": state.tokens_seen,
-            "epoch": state.rows_consumed / self.rows_per_epoch,
-        }
-        self.last_loss = metrics["loss"]
-        self.loss_sum.zero_()
-        self.norm_sum.zero_()
-        self.finite_steps.zero_()
-        self.steps, self.tokens, self.t0 = 0, 0, now
-        return metrics
 
 
 def check_skipped(window: MetricsWindow, step: int, max_in_a_row: int, tracker: Tracker, saver: Saver) -> None:

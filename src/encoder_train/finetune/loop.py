@@ -33,7 +33,6 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optim import build_optimizer, build_scheduler
 from encoder_train.state import host_copy
+from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings
 
@@ -438,9 +438,7 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
     # The share of the most frequent class in each labelled file: the accuracy of always answering it.
     majority = {} if regression else {v.split.name: majority_rate(v.labels) for v in validation}
     step, best = 0, None
-    # Summed on the device since the last log point; read back (the host waits) only at log points.
-    loss_sum, norm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-    steps, tokens, t0 = 0, 0, time.perf_counter()
+    window, tokens_seen = MetricsWindow(device), 0  # read back (the host waits for the device) at log points only
     model.train()
     try:
         for epoch in range(1, settings.epochs + 1):
@@ -454,26 +452,17 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                         else F.cross_entropy(logits.float(), target))
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                finite = apply_update(optimizer, scheduler, loss.detach(), grad_norm)  # a NaN step is skipped
                 step += 1
-                loss_sum += loss.detach()
-                norm_sum += grad_norm.detach()
-                steps, tokens = steps + 1, tokens + int(mask.sum())
+                tokens_seen += int(mask.sum())
+                window.add(loss.detach(), grad_norm, int(mask.sum()), finite)
                 tracker.advance()
                 if tracker.due(step) or step == total:
-                    now = time.perf_counter()
-                    record = {"step": step, "loss": loss_sum.item() / steps,  # the host waits for the device here
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": norm_sum.item() / steps,
-                              "tokens_per_second": tokens / max(now - t0, 1e-9), "epoch": step / steps_per_epoch}
-                    if not math.isfinite(record["loss"]):
+                    record = window.read(step, scheduler.get_last_lr()[0], tokens_seen, step / steps_per_epoch)
+                    if not math.isfinite(record["loss"]):  # every step since the last log point was skipped
                         raise UserError(f"the fine-tuning loss is not finite at step {step} (seed {seed}); lower "
                                         "--learning_rate, or pass --precision fp32.")
                     tracker.log(record, final=step == total)
-                    loss_sum.zero_()
-                    norm_sum.zero_()
-                    steps, tokens, t0 = 0, 0, now
 
             # The epoch's scores on every validation file; the first one's task score chooses the epoch.
             per_split, single_class = {}, {}
