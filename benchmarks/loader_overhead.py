@@ -26,7 +26,8 @@ from synthetic import mask_spec
 from workload import SIZES, sync
 
 from encoder_train.config import TrainingConfig
-from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.loader import BatchStream
+from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import loader_workers
 from encoder_train.model import MaskedLM

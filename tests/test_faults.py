@@ -24,7 +24,8 @@ from conftest import MASK, PAD, make_shards
 from encoder_train import checkpoint
 from encoder_train.batch import MaskSpec
 from encoder_train.cli import main
-from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.loader import BatchStream
+from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.shards import RowOrder, scan_shards
 
 CONFIG = """

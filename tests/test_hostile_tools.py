@@ -215,8 +215,10 @@ def stop_demo_while_training(work: Path, tmp_path: Path, signum: int, name: str)
         proc = subprocess.Popen(args, stdout=out, stderr=err, env=env())
         try:
             deadline = time.monotonic() + 240
-            # The bar moving past its first count: a step is done, inside the loop that handles signals.
-            while ((steps := bar_steps(err_path)) == [] or max(steps) <= steps[0]) and proc.poll() is None \
+            # A progress line (output to a file gets lines, not the bar), or the bar moving past its first count:
+            # a step is done, inside the loop that handles signals.
+            while not re.search(r"^step \d+/5000", err_path.read_text(), re.M) \
+                    and ((steps := bar_steps(err_path)) == [] or max(steps) <= steps[0]) and proc.poll() is None \
                     and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert proc.poll() is None, err_path.read_text()[-2000:]

@@ -3,7 +3,8 @@ import torch
 
 from conftest import EOS, MASK, PAD, make_shards
 from encoder_train.batch import MaskSpec
-from encoder_train.data.loader import BatchStream, MLMBatches
+from encoder_train.data.loader import BatchStream
+from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.errors import UserError
 

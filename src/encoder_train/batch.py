@@ -44,6 +44,7 @@ class Batch:
     # of cu_seqlens (padded to a fixed count with empty ones), and each token's place in its row here.
     positions: torch.Tensor | None = None  # (T,) int64
     resume_at: tuple[int, int] | None = None  # the data position after this batch's round (see packing.py)
+    source_tokens: tuple[int, ...] | None = None  # real tokens from each data source (data/mixture.py), in order
 
     @property
     def packing(self) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None] | None:

@@ -155,15 +155,39 @@ class ModelConfig(Section):
         return data
 
 
+# Source names appear in metric keys (source/NAME/rows), seeds and flags: a word, no spaces or slashes.
+SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+class SourceConfig(Section):
+    data_dir: str
+    """Folder of this source's training `.pt` shards, searched recursively."""
+    weight: Float | None = Field(default=None, gt=0.0)
+    """Share of each batch's rows drawn from this source, relative to the others' weights (absent: 1, or from
+    data.temperature)."""
+    val_data_dir: str | None = None
+    """Held-out shards of this source, evaluated on their own (val/NAME/loss) beside the weighted total."""
+
+
 class DataConfig(Section):
     data_dir: str | None = None
-    """Folder of training `.pt` shards, searched recursively (flag --data_dir)."""
+    """Folder of training `.pt` shards, searched recursively (flag --data_dir). One source; for several, use
+    `sources`."""
+    sources: dict[Annotated[str, Field(pattern=SOURCE_NAME)], SourceConfig] | None = None
+    """Named data sources mixed by weight, in place of data_dir: `{web: {data_dir: shards/web, weight: 3}, ...}`;
+    each batch holds the sources in proportion to their weights (docs/recipes.md)."""
+    temperature: Float | None = Field(default=None, gt=0.0)
+    """With sources: weights proportional to each source's size in tokens to this power (1: by size, 0.3: flatter,
+    as mmBERT and XLM-R sample languages), in place of each source's weight."""
     tokenizer_filepath: str | None = None
     """Hugging Face `tokenizers` JSON file (flag --tokenizer_filepath)."""
     val_data_dir: str | None = None
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
     mask_probability: Float = Field(default=0.15, gt=0.0, lt=1.0)
     """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
+    mask_probability_end: Float | None = Field(default=None, gt=0.0, lt=1.0)
+    """A mask-rate schedule: the rate moves linearly from mask_probability to this over the run (or the phase);
+    absent: constant."""
     num_workers: Int | None = Field(default=None, ge=0, le=256)  # a typo's 10**6 would fork until the machine dies
     """Background processes that read shards, mask and collate; 0 builds batches in the training process.
     Unset: 2 on a GPU; 0 on a CPU, where a worker takes turns with the compute threads on the same cores
@@ -186,7 +210,15 @@ class TrainingConfig(Section):
     gradient_accumulation_steps: Int = Field(default=1, ge=1, le=16_384)  # a step's micro-batches are held together
     """Micro-batches per optimizer step."""
     max_steps: Int = Field(default=10_000, ge=1)
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for; with phases, the sum of theirs (a --max_steps flag then stops the run early)."""
+    stop_at: Int | None = Field(default=None, ge=1)
+    """Stop after this step although the schedule runs to max_steps (a trial of a long recipe); with phases,
+    --max_steps sets it. Not a change of the run: resuming without it continues the same run."""
+    batch_size_warmup_steps: Int = Field(default=0, ge=0)
+    """Batch-size warmup: over this many steps the micro-batch grows linearly from batch_size_start rows to
+    batch_size (ModernBERT grows its batch over its first tokens); 0: none."""
+    batch_size_start: Int = Field(default=1, ge=1)
+    """Rows per micro-batch at the first step of a batch-size warmup."""
     learning_rate: Float = Field(default=6e-4, gt=0.0)
     """Peak learning rate, reached at the end of warmup."""
     warmup_steps: Int = Field(default=0, ge=0)
@@ -244,6 +276,19 @@ class CheckpointConfig(Section):
     """Checkpoint file to resume from, or `latest` for the newest in checkpoint_dir (flag --load_checkpoint)."""
 
 
+def phase_key_error(where: str, section: str, key: str) -> str:
+    """Why a phase may not set `section.key`, with the fix."""
+    allowed = ", ".join(f"{section}.{k}" for k in PHASE_KEYS.get(section, ()))
+    if section == "model" and key in ModelConfig.model_fields:
+        why = "changes the model's shape or function, which a checkpoint fixes for the whole run"
+    elif section in ("data", "training", "model") and key in type(getattr(Config(), section)).model_fields:
+        why = "is fixed for the whole run"
+    else:
+        why = "is not a key a phase can set"
+    return (f"{where}: {section}.{key} {why}; set it at the top level of the file, or remove it from the phase "
+            f"(a phase may set {allowed or 'data:, training: and model: keys only'}).")
+
+
 def _wandb_name(what: str, reserved: str, longest: int) -> Any:
     """A string W&B accepts as a run id or project name, checked before training starts (W&B itself refuses it
     only when the run starts, or fails on a file name the id makes)."""
@@ -279,6 +324,47 @@ class TensorBoardConfig(Section):
     """Optimizer steps between TensorBoard scalars."""
 
 
+# What a phase may change. Everything else is fixed for the run: the model's shape (the checkpoint's tensors), the
+# optimizer and its state's meaning, the seed and the layout of a step (accumulation, token budgets).
+PHASE_KEYS = {
+    "data": ("sources", "temperature", "mask_probability", "mask_probability_end"),
+    "training": ("batch_size", "batch_size_start", "batch_size_warmup_steps", "learning_rate", "warmup_steps",
+                 "schedule", "decay_steps", "decay_fraction", "decay_shape", "gradient_clip"),
+    "model": ("rope_theta", "local_rope_theta"),
+}
+# With phases, the schedules belong to each phase (a warmup written at the top level would otherwise repeat in
+# every phase); a phase that names none holds its learning rate, batch size and mask rate constant.
+PHASE_SCHEDULE_KEYS = {
+    "data": ("mask_probability_end",),
+    "training": ("warmup_steps", "schedule", "decay_steps", "decay_fraction", "decay_shape",
+                 "batch_size_warmup_steps", "batch_size_start"),
+}
+
+
+class PhaseConfig(Section):
+    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    """The phase's name, in logs, metrics and the plan (e.g. stable, context_extension, decay)."""
+    steps: Int | None = Field(default=None, ge=1)
+    """Length in optimizer steps (or give `tokens`)."""
+    tokens: Int | None = Field(default=None, ge=1)
+    """Length in tokens, counted as row slots (rows per step x the longest row of the phase's sources), turned
+    into steps at start (rounded up)."""
+    data: dict[str, Any] | None = None
+    """Overrides of the data section while the phase lasts: sources (which are read, and their weights),
+    temperature, mask_probability, mask_probability_end."""
+    training: dict[str, Any] | None = None
+    """Overrides of the training section: batch_size (and its warmup), learning_rate and the phase's schedule
+    (warmup_steps, schedule, decay_*), gradient_clip."""
+    model: dict[str, Any] | None = None
+    """Overrides of the model section that keep its shape: rope_theta, local_rope_theta (a context extension)."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> PhaseConfig:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give a phase either steps or tokens (one of them)")
+        return self
+
+
 class Config(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -286,6 +372,56 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     wandb: WandbConfig = WandbConfig()
     tensorboard: TensorBoardConfig = TensorBoardConfig()
+    phases: list[PhaseConfig] = []
+    """Phases run one after another, each overriding some data/training/model keys while it lasts (docs/recipes.md).
+    The run's length is the sum of theirs."""
+
+    def phase_config(self, index: int, steps: int | None = None) -> Config:
+        """The config in force during phase `index` of `steps` steps (default: the phase's own; a length in tokens
+        is known only once the data is): this one with the phase's overrides, max_steps the phase's length.
+        Schedules are the phase's own (see PHASE_SCHEDULE_KEYS); a phase's `data.sources` names the sources it
+        reads."""
+        phase = self.phases[index]
+        where = f"phases[{index}] ({phase.name})"
+        merged = self.to_dict()
+        del merged["phases"]
+        merged["training"]["max_steps"] = steps or phase.steps or 2**62
+        for section, keys in PHASE_SCHEDULE_KEYS.items():
+            defaults = type(getattr(self, section))()
+            for key in keys:
+                merged[section][key] = getattr(defaults, key)
+        merged["training"]["schedule"] = "constant"
+        for section, allowed in PHASE_KEYS.items():
+            overrides = getattr(phase, section) or {}
+            for key, value in overrides.items():
+                if key not in allowed:
+                    raise UserError(phase_key_error(where, section, key))
+                if section == "data" and key == "sources":
+                    merged["data"]["sources"] = self._phase_sources(where, value)
+                else:
+                    merged[section][key] = value
+        config = validate(merged, where)
+        config.check_consistency(where)
+        return config
+
+    def _phase_sources(self, where: str, value: Any) -> dict[str, Any]:
+        """A phase's `data.sources`: the sources it reads (a subset of data.sources), each with an optional weight."""
+        known = self.data.sources or {}
+        if not isinstance(value, dict) or not value:
+            raise UserError(f"{where}: data.sources must map source names to {{weight: ...}} or {{}} (the sources "
+                            f"this phase reads), e.g. {{{next(iter(known), 'web')}: {{weight: 2}}}}.")
+        picked = {}
+        for name, entry in value.items():
+            if name not in known:
+                listed = ", ".join(known) or "none: define them in data.sources first"
+                raise UserError(f"{where}: data.sources names the unknown source {name!r}; a phase reads sources "
+                                f"defined in the top-level data.sources ({listed}).")
+            entry = entry or {}
+            if not isinstance(entry, dict) or set(entry) - {"weight"}:
+                raise UserError(f"{where}: data.sources.{name} may only set weight (its folders are set once, in "
+                                "the top-level data.sources); write e.g. {weight: 2}, or {} for the top-level weight.")
+            picked[name] = {**known[name].model_dump(), **entry}
+        return picked
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of builtins: printable, YAML-dumpable, storable in a weights_only checkpoint."""
@@ -304,7 +440,10 @@ class Config(Section):
                 f"{source}: rotary positions rotate pairs of dimensions, but model.hidden_size / model.num_heads "
                 f"({m.hidden_size} / {m.num_heads}) is odd; make the head size even."
             )
-        if self.training.warmup_steps > self.training.max_steps:
+        self._check_data(source)
+        if self.phases:
+            self._check_phases(source)
+        if self.training.warmup_steps > self.training.max_steps and not self.phases:
             raise UserError(
                 f"{source}: training.warmup_steps ({self.training.warmup_steps}) exceeds training.max_steps "
                 f"({self.training.max_steps}); lower warmup_steps or raise max_steps."
@@ -318,13 +457,71 @@ class Config(Section):
             )
         # Checkpoints are .pt files too: inside a data folder, the next run would read them as shards.
         ckpt = Path(self.checkpoint.checkpoint_dir).resolve()
-        for key, folder in (("data.data_dir", self.data.data_dir), ("data.val_data_dir", self.data.val_data_dir)):
+        folders = [("data.data_dir", self.data.data_dir), ("data.val_data_dir", self.data.val_data_dir)]
+        for name, src in (self.data.sources or {}).items():
+            folders += [(f"data.sources.{name}.data_dir", src.data_dir),
+                        (f"data.sources.{name}.val_data_dir", src.val_data_dir)]
+        for key, folder in folders:
             if folder and ckpt.is_relative_to(Path(folder).resolve()):
                 raise UserError(
                     f"{source}: the checkpoint folder {self.checkpoint.checkpoint_dir} lies inside the {key} folder "
                     f"{folder}, where the next run would read its checkpoint_*.pt files as data shards; pass a "
                     "--checkpoint_dir outside it."
                 )
+
+
+    def _check_data(self, source: str) -> None:
+        d, t = self.data, self.training
+        if d.sources is not None:
+            if d.data_dir is not None:
+                raise UserError(f"{source}: data.data_dir and data.sources are both set; a run reads either one "
+                                "folder (data_dir) or named sources: move the folder into data.sources, or drop one.")
+            if not d.sources:
+                raise UserError(f"{source}: data.sources is empty; name at least one source, e.g. "
+                                "{web: {data_dir: shards/web}}.")
+            if d.val_data_dir is not None:
+                raise UserError(f"{source}: data.val_data_dir is set beside data.sources; give each source its own "
+                                "val_data_dir (the run reports each and their weighted total).")
+            weighted = [n for n, s in d.sources.items() if s.weight is not None]
+            if d.temperature is not None and weighted:
+                raise UserError(f"{source}: data.temperature and data.sources.{weighted[0]}.weight are both set; "
+                                "weights come either from each source or from the temperature: drop one.")
+        elif d.temperature is not None:
+            raise UserError(f"{source}: data.temperature weights named data.sources, but there are none; define "
+                            "data.sources or drop data.temperature.")
+        if d.batch_tokens is not None and (d.sources is not None or self.phases):
+            raise UserError(f"{source}: data.batch_tokens (token-budget batches) does not combine with data.sources "
+                            "or phases yet; use training.batch_size rows instead.")
+        if t.batch_size_start > t.batch_size and t.batch_size_warmup_steps:
+            raise UserError(f"{source}: training.batch_size_start ({t.batch_size_start}) exceeds training.batch_size "
+                            f"({t.batch_size}); the warmup grows the batch up to batch_size.")
+        if t.batch_size_warmup_steps > t.max_steps and not self.phases:
+            raise UserError(f"{source}: training.batch_size_warmup_steps ({t.batch_size_warmup_steps}) exceeds "
+                            f"training.max_steps ({t.max_steps}); lower it.")
+
+    def _check_phases(self, source: str) -> None:
+        names = [p.name for p in self.phases]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise UserError(f"{source}: phase name {twice[0]!r} is used twice; give every phase its own name.")
+        for section, keys in PHASE_SCHEDULE_KEYS.items():
+            given = getattr(self, section).model_fields_set
+            for key in keys:
+                if key in given:
+                    raise UserError(f"{source}: {section}.{key} is set at the top level of a file with phases; "
+                                    "schedules belong to a phase: move it into the phase it applies to.")
+        if "max_steps" in self.training.model_fields_set and all(p.steps for p in self.phases):
+            total = sum(p.steps for p in self.phases)
+            if total != self.training.max_steps:
+                raise UserError(f"{source}: training.max_steps ({self.training.max_steps}) disagrees with the "
+                                f"phases' steps, which sum to {total}; remove training.max_steps (the phases set the "
+                                "length) or make them agree.")
+        for i, phase in enumerate(self.phases):
+            cfg = self.phase_config(i)
+            warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
+            if phase.steps is not None and warm > phase.steps:
+                raise UserError(f"{source}: phases[{i}] ({phase.name}) warms up over {warm} steps but lasts "
+                                f"{phase.steps}; shorten the warmup or lengthen the phase.")
 
 
 # Command-line flag -> dotted config key. Flags left unset (None) do not override the YAML; any other key
@@ -502,7 +699,12 @@ def load_config(
             f"config file {path} must be a mapping with sections model:, data:, training:, ... "
             f"(it holds a {type(raw).__name__})."
         )
-    overrides = overrides or {}
+    overrides = dict(overrides or {})
+    if raw.get("phases") and "training.max_steps" in overrides:
+        # With phases the length is theirs: --max_steps stops a trial run early, the schedule unchanged.
+        overrides["training.stop_at"] = overrides.pop("training.max_steps")
+        if origins and "training.max_steps" in origins:
+            origins = {**origins, "training.stop_at": origins["training.max_steps"]}
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         if not isinstance(raw.get(section, {}), dict | None):

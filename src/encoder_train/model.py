@@ -113,9 +113,16 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, theta: float):
         super().__init__()
+        self.head_size = head_size
+        self.register_buffer("inv_freq", torch.empty(head_size // 2), persistent=False)
+        self.set_theta(theta)
+
+    def set_theta(self, theta: float) -> None:
+        """Change the base (a context-extension phase raises it); the buffer stays where the model is."""
         self.theta = theta
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        hs = self.head_size
+        inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, dtype=torch.float32, device=self.inv_freq.device) / hs))
+        self.inv_freq.copy_(inv_freq)  # (hs/2,)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k (..., nh, hs) -> q, k rotated, in their dtype (in fp32 inside). The angles of each token's place
@@ -295,6 +302,13 @@ class MaskedLM(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+
+    def set_rope_theta(self, global_theta: float, local_theta: float) -> None:
+        """The rotary bases of the global and local layers (no parameter changes: a phase may set them)."""
+        for layer in self.encoder.layers:
+            rotary = layer.attention.rotary
+            if rotary is not None:
+                rotary.set_theta(global_theta if layer.attention.window is None else local_theta)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

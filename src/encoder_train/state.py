@@ -6,7 +6,8 @@ A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True
     model, optimizer, scheduler       state dicts, unsharded (FSDP gathers them), on the CPU
     sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
     step, tokens_seen                 optimizer steps taken, real tokens seen
-    data                              {rows_consumed, world_size}: the position in the row stream
+    data                              the data stream's position (data/stream.py): rows and tokens per source,
+                                      each source's fingerprint, the world size
     rng                               one {torch, cuda} generator state per rank
     dims                              the model's shape (`ModelDims`)
     tokenizer                         {json, mask_spec}: evaluate, fill-mask and export need no other file
@@ -98,8 +99,8 @@ class TrainState:
     sharded: bool  # FSDP: state dicts are gathered on save and scattered on load
     step: int = 0
     tokens_seen: int = 0
-    rows_consumed: int = 0  # rank r reads from rows_consumed + r * batch_size
-    bins_done: int = 0  # token-budget batches: bins of the window at rows_consumed already used (packing.py)
+    stream: Any = None  # data/stream.py's DataStream: it owns the data position
+    lr_factor: Callable[[int], float] | None = None  # the plan's schedule (phases.py), for a resume
     wandb_run_id: str | None = None
     resumed_from: Path | None = field(default=None)
 
@@ -115,8 +116,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data": {"rows_consumed": self.rows_consumed, "bins_done": self.bins_done,
-                     "world_size": self.world.world_size},
+            "data": self.stream.state_dict(),
             "rng": distributed.gather_objects(rng, self.world),  # one entry per rank
             "dims": dataclasses.asdict(self.dims),
             "tokenizer": {"json": self.tokenizer.to_str(), "mask_spec": dataclasses.asdict(self.spec)},
@@ -141,8 +141,6 @@ class TrainState:
         _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
-        self.rows_consumed = saved["data"]["rows_consumed"]
-        self.bins_done = saved["data"].get("bins_done", 0)
         self.resumed_from = path
         world, seed = self.world, self.config.training.seed
         saved_world = len(saved["rng"])
@@ -160,8 +158,15 @@ class TrainState:
         if changed:
             saved_training = saved.get("config", {}).get("training")
             before = TrainingConfig.model_validate(saved_training) if saved_training else self.config.training
+            if self.config.phases:  # the phases' schedule, not the top level's, sets the rate: not compared here
+                before = self.config.training
             say(resume_note(changed, before, self.config.training, self.step))
             apply_hyperparameters(self.optimizer, self.scheduler, self.config.training, self.step)
+        if self.lr_factor is not None:  # the plan's rate for the next update (phases change it within a run)
+            factor = self.lr_factor(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def host_copy(obj: Any) -> Any:
@@ -198,6 +203,8 @@ NOT_TRAJECTORY = {
     "training.compile", "data.num_workers", "data.prefetch_batches",
     # paths: the same files may have moved; their contents are checked where it matters
     "data.data_dir", "data.val_data_dir", "data.tokenizer_filepath", "model.init_from_hf",
+    # a trial's early stop: resuming without it continues the same run
+    "training.stop_at",
 }
 
 
@@ -211,6 +218,8 @@ def changed_settings(saved: dict[str, Any], config: Config) -> list[tuple[str, A
             old = saved.get(section, {}).get(key, value)
             if dotted not in NOT_TRAJECTORY and old != value:
                 changed.append((dotted, old, value))
+    if saved and saved.get("phases", []) != now["phases"]:
+        changed.append(("phases", f"{len(saved.get('phases', []))} phases", f"{len(now['phases'])} phases"))
     return changed
 
 

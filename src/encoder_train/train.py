@@ -11,6 +11,7 @@ and checkpoints happen visibly at the bottom of the loop. What a checkpoint hold
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import threading
@@ -24,14 +25,16 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, devices, distributed
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.config import Config, dump_yaml
-from encoder_train.data.loader import BatchStream, MLMBatches
-from encoder_train.data.packing import TokenBudgetBatches, packing_efficiency
+from encoder_train.data.mixture import Source, scan_sources
+from encoder_train.data.packing import packing_efficiency
 from encoder_train.data.shards import ShardInfo, derive_seed, scan_shards
+from encoder_train.data.stream import DataStream, tokens_by_source
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
-from encoder_train.optim import build_optimizer, build_scheduler
+from encoder_train.optim import build_optimizer
+from encoder_train.phases import Phase, Plan
 from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens
@@ -112,12 +115,14 @@ def find_resume(config: Config, say=print) -> tuple[dict[str, Any] | None, Path 
     return state, path
 
 
-def train(config: Config, resume_hint: str | None = None, dry_run: bool = False) -> TrainResult:
+def train(config: Config, resume_hint: str | None = None, dry_run: bool = False,
+          restart_sources: tuple[str, ...] = ()) -> TrainResult:
     """Train from `config`; under torchrun, every rank calls this and they train one model together.
 
     `resume_hint` is printed after a stop by a signal: how to continue (the demo resumes on its own).
-    `dry_run`: print the resolved config, the model's size and the data, and return before anything is
-    written or allocated.
+    `dry_run`: print the resolved config, the model's size, the data and the plan (phases, mix, schedule, epochs
+    of each source), and return before anything is written or allocated.
+    `restart_sources`: sources whose files changed since the checkpoint, to read again from their beginning.
     """
     resume_hint = resume_hint or how_to_resume(config.checkpoint.load_checkpoint)
     world = distributed.init()
@@ -125,10 +130,12 @@ def train(config: Config, resume_hint: str | None = None, dry_run: bool = False)
         if dry_run:
             return _dry_run(config, world)
         with contextlib.ExitStack() as held:  # holds the checkpoint folder's lock until the run ends
-            run = setup(config, world, held)
-            if run.state.step >= run.config.training.max_steps:
+            run = setup(config, world, held, set(restart_sources))
+            if run.state.step >= run.last_step:
                 run.say(f"step {run.state.step} already reached training.max_steps "
-                        f"({run.config.training.max_steps}); nothing to do.")
+                        f"({run.config.training.max_steps}); nothing to do." if run.state.step >= run.plan.total_steps
+                        else f"step {run.state.step} already reached training.stop_at ({run.last_step}); nothing "
+                        "to do.")
                 return TrainResult(run.state.step, run.state.tokens_seen, None, run.state.resumed_from)
             return fit(run, resume_hint)
     finally:
@@ -155,19 +162,32 @@ class Run:
     config: Config  # resolved: what runs (an imported folder's shape included)
     world: World
     state: TrainState
-    shards: list[ShardInfo]
-    val_shards: list[ShardInfo] | None
+    plan: Plan  # phases, and what each step reads and computes
+    stream: DataStream  # the step's micro-batches; owns the data position
+    val_shards: list[ShardInfo] | None  # data.val_data_dir's (a run with data.sources has one per source)
     checkpoint_dir: Path
+
+    @property
+    def sources(self) -> list[Source]:
+        return self.plan.sources
+
+    @property
+    def last_step(self) -> int:
+        """Where this process stops: the run's end, or training.stop_at for a trial."""
+        return min(self.plan.total_steps, self.config.training.stop_at or self.plan.total_steps)
 
     def say(self, message: str) -> None:
         if self.world.is_main:  # only rank 0 speaks
             print(message)
 
 
-def setup(config: Config, world: World, held: contextlib.ExitStack) -> Run:
+def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sources: set[str] = frozenset()) -> Run:
     config, tokenizer, dims, init_weights = resolve_model(config, world)
     spec = mask_spec(tokenizer, config)
-    shards = scan_shards(config.data.data_dir, dims.max_tokens)
+    plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
+    if config.phases:  # the run's length is the phases'
+        config = config.model_copy(update={"training": config.training.model_copy(
+            update={"max_steps": plan.total_steps})})
     val_shards = (scan_shards(config.data.val_data_dir, dims.max_tokens, "--val_data_dir")
                   if config.data.val_data_dir else None)
     ckpt_dir = Path(config.checkpoint.checkpoint_dir)
@@ -187,10 +207,15 @@ def setup(config: Config, world: World, held: contextlib.ExitStack) -> Run:
         init_weights = saved["model"]
     elif init_weights is not None:
         say(f"starting from the weights in {config.model.init_from_hf}")
-    state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp)
+    state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp, plan)
+    stream = state.stream = DataStream(plan, spec, world)
     if saved is not None:
         state.restore(saved, resumed_from, say)
-    run = Run(config, world, state, shards, val_shards, ckpt_dir)
+        stream.restore(saved["data"], restart_sources, str(resumed_from), say)
+    elif restart_sources:
+        raise UserError("--restart_source applies to a resumed run; there is no checkpoint to resume here.")
+    run = Run(config, world, state, plan, stream, val_shards, ckpt_dir)
+    enter_phase(run, plan.phase_at(state.step), announce=False)
     describe(run)
     return run
 
@@ -230,7 +255,7 @@ def mask_spec(tokenizer: Tokenizer, config: Config) -> MaskSpec:
 
 
 def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokenizer, spec: MaskSpec,
-                weights: dict | None, fsdp: bool) -> TrainState:
+                weights: dict | None, fsdp: bool, plan: Plan) -> TrainState:
     """The model (initialised from the seed, then given `weights` if any), wrapped for data parallelism,
     with its optimizer and schedule. The order of random draws here is part of exact resume."""
     cfg = config.training
@@ -242,11 +267,11 @@ def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokeni
         compile_model(model) if config.data.batch_tokens else compile_layers(model)
     model = distributed.wrap(model.to(world.device), world, cfg.data_parallel)
     optimizer = build_optimizer(model, cfg, world.device)
-    scheduler = build_scheduler(optimizer, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_factor)  # phases set the rate of each step
     if world.distributed:  # dropout differs between ranks
         torch.manual_seed(derive_seed(cfg.seed, "dropout", world.rank))
     return TrainState(model, optimizer, scheduler, world, dims, tokenizer, spec, config, fsdp,
-                      wandb_run_id=config.wandb.run_id)
+                      lr_factor=plan.lr_factor, wandb_run_id=config.wandb.run_id)
 
 
 def describe(run: Run) -> None:
@@ -260,17 +285,21 @@ def describe(run: Run) -> None:
         f"(tokenizer {state.tokenizer.get_vocab_size()}), rows up to {state.dims.max_tokens} tokens; device "
         f"{world.device}, precision {cfg.precision}"
     )
-    shards, val, data = run.shards, run.val_shards, run.config.data
+    val, data = run.val_shards, run.config.data
+    shards = [s for src in run.sources for s in src.shards]
     micro = (f"{cfg.batch_size}" if data.batch_tokens is None else
              f"{data.batch_tokens} tokens (rows packed by best fit, {100 * packing_efficiency(shards, state.spec, budget=data.batch_tokens, window=data.pack_window, seed=cfg.seed, shuffle_files=data.shuffle_files, windows=1):.1f}% of slots real tokens)")  # noqa: E501
     global_batch = (f"{rows_per_step(run)} rows" if data.batch_tokens is None else
                     f"{data.batch_tokens * cfg.gradient_accumulation_steps * world.world_size} token slots")
     run.say(
-        f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows; global batch "
+        f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows"
+        + (f" in {len(run.sources)} sources" if data.sources else "") + f"; global batch "
         f"{global_batch} per step = {micro} per micro-batch x {cfg.gradient_accumulation_steps} "
         f"accumulation x {world.world_size} processes" + (f" ({cfg.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val)} rows" if val else "")
     )
+    if run.config.phases or data.sources:
+        run.say("plan:\n  " + "\n  ".join(run.plan.describe()))
     if state.resumed_from is not None:
         run.say(f"resuming from {state.resumed_from} at step {state.step} "
                 f"(learning rate {state.scheduler.get_last_lr()[0]:.3e})")
@@ -289,10 +318,13 @@ def _dry_run(config: Config, world: World) -> TrainResult:
     print(f"model: {estimate.parameters / 1e6:.2f}M parameters, vocabulary {dims.vocab_size} (tokenizer "
           f"{tokenizer.get_vocab_size()}), rows up to {dims.max_tokens} tokens; weights, gradients and AdamW state "
           f"take about {estimate.needed / 1e9:.2f} GB of the {estimate.available / 1e9:.1f} GB on {world.device}")
-    if config.data.data_dir:
-        shards = scan_shards(config.data.data_dir, dims.max_tokens)
+    if config.data.data_dir or config.data.sources:
+        plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
+        shards = [s for src in plan.sources for s in src.shards]
         print(f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows in "
-              f"{config.data.data_dir}")
+              + (config.data.data_dir or f"{len(plan.sources)} sources"))
+        print(f"plan: {plan.total_steps:,} steps over {world.world_size} process"
+              f"{'es' * (world.world_size != 1)}\n  " + "\n  ".join(plan.describe()))
     print("dry run: nothing was trained or written.")
     return TrainResult(0, 0, None, None)
 
@@ -301,31 +333,33 @@ def _dry_run(config: Config, world: World) -> TrainResult:
 
 
 def fit(run: Run, resume_hint: str) -> TrainResult:
-    cfg, state, world = run.config.training, run.state, run.world
+    cfg, state, world, plan, stream = run.config.training, run.state, run.world, run.plan, run.stream
     model, optimizer, scheduler, device = state.model, state.optimizer, state.scheduler, world.device
-    stream = batch_stream(run)
-    next_step = devices.StepPrefetch(lambda: next_micro_batches(stream, cfg.gradient_accumulation_steps), device)
+    stream.start(state.step, run.config.data.num_workers, run.config.data.prefetch_batches)
+    next_step = devices.StepPrefetch(stream.next_step, device)
     tracker = Tracker(directory=run.checkpoint_dir, total_steps=cfg.max_steps, start_step=state.step,
                       fresh=state.resumed_from is None, settings=TrackerSettings.from_config(run.config),
                       run_config=run.config.to_dict(), wandb_run_id=state.wandb_run_id, enabled=world.is_main)
     state.wandb_run_id = tracker.wandb_run_id or state.wandb_run_id
     saver = Saver(run, tracker)
-    window, rows_per_epoch = MetricsWindow(device, state.step), sum(s.rows for s in run.shards)
+    window = MetricsWindow(device, state.step)
     autocast = devices.autocast_for(cfg.precision, device, note=tracker.write)
-    clip = cfg.gradient_clip if cfg.gradient_clip > 0 else float("inf")
+    phase_ends = plan.phase_ends()
     stop_votes = 0
     model.train()
     try:
         with GracefulStop() as stop:
-            while state.step < cfg.max_steps:
+            while state.step < run.last_step:
+                phase = plan.phase_at(state.step)
                 micro, data_error = next_step()
                 # One small all-reduce of host integers, under torchrun the one time a step waits for the host:
-                # the step's predicted tokens over all ranks (the loss is their token-weighted mean), and whether
-                # any rank's data failed, its checkpoint write failed, or it was asked to stop (SIGTERM), so that
-                # all ranks stop together, after the same step. A single process adds nothing up.
-                predicted, step_tokens, failed, write_failed, stop_votes = distributed.sum_ints(
+                # the step's predicted tokens over all ranks (the loss is their token-weighted mean), the tokens of
+                # each source, and whether any rank's data failed, its checkpoint write failed, or it was asked to
+                # stop (SIGTERM), so that all ranks stop together, after the same step. One process adds nothing up.
+                predicted, step_tokens, failed, write_failed, stop_votes, *source_tokens = distributed.sum_ints(
                     [sum(b.num_predicted for b in micro), sum(b.num_tokens for b in micro), int(bool(data_error)),
-                     int(saver.failed), int(stop.signum is not None)], world)
+                     int(saver.failed), int(stop.signum is not None), *tokens_by_source(micro, len(run.sources))],
+                    world)
                 if stop_votes:
                     break
                 if write_failed:
@@ -337,12 +371,10 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                     reason = str(data_error) if data_error else "another process's data could not be read"
                     raise UserError(f"{reason.rstrip('.')} ({saver.kept()}).")
                 step_loss = forward_backward(model, micro, predicted, world, autocast)
+                clip = phase.config.training.gradient_clip or float("inf")  # 0 disables clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                if micro[-1].resume_at is not None:  # token-budget bins: the position after this step's round
-                    state.rows_consumed, state.bins_done = micro[-1].resume_at
-                else:
-                    state.rows_consumed += rows_per_step(run)
+                stream.step_done(state.step, micro, source_tokens)
                 state.tokens_seen += step_tokens
 
                 step_loss = distributed.sum_all(step_loss.float(), world)  # the global loss; stays on the device
@@ -353,19 +385,21 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 window.add(step_loss, grad_norm, step_tokens, finite)
                 tracker.advance()
 
-                final = state.step == cfg.max_steps
+                final = state.step == run.last_step
                 if state.step % cfg.log_interval == 0 or final:  # the same steps on every rank
                     check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
                 if tracker.due(state.step) or final:
-                    tracker.log(window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
-                                            state.rows_consumed / rows_per_epoch), final=final)
-                if run.val_shards and (state.step % cfg.eval_every == 0 or final):
-                    # Every rank evaluates the same rows (FSDP needs all ranks in the forward); rank 0 logs.
-                    result = evaluate(model, run.val_shards, state.spec, batch_size=cfg.batch_size, device=device,
-                                      autocast=autocast, max_batches=cfg.eval_batches)
-                    tracker.log_eval({"step": state.step, **{f"val_{k}": v for k, v in result.items()}})
-                if state.step % run.config.checkpoint.checkpoint_every == 0 or final:
+                    record = window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
+                                         sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
+                    tracker.log(record | where_the_data_is(run, phase))
+                if state.step % cfg.eval_every == 0 or final or state.step in phase_ends:
+                    evaluate_held_out(run, phase, tracker, autocast)
+                if state.step in phase_ends:
+                    tracker.write(f"step {state.step}: phase {phase.name} complete; its checkpoint is kept")
+                if state.step % run.config.checkpoint.checkpoint_every == 0 or final or state.step in phase_ends:
                     saver.save()
+                if not final and plan.phase_at(state.step) is not phase:
+                    enter_phase(run, plan.phase_at(state.step), tracker.write)
             if stop_votes:
                 saver.save_if_new()
             saver.wait()
@@ -383,6 +417,52 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
     return TrainResult(state.step, state.tokens_seen, window.last_loss, saver.last_path)
 
 
+def enter_phase(run: Run, phase: Phase, say=None, announce: bool = True) -> None:
+    """What a phase changes in the model (its rotary bases); the rest (batch, mix, mask and learning rates) the
+    plan gives each step. Called at start (the phase of a resumed step) and at each boundary."""
+    m = phase.config.model
+    if m.position_embedding == "rotary":
+        distributed.unwrap(run.state.model).set_rope_theta(m.rope_theta, m.local_rope_theta)
+    if announce and phase.name:
+        (say or run.say)(f"step {phase.start}: phase {phase.name} begins ({phase.steps:,} steps)")
+
+
+def where_the_data_is(run: Run, phase: Phase) -> dict[str, Any]:
+    """The phase, and for each named source the rows and tokens it has given and its epoch: in every record."""
+    extra: dict[str, Any] = {}
+    if run.config.phases:
+        extra |= {"phase": phase.name, "phase_index": phase.index}
+    if run.config.data.sources:
+        position = run.stream.position
+        for s in run.sources:
+            extra |= {f"source/{s.name}/rows": position.rows[s.name],
+                      f"source/{s.name}/tokens": position.tokens[s.name], f"source/{s.name}/epoch": run.stream.epoch(s)}
+    return extra
+
+
+def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contextlib.AbstractContextManager) -> None:
+    """data.val_data_dir's loss, or each source's (val/NAME/...) and their total weighted as the phase mixes them.
+    Every rank evaluates the same rows (FSDP needs all ranks in the forward); rank 0 logs."""
+    cfg, state = run.config.training, run.state
+    sets = ([(None, run.val_shards, 1.0)] if run.val_shards else
+            [(s.name, s.val_shards, w) for s, w in zip(run.sources, phase.weights, strict=True) if s.val_shards])
+    if not sets:
+        return
+    record: dict[str, Any] = {"step": state.step}
+    results = []
+    for name, shards, weight in sets:
+        result = evaluate(state.model, shards, state.spec, batch_size=cfg.batch_size, device=run.world.device,
+                          autocast=autocast, max_batches=cfg.eval_batches)
+        results.append((result, weight))
+        record |= {(f"val_{k}" if name is None else f"val/{name}/{k}"): v for k, v in result.items()}
+    if sets[0][0] is not None:  # sources: the weighted total (sources the phase does not read count 0)
+        total = sum(w for _, w in results) or 1.0
+        for key in ("loss", "accuracy"):
+            record[f"val_{key}"] = sum(r[key] * w for r, w in results) / total if total else float("nan")
+        record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
+    tracker.log_eval(record)
+
+
 def stopped(run: Run, saver: Saver, window: MetricsWindow, signum: int, resume_hint: str) -> TrainResult:
     """A run stopped by a signal (a rank asked to stop by its neighbours stops as they do): say where it is."""
     state = run.state
@@ -392,36 +472,6 @@ def stopped(run: Run, saver: Saver, window: MetricsWindow, signum: int, resume_h
               + (f"checkpoint {where}. {resume_hint}" if where else
                  "no step had finished, so there is nothing to resume."), file=sys.stderr)
     return TrainResult(state.step, state.tokens_seen, window.last_loss, saver.last_path, stopped_by=signum)
-
-
-def batch_stream(run: Run) -> BatchStream:
-    """Rank r takes micro-batches r, r + W, r + 2W, ... of the one global stream: ranks read disjoint rows,
-    and together they read exactly what one process would. Micro-batches are `batch_size` rows, or, with
-    data.batch_tokens, bins of that many tokens (data/packing.py)."""
-    cfg, data, world, state = run.config.training, run.config.data, run.world, run.state
-    if data.batch_tokens is not None:
-        dataset: torch.utils.data.IterableDataset = TokenBudgetBatches(
-            run.shards, state.spec, budget=data.batch_tokens, window=data.pack_window, seed=cfg.seed,
-            shuffle_files=data.shuffle_files, start=(state.rows_consumed, state.bins_done), rank=world.rank,
-            stride=world.world_size)
-    else:
-        dataset = MLMBatches(run.shards, state.spec, batch_size=cfg.batch_size, seed=cfg.seed,
-                             shuffle_files=data.shuffle_files,
-                             start_row=state.rows_consumed + world.rank * cfg.batch_size, stride=world.world_size)
-    return BatchStream(
-        dataset,
-        num_workers=devices.loader_workers(data.num_workers, world.device),
-        prefetch=data.prefetch_batches,
-        pin_memory=world.device.type == "cuda",
-    )
-
-
-def next_micro_batches(stream: BatchStream, count: int) -> tuple[list[Batch], UserError | None]:
-    """The step's micro-batches, or the error of a shard that became unreadable or damaged during the run."""
-    try:
-        return [next(stream) for _ in range(count)], None
-    except UserError as e:
-        return [], e
 
 
 def forward_backward(model: torch.nn.Module, micro: list[Batch], predicted: int, world: World,

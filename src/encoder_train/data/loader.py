@@ -4,20 +4,18 @@ Stages: shards (read with pread, `ShardReader`) -> RowOrder (which rows make bat
 trimmed to the longest row -> dynamic masking -> a `Batch` (batch.py) -> DataLoader workers with prefetch (and
 pinned memory on CUDA).
 
-A batch is a pure function of (seed, shards, position of its first row): worker w of n builds batches
-j = w, w + n, w + 2n, ... and the DataLoader hands them out round-robin, so the loop sees j = 0, 1, 2, ...
-in order whatever the number of workers. Resuming at row r (start_row) costs nothing: no data is
-replayed. A row's mask is seeded by its position in the stream, so each pass over a row masks it anew.
+Which rows make which batch, from one source or several, is data/mixture.py's (row batches) and
+data/packing.py's (token-budget batches); a row's mask is seeded by its position in its stream, so each pass
+over a row masks it anew, reproducibly.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.masking import mask_tokens
@@ -32,20 +30,24 @@ class DataError:
     message: str
 
 
-def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int, first_row: int = 0) -> Batch:
+def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int = 0, first_row: int = 0, *,
+            row_seeds: list[int] | None = None, probability: float | None = None) -> Batch:
     """Right-padded rows of ids (each (W_i,), widths may differ) -> a masked Batch trimmed to its longest row.
 
-    Each row is masked with its own generator, seeded from (seed, its position in the stream): a row's
-    mask does not depend on which batch it lands in, so one process with batch 2b and two with batch b
-    see the same masks, and so do evaluations with different batch sizes.
+    Each row is masked with its own generator, seeded from (seed, its position in the stream), or by
+    `row_seeds` (one per row; a mixture seeds by source and position): a row's mask does not depend on which
+    batch it lands in, so one process with batch 2b and two with batch b see the same masks, and so do
+    evaluations with different batch sizes. `probability`: the mask rate (default the spec's; a schedule
+    changes it during a run).
     """
+    rate = spec.probability if probability is None else probability
     B, W = len(rows), max(len(r) for r in rows)
     special = torch.tensor(spec.special_ids, dtype=torch.long)
     inputs = torch.full((B, W), spec.pad_id, dtype=torch.long)
     labels = torch.full((B, W), IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(rows):
-        g = torch.Generator().manual_seed(derive_seed(seed, "mask", first_row + i))
-        masked, target = mask_tokens(row[None].long(), mask_probability=spec.probability, mask_id=spec.mask_id,
+        g = torch.Generator().manual_seed(row_seeds[i] if row_seeds else derive_seed(seed, "mask", first_row + i))
+        masked, target = mask_tokens(row[None].long(), mask_probability=rate, mask_id=spec.mask_id,
                                      special_ids=special, vocab_size=spec.vocab_size, generator=g)
         inputs[i, : len(row)], labels[i, : len(row)] = masked[0], target[0]
     # Masking never creates or removes a pad, so the pads still mark the padding. Trim: (B, W) -> (B, T).
@@ -67,51 +69,6 @@ def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int, 
     batch.cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
     batch.max_seqlen = int(lengths.max())
     return batch
-
-
-class MLMBatches(IterableDataset):
-    """Endless masked batches of `batch_size` rows starting at row `start_row`; every `stride`-th batch
-    is taken (stride > 1 leaves the batches in between to other data-parallel ranks)."""
-
-    def __init__(
-        self,
-        shards: list[ShardInfo],
-        spec: MaskSpec,
-        *,
-        batch_size: int,
-        seed: int,
-        shuffle_files: int,
-        start_row: int = 0,
-        stride: int = 1,
-    ):
-        self.shards = shards
-        self.spec = spec
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle_files = shuffle_files
-        self.start_row = start_row
-        self.stride = stride
-
-    def __iter__(self) -> Iterator[Batch | DataError]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        source = RowSource(self.shards, self.spec, self.seed, self.shuffle_files)
-        k = 0
-        try:
-            while True:
-                # Batch j covers rows [start_row + j*B, start_row + (j+1)*B) of the endless stream.
-                j = worker + k * num_workers
-                k += 1
-                first = self.start_row + j * self.stride * self.batch_size
-                try:
-                    rows = [source.row(p) for p in range(first, first + self.batch_size)]
-                except UserError as e:
-                    yield DataError(str(e))
-                    return
-                # Masks are seeded by the rows' positions in the stream: fresh on every pass, reproducible on resume.
-                yield collate(rows, self.spec, self.seed, first)
-        finally:
-            source.close()
 
 
 class RowSource:

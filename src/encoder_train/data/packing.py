@@ -26,11 +26,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.loader import DataError, RowSource
 from encoder_train.data.masking import mask_tokens
+from encoder_train.data.mixture import Share
 from encoder_train.data.shards import ShardInfo, derive_seed
 from encoder_train.errors import UserError
 
@@ -114,11 +115,10 @@ class TokenBudgetBatches(IterableDataset):
             )
 
     def __iter__(self) -> Iterator[Batch | DataError]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        share = Share(self.rank, self.stride)
         source = RowSource(self.shards, self.spec, self.seed, self.shuffle_files)
         window_start, skip = self.start
-        g = k = 0  # global bins since `start`; bins of this rank so far (shared round-robin among workers)
+        g = 0  # global bins since `start`
         try:
             while True:
                 try:
@@ -129,16 +129,14 @@ class TokenBudgetBatches(IterableDataset):
                 rows = [r[r != self.spec.pad_id] for r in rows]  # right-padded rows -> their real tokens
                 bins = best_fit([len(r) for r in rows], self.budget - 1)
                 for b in range(skip, len(bins)):
-                    if g % self.stride == self.rank:
-                        if k % num_workers == worker:
-                            chosen = sorted(bins[b])  # stream order within a bin
-                            batch = pack([rows[i] for i in chosen], [window_start + i for i in chosen], self.spec,
-                                         self.seed, self.budget, self.max_row, self.predict_bucket)
-                            end = b + self.stride - self.rank  # the bin after this batch's round
-                            batch.resume_at = ((window_start, end) if end < len(bins)
-                                               else (window_start + self.window, end - len(bins)))
-                            yield batch
-                        k += 1
+                    if share.take(g):
+                        chosen = sorted(bins[b])  # stream order within a bin
+                        batch = pack([rows[i] for i in chosen], [window_start + i for i in chosen], self.spec,
+                                     self.seed, self.budget, self.max_row, self.predict_bucket)
+                        end = b + self.stride - self.rank  # the bin after this batch's round
+                        batch.resume_at = ((window_start, end) if end < len(bins)
+                                           else (window_start + self.window, end - len(bins)))
+                        yield batch
                     g += 1
                 skip = max(0, skip - len(bins))  # a resume position past this window's bins runs on
                 window_start += self.window

@@ -1,0 +1,178 @@
+"""The run's plan: its phases, and what each step of them reads and computes.
+
+A run without `phases:` is one phase spanning training.max_steps with the top-level config. With phases, phase i
+covers steps [start_i, start_i + steps_i) and its config is `Config.phase_config(i)`: the top level with the
+phase's overrides. From (step) the plan answers everything that changes during a run:
+
+    micro_rows(step)   rows per micro-batch (batch_size, or on its way there during a batch-size warmup)
+    mask_rate(step)    the mask probability (constant, or linear from mask_probability to mask_probability_end)
+    lr_factor(step)    the learning rate over the top-level peak (each phase has its own warmup and decay)
+    batch(g)           micro-batch g's rows per source and mask rate (data/mixture.py reads this)
+
+Every answer is a pure function of the config, the sources' sizes and the world size: a resumed run, any
+worker and any rank compute the same plan without talking to each other.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from encoder_train.config import Config
+from encoder_train.data.mixture import SINGLE, Source, draw_counts
+from encoder_train.errors import UserError
+from encoder_train.optim import lr_factor
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    name: str  # "" for a run without phases
+    start: int  # the first step of the phase (0-based: the update that makes step start + 1)
+    steps: int
+    config: Config  # in force while the phase lasts; training.max_steps is the phase's length
+    weights: tuple[float, ...]  # per source of the run (in Plan.sources' order), summing to 1; 0: not read
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+class Plan:
+    def __init__(self, config: Config, sources: list[Source], world_size: int):
+        self.config, self.sources, self.world_size = config, sources, world_size
+        self.names = [s.name for s in sources]
+        self.seed = config.training.seed
+        self.accumulation = config.training.gradient_accumulation_steps
+        self.micro_per_step = self.accumulation * world_size  # global micro-batches per optimizer step
+        self.phases: list[Phase] = []
+        start = 0
+        if not config.phases:
+            self.phases.append(Phase(0, "", 0, config.training.max_steps, config, self._weights(config, "")))
+        for i, p in enumerate(config.phases):
+            where = f"phases[{i}] ({p.name})"
+            cfg = config.phase_config(i)
+            steps = p.steps or self._steps_for_tokens(cfg, p.tokens)
+            cfg = config.phase_config(i, steps)
+            warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
+            if warm > steps:
+                raise UserError(f"{where} lasts {steps} steps ({p.tokens:,} tokens) but warms up over {warm}; "
+                                "shorten the warmup or lengthen the phase.")
+            self.phases.append(Phase(i, p.name, start, steps, cfg, self._weights(cfg, where)))
+            start += steps
+        self._starts = [p.start for p in self.phases]
+        self.total_steps = self.phases[-1].end
+        if config.phases and "max_steps" in config.training.model_fields_set \
+                and config.training.max_steps != self.total_steps:
+            raise UserError(f"training.max_steps ({config.training.max_steps}) disagrees with the phases, which "
+                            f"last {self.total_steps} steps; remove training.max_steps or make them agree.")
+
+    # ---- the phases ----
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase that makes the update of 0-based `step` (the last phase past the end)."""
+        return self.phases[max(0, bisect.bisect_right(self._starts, step) - 1)]
+
+    def phase_ends(self) -> set[int]:
+        """Steps after which a phase is complete (its checkpoint is kept): every phase's end, with phases."""
+        return {p.end for p in self.phases} if self.config.phases else set()
+
+    # ---- what a step computes ----
+
+    def micro_rows(self, step: int) -> int:
+        phase = self.phase_at(step)
+        t, cfg = step - phase.start, phase.config.training
+        if t < cfg.batch_size_warmup_steps:  # linear from batch_size_start, whole rows
+            return max(1, cfg.batch_size_start + (cfg.batch_size - cfg.batch_size_start) * t
+                       // cfg.batch_size_warmup_steps)
+        return cfg.batch_size
+
+    def mask_rate(self, step: int) -> float:
+        phase = self.phase_at(step)
+        data = phase.config.data
+        if data.mask_probability_end is None:
+            return data.mask_probability
+        progress = min(1.0, (step - phase.start) / phase.steps)
+        return data.mask_probability + (data.mask_probability_end - data.mask_probability) * progress
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of `step`'s update over the top-level training.learning_rate (what LambdaLR
+        multiplies the optimizer's initial rates by)."""
+        phase = self.phase_at(step)
+        cfg = phase.config.training
+        scale = cfg.learning_rate / self.config.training.learning_rate
+        return scale * lr_factor(step - phase.start, cfg)
+
+    def batch(self, g: int) -> tuple[list[int], float]:
+        """Global micro-batch g's rows per source and mask rate (data/mixture.py's MixSchedule)."""
+        step = g // self.micro_per_step
+        phase = self.phase_at(step)
+        return draw_counts(phase.weights, self.micro_rows(step), self.seed, g), self.mask_rate(step)
+
+    # ---- sizes ----
+
+    def rows_per_step(self, step: int) -> int:
+        return self.micro_rows(step) * self.micro_per_step
+
+    def phase_rows(self, phase: Phase) -> int:
+        """Rows the phase reads over all ranks."""
+        cfg = phase.config.training
+        warm = min(cfg.batch_size_warmup_steps, phase.steps)
+        return sum(self.rows_per_step(phase.start + t) for t in range(warm)) + \
+            (phase.steps - warm) * cfg.batch_size * self.micro_per_step
+
+    def _steps_for_tokens(self, cfg: Config, tokens: int) -> int:
+        """Steps to read `tokens` token slots (rows x the widest row of the phase's sources), batch warmup
+        included."""
+        width = max(s.width for s, w in zip(self.sources, self._weights(cfg, ""), strict=True) if w > 0)
+        t, done = cfg.training, 0
+        for step in range(t.batch_size_warmup_steps):
+            rows = max(1, t.batch_size_start + (t.batch_size - t.batch_size_start) * step // t.batch_size_warmup_steps)
+            done += rows * self.micro_per_step * width
+            if done >= tokens:
+                return step + 1
+        per_step = t.batch_size * self.micro_per_step * width
+        return t.batch_size_warmup_steps + math.ceil((tokens - done) / per_step)
+
+    def _weights(self, cfg: Config, where: str) -> tuple[float, ...]:
+        """The phase's weight of every source of the run, normalised; sources the phase does not read get 0."""
+        data = cfg.data
+        if data.sources is None:
+            return (1.0,)
+        raw = {}
+        for name, src in data.sources.items():
+            source = self.sources[self.names.index(name)]
+            raw[name] = source.token_slots ** data.temperature if data.temperature is not None else (src.weight or 1.0)
+        total = sum(raw.values())
+        return tuple(raw.get(n, 0.0) / total for n in self.names)
+
+    def describe(self) -> list[str]:
+        """The plan in lines: each phase's steps, tokens, mix and schedule; each source's size and epochs read."""
+        lines, read = [], [0.0] * len(self.sources)
+        for p in self.phases:
+            rows = self.phase_rows(p)
+            slots = sum(rows * w * s.width for w, s in zip(p.weights, self.sources, strict=True))
+            for i, w in enumerate(p.weights):
+                read[i] += rows * w
+            t, d = p.config.training, p.config.data
+            mix = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self.names, p.weights, strict=True) if w) \
+                if len(self.sources) > 1 or self.names != [SINGLE] else "one source"
+            lr = [self.lr_factor(p.start) * self.config.training.learning_rate,
+                  max(self.lr_factor(s) for s in (p.start, p.start + t.warmup_steps - 1 if t.warmup_steps else p.start,
+                                                   p.end - 1)) * self.config.training.learning_rate,
+                  self.lr_factor(p.end - 1) * self.config.training.learning_rate]
+            mask = f"{d.mask_probability:g}" + (f" -> {d.mask_probability_end:g}" if d.mask_probability_end else "")
+            batch = (f"{t.batch_size_start} -> {t.batch_size} rows over {t.batch_size_warmup_steps} steps"
+                     if t.batch_size_warmup_steps else f"{t.batch_size} rows") + \
+                f" per micro-batch ({self.rows_per_step(p.end - 1):,} rows per step)"
+            schedule = t.schedule + (f", warmup {t.warmup_steps}" if t.warmup_steps else "") + \
+                (f", decay {t.decay_shape}" if t.schedule == "wsd" else "")
+            lines.append(f"phase {p.name or 'the run'}: steps {p.start + 1}-{p.end} ({p.steps:,}), about "
+                         f"{slots:,.0f} token slots; mix {mix}; {batch}; mask rate {mask}; lr {lr[0]:.2e} -> peak "
+                         f"{lr[1]:.2e} -> {lr[2]:.2e} ({schedule})")
+        for s, rows in zip(self.sources, read, strict=True):
+            lines.append(f"source {s.name}: {len(s.shards)} shards, {s.rows:,} rows of up to {s.width} tokens "
+                         f"({s.token_slots:,} token slots); the run reads about {rows:,.0f} rows = "
+                         f"{rows / s.rows:.2f} epochs")
+        return lines
