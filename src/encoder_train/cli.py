@@ -183,15 +183,25 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_input_flags(p: argparse.ArgumentParser) -> None:
+    """The text both `tokenizer` and `pretokenize` read: the files, and the field that holds the text."""
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="text, .jsonl or .parquet files; .gz and .zst (e.g. x.jsonl.zst) are decompressed as read "
+                   "(.parquet needs the parquet extra, .zst the zstd extra)")
+    p.add_argument("--text_field", default="text", metavar="NAME",
+                   help="the field of each .jsonl object, and the Parquet column, that holds the text (default text)")
+
+
 def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenizer",
         help="train a byte-level BPE tokenizer (RoBERTa's) on text",
         description="Train a byte-level BPE tokenizer with RoBERTa's special tokens (<s> <pad> </s> <unk> <mask>) "
-        "and post-processing, from plain-text (paragraphs separated by blank lines), .jsonl (a \"text\" field) "
-        "and .gz files, streaming. The output loads with tokenizers.Tokenizer.from_file.",
+        "and post-processing, from plain-text (paragraphs separated by blank lines), .jsonl (a \"text\" field), "
+        "Parquet (a \"text\" column; --text_field names another) and .gz or .zst files of text or .jsonl, "
+        "streaming. The output loads with tokenizers.Tokenizer.from_file.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text, .jsonl or .gz files")
+    add_input_flags(p)
     p.add_argument("--output", default="tokenizer.json",
                    help="where to write the tokenizer (default tokenizer.json; refused when it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -208,7 +218,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from encoder_train.tokenizer import train_tokenizer
 
     tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, text_field=args.text_field)
     print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
           + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else ""))
     return 0
@@ -220,9 +230,11 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
         help="tokenize text into packed .pt shards for `train`",
         description="Tokenize text into rows of --seq_len tokens packed as RoBERTa's FULL-SENTENCES (documents "
         "run on across rows, separated by </s>), written as .pt shards in OUTPUT_DIR/train and OUTPUT_DIR/val. "
-        "Uses every CPU core (set RAYON_NUM_THREADS to use fewer); the same input gives the same shards.",
+        "Uses every CPU core (set RAYON_NUM_THREADS to use fewer); the same input gives the same shards. Reads "
+        "plain text (paragraphs separated by blank lines), .jsonl (a \"text\" field), Parquet (a \"text\" column; "
+        "--text_field names another) and .gz or .zst files of text or .jsonl, streaming.",
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="text, .jsonl or .gz files")
+    add_input_flags(p)
     p.add_argument("--tokenizer_filepath", required=True, help="tokenizer.json to tokenize with")
     p.add_argument("--output_dir", required=True, help="folder for train/ and val/ shards")
     p.add_argument("--seq_len", type=positive_int, default=512,
@@ -233,7 +245,8 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of rows held out in OUTPUT_DIR/val (default 0.01; 0 holds out none)")
     p.add_argument("--config_file", default=None,
                    help="optional config: refuse a --seq_len longer than its model's positions")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --output_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards already in --output_dir (they stay until the new ones are all written)")
     p.set_defaults(func=run_pretokenize)
 
 
@@ -258,7 +271,8 @@ def run_pretokenize(args: argparse.Namespace) -> int:
             )
     report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
-                         overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty())
+                         overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty(),
+                         text_field=args.text_field)
     print(f"wrote {plural(report.train_rows, 'training row')} in {plural(report.train_shards, 'shard')} to "
           f"{args.output_dir}/train and {plural(report.val_rows, 'held-out row')} in "
           f"{plural(report.val_shards, 'shard')} to {args.output_dir}/val; "

@@ -18,10 +18,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from encoder_train.errors import UserError
+from encoder_train.errors import UserError, require
 
 # Each role, with the token strings that may fill it (RoBERTa's first, then BERT's).
 SPECIAL_TOKEN_NAMES: dict[str, tuple[str, ...]] = {
@@ -100,27 +102,31 @@ MAX_DOCUMENT_CHARS = 1 << 20
 PROGRESS_EVERY_LINES = 256
 
 
-def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | None = None) -> Iterator[str]:
-    """Yield the documents of text files (one per paragraph) and .jsonl files (each line's "text"), .gz too.
+def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | None = None,
+               text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of text, .jsonl and Parquet files (.gz and .zst compressed text and .jsonl too).
 
-    Files are streamed line by line. A path ending in `.jsonl` or `.jsonl.gz` holds one JSON object
-    per line; any other path is UTF-8 text whose documents are separated by blank lines. Blank
-    documents are skipped. `progress(n)` is called with the number of bytes read from disk
-    (compressed bytes for .gz), for a progress bar.
+    Files are streamed: a line, or a batch of PARQUET_BATCH_ROWS rows, at a time. A path ending in
+    `.jsonl`, `.jsonl.gz` or `.jsonl.zst` holds one JSON object per line, whose `text_field` is the
+    document; a `.parquet` file's documents are its `text_field` column (null values are skipped,
+    as empty ones are); any other path is UTF-8 text whose documents are separated by blank lines.
+    Blank documents are skipped. `progress(n)` is called with the number of bytes read from disk
+    (compressed bytes for .gz and .zst; for Parquet, the file's size in proportion to the rows read),
+    for a progress bar.
     """
     paths = [Path(p) for p in paths]
     check_inputs(paths)  # all of them, before spending time on the first
+    check_formats(paths, text_field)
     found = False
     for path in paths:
-        read = _jsonl_documents if _is_jsonl(path) else _paragraph_documents
-        for text in read(path, progress):
+        for text in _documents(path, progress, text_field):
             found = True
             yield from pieces(text)
     if not found:
         names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
         raise UserError(
             f"the input {names} holds no text; pass files with at least one non-blank line "
-            '(plain text) or one non-empty "text" field (.jsonl).'
+            f'(plain text) or one non-empty "{text_field}" field (.jsonl) or value (.parquet).'
         )
 
 
@@ -150,17 +156,46 @@ def check_inputs(paths: list[Path]) -> None:
             raise UserError(f"input {path} is a folder; pass the text files inside it (e.g. {path}/*.txt).")
         if path.exists() and not path.is_file():  # a pipe (`<(zcat x.gz)`), a device: read once, never again
             raise UserError(f"input {path} is not a regular file (a pipe or a device); save the text to a file "
-                            "and pass that to --input (.gz files are read as they are).")
+                            "and pass that to --input (.gz and .zst files are read as they are).")
         if not path.is_file():
             raise UserError(f"input file {path} does not exist; check the path passed to --input.")
         if not os.access(path, os.R_OK):
             raise UserError(f"input file {path} cannot be read (permission denied); fix its permissions.")
 
 
+def check_formats(paths: list[Path], text_field: str = "text") -> None:
+    """Raise a UserError for what can be told before reading any document: a missing optional package
+    (pyarrow, zstandard), and a Parquet file without a `text_field` column of text (its footer alone says),
+    so that the fifth file of a long run does not stop it after hours on the first four."""
+    if not text_field:
+        raise UserError("--text_field is empty; pass the name of the field (.jsonl) or column (.parquet) that "
+                        "holds the text, e.g. --text_field text.")
+    for path in paths:
+        if _is_zstd(path):
+            _zstandard(path)
+        elif _is_parquet(path):
+            with _open_parquet(path) as parquet:
+                _check_text_column(parquet, path, text_field)
+
+
+def _documents(path: Path, progress: Callable[[int], None] | None, text_field: str) -> Iterator[str]:
+    """The documents of one file, read as its name says (see `iter_texts`)."""
+    if _is_parquet(path):
+        return _parquet_documents(path, progress, text_field)
+    if _is_jsonl(path):
+        return _jsonl_documents(path, progress, text_field)
+    return _paragraph_documents(path, progress)
+
+
 def _is_jsonl(path: Path) -> bool:
-    """True for `x.jsonl` and `x.jsonl.gz`."""
+    """True for `x.jsonl`, `x.jsonl.gz` and `x.jsonl.zst`."""
     name = path.name.lower()
-    return name.endswith((".jsonl", ".jsonl.gz"))
+    return name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
+
+
+def _is_parquet(path: Path) -> bool:
+    """True for `x.parquet`."""
+    return path.name.lower().endswith(".parquet")
 
 
 def _paragraph_documents(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
@@ -182,8 +217,9 @@ def _paragraph_documents(path: Path, progress: Callable[[int], None] | None) -> 
         yield "\n".join(lines)
 
 
-def _jsonl_documents(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
-    """Documents of a .jsonl file: the "text" field of each line's JSON object."""
+def _jsonl_documents(path: Path, progress: Callable[[int], None] | None, field: str = "text") -> Iterator[str]:
+    """Documents of a .jsonl file: the `field` ("text" unless --text_field says) of each line's JSON object."""
+    example = json.dumps({field: "..."}, ensure_ascii=False)
     for number, line in _numbered_lines(path, progress):
         if not line.strip():
             continue
@@ -192,18 +228,18 @@ def _jsonl_documents(path: Path, progress: Callable[[int], None] | None) -> Iter
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{path} line {number} is not valid JSON ({e.msg}); each line of a .jsonl file must be "
-                'one JSON object with a "text" field.'
+                f"one JSON object with a {json.dumps(field)} field."
             ) from None
         except RecursionError:
             raise UserError(
                 f"{path} line {number} nests JSON arrays or objects too deeply to read; each line of a .jsonl "
-                'file must be one JSON object like {"text": "..."}.'
+                f"file must be one JSON object like {example}."
             ) from None
-        text = record.get("text") if isinstance(record, dict) else None
+        text = record.get(field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(
-                f'{path} line {number} has no "text" string field; each line of a .jsonl file must be '
-                'one JSON object like {"text": "..."}.'
+                f"{path} line {number} has no {json.dumps(field)} string field; each line of a .jsonl file must "
+                f"be one JSON object like {example}{_fields_hint(record, field)}."
             )
         if (lone := _SURROGATE.search(text)) is not None:
             raise UserError(
@@ -215,12 +251,21 @@ def _jsonl_documents(path: Path, progress: Callable[[int], None] | None) -> Iter
             yield text
 
 
+def _fields_hint(record: object, field: str) -> str:
+    """` (this line has "id", "body": pass --text_field to read one of them)` where the field is missing
+    from an object that has others: a corpus whose text is in "content" or "body" is the usual case."""
+    if not isinstance(record, dict) or field in record or not record:
+        return ""
+    names = ", ".join(json.dumps(name, ensure_ascii=False) for name in list(record)[:10])
+    return f" (this line has {names}{', ...' if len(record) > 10 else ''}: pass --text_field to read one of them)"
+
+
 # JSON's \ud800-\udfff escapes decode to lone surrogates: no UTF-8 encoding exists, and the Rust side refuses them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
-    """Yield (line number from 1, line without its line ending) of a UTF-8 file, gunzipping `.gz`."""
+    """Yield (line number from 1, line without its line ending) of a UTF-8 file, decompressing `.gz` and `.zst`."""
     try:
         raw = open(path, "rb")  # noqa: SIM115 - closed by `with raw` below; opened apart to name the error
     except OSError as e:
@@ -228,40 +273,50 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
             f"input file {path} cannot be read ({e.strerror}); check the path and its permissions."
         ) from None
     with raw:
-        binary = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
         # utf-8-sig drops a leading byte-order mark; newline=None ends lines at \n, \r\n and \r.
-        text = io.TextIOWrapper(binary, encoding="utf-8-sig", newline=None)
+        text = io.TextIOWrapper(_decompressed(path, raw), encoding="utf-8-sig", newline=None)
         number = reported = 0
         try:
             for number, line in enumerate(text, start=1):
                 yield number, line.removesuffix("\n")
                 if progress is not None and number % PROGRESS_EVERY_LINES == 0:
-                    progress(raw.tell() - reported)  # bytes on disk: compressed ones for .gz
+                    progress(raw.tell() - reported)  # bytes on disk: compressed ones for .gz and .zst
                     reported = raw.tell()
         except UnicodeDecodeError:
             raise UserError(
                 f"{path} line {_first_non_utf8_line(path)} is not UTF-8 text; convert the file to UTF-8 "
                 "(e.g. with iconv)."
             ) from None
-        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz is an EOFError
+        except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz or .zst an EOFError
             where = f"past line {number}" if number else "at all"
-            raise UserError(
-                f"input file {path} could not be read {where} ({e}); check that the file is "
-                "complete (and valid gzip if it ends in .gz)."
-            ) from None
+            check = ("check that the file is complete and valid Zstandard (`zstd -t` tests it)" if _is_zstd(path)
+                     else "check that the file is complete (and valid gzip if it ends in .gz)")
+            raise UserError(f"input file {path} could not be read {where} ({e}); {check}.") from None
         if progress is not None:
             progress(raw.tell() - reported)
 
 
+def _decompressed(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
+    """The bytes of `raw`, gunzipped for `*.gz` and decompressed for `*.zst`, as they are read."""
+    if _is_gzip(path):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if _is_zstd(path):
+        return io.BufferedReader(_ZstdReader(raw, _zstandard(path)))
+    return raw
+
+
 def _first_non_utf8_line(path: Path) -> int:
     """Number of the first line that is not valid UTF-8 (slow; only used to word an error)."""
+    number = 0
     with open(path, "rb") as raw:
-        binary = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
-        for number, line in enumerate(binary, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return number
+        try:
+            for number, line in enumerate(_decompressed(path, raw), start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return number
+        except (OSError, EOFError):  # damaged after the bad text: the text is the error to report
+            return number + 1
     return 0  # the file decodes line by line; the error was elsewhere
 
 
@@ -270,6 +325,174 @@ def _is_gzip(path: Path) -> bool:
     return path.name.lower().endswith(".gz")
 
 
+def _is_zstd(path: Path) -> bool:
+    """True for `*.zst` (Zstandard, as `zstd` writes it)."""
+    return path.name.lower().endswith(".zst")
+
+
+# Compressed bytes of a .zst handed to the decompressor at a time. Text inflates them 3 to 10 times, so a read
+# holds well under a megabyte, whatever the file's size.
+ZSTD_READ_BYTES = 1 << 16
+
+
+def _zstandard(path: Path) -> ModuleType:
+    """The zstandard package, or a UserError naming the extra that installs it."""
+    return require("zstandard", "zstd", f"the Zstandard input {path}")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst stream decompressed as it is read, frame after frame (`zstd` writes one, `pzstd` and
+    `zstd -T` several), for `io.BufferedReader` and lines on top.
+
+    Built on `decompressobj` rather than `ZstdDecompressor().stream_reader`, because the stream reader ends
+    a file cut inside a frame (a download that stopped) silently, as if it were complete; here that raises
+    EOFError, and a damaged frame OSError, which `_numbered_lines` words for a person.
+    """
+
+    def __init__(self, raw: io.BufferedReader, zstandard: ModuleType) -> None:
+        super().__init__()
+        self.raw, self.zstandard = raw, zstandard
+        self.decompressor = zstandard.ZstdDecompressor()
+        self.frame = self.decompressor.decompressobj()
+        self.in_frame = False  # bytes of a frame were fed, and its end was not seen yet
+        self.pending = memoryview(b"")  # decompressed bytes not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            chunk = self.raw.read(ZSTD_READ_BYTES)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a Zstandard frame: it was cut short")
+                return 0
+            self.pending = memoryview(self._decompress(chunk))
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        """The output of `data`; a frame's end starts a new frame with the bytes after it."""
+        out = []
+        while data:
+            try:
+                out.append(self.frame.decompress(data))
+            except self.zstandard.ZstdError as e:
+                raise OSError(str(e)) from None
+            self.in_frame = not self.frame.eof
+            if self.in_frame:
+                break
+            data = self.frame.unused_data
+            self.frame = self.decompressor.decompressobj()
+        return b"".join(out)
+
+
+# Rows of a Parquet column converted to Python strings at a time: a batch of documents in memory, whatever the
+# file's size (the other columns are never read).
+PARQUET_BATCH_ROWS = 256
+
+# Parquet bytes read from disk at a time. pyarrow's default (pre_buffer) instead reads a row group's whole column
+# chunk first: 143 MB held for a 120 MB row group of text, where reading 1 MB at a time holds 24 MB, the same for
+# a 40 MB row group (measured with pyarrow 26's memory pool, 256-row batches of 10 kB documents).
+PARQUET_READ_BYTES = 1 << 20
+
+
+def _open_parquet(path: Path) -> Any:
+    """The `pyarrow.parquet.ParquetFile` at `path`, its footer read, or a UserError (not Parquet, cut short,
+    unreadable). Typed Any: pyarrow is an optional extra, imported only here."""
+    pq = require("pyarrow.parquet", "parquet", f"the Parquet input {path}")
+    try:
+        return pq.ParquetFile(path, buffer_size=PARQUET_READ_BYTES, pre_buffer=False)
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise UserError(
+            f"Parquet file {path} could not be read ({_one_line(e)}); check that the file is complete and is Parquet "
+            "(a file ending in .parquet is read as Parquet)."
+        ) from None
+
+
+def _check_text_column(parquet: Any, path: Path, field: str) -> None:
+    """Raise a UserError unless the file has a column `field` of strings."""
+    import pyarrow as pa  # present: _open_parquet imported pyarrow.parquet
+
+    schema = parquet.schema_arrow
+    if field not in schema.names:
+        names = ", ".join(json.dumps(n, ensure_ascii=False) for n in schema.names[:20])
+        more = ", ..." if len(schema.names) > 20 else ""
+        raise UserError(
+            f"Parquet file {path} has no column {json.dumps(field)} (its columns: {names or 'none'}{more}); pass "
+            "--text_field with the column that holds the text."
+        )
+    kind = schema.field(field).type
+    if pa.types.is_dictionary(kind):  # dictionary-encoded strings are strings
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(pa, kind)):
+        raise UserError(
+            f"Parquet file {path} column {json.dumps(field)} holds {schema.field(field).type}, not text; pass "
+            "--text_field with a string column."
+        )
+
+
+def _is_string_view(pa: ModuleType, kind: Any) -> bool:
+    """Arrow's string_view (pyarrow 16 and later)."""
+    return hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind)
+
+
+def _parquet_documents(path: Path, progress: Callable[[int], None] | None, field: str) -> Iterator[str]:
+    """Documents of a Parquet file: the non-empty values of its `field` column, PARQUET_BATCH_ROWS at a time.
+    Null values are skipped, as empty strings are: a missing text is no document."""
+    size = path.stat().st_size
+    row = reported = 0
+    with _open_parquet(path) as parquet:
+        _check_text_column(parquet, path, field)
+        total = max(parquet.metadata.num_rows, 1)
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field])
+        while (batch := _next_batch(batches, path, row)) is not None:
+            for text in _batch_texts(batch.column(0), path, row):
+                if text is not None and text.strip():
+                    yield text
+            row += batch.num_rows
+            if progress is not None:  # the file's bytes in proportion to its rows read
+                done = size * row // total
+                progress(done - reported)
+                reported = done
+    if progress is not None:
+        progress(size - reported)
+
+
+def _next_batch(batches: Iterator[Any], path: Path, row: int) -> Any:
+    """The next record batch, None at the end, or a UserError for a damaged file (found only as it is read)."""
+    try:
+        return next(batches, None)
+    except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
+        where = f"past row {row}" if row else "at all"
+        raise UserError(
+            f"Parquet file {path} could not be read {where} ({_one_line(e)}); the file is damaged: check that it is "
+            "complete, or write it again."
+        ) from None
+
+
+def _one_line(error: Exception) -> str:
+    """An exception's message on one printable line: pyarrow's span several lines, and may quote the damaged bytes
+    it read; an error is one line on stderr."""
+    return " ".join("".join(c if c.isprintable() else " " for c in str(error)).split())
+
+
+def _batch_texts(column: Any, path: Path, row: int) -> list[str | None]:
+    """The column's values as Python strings, or a UserError naming the first row that is not UTF-8."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError:
+                row += i
+                break
+        raise UserError(
+            f"Parquet file {path} row {row + 1} is not UTF-8 text; write the column as UTF-8 strings."
+        ) from None
 # ---------------------------------------------------------------------------------------------------
 # Training.
 
@@ -311,10 +534,12 @@ def _training_pieces(text: str) -> list[str]:
 
 
 def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2,
-                    overwrite: bool = False) -> Tokenizer:
-    """Train a RoBERTa-style byte-level BPE tokenizer on text/.jsonl(.gz) files and save it to `output`.
+                    overwrite: bool = False, text_field: str = "text") -> Tokenizer:
+    """Train a RoBERTa-style byte-level BPE tokenizer on the files `iter_texts` reads (text, .jsonl, Parquet,
+    .gz and .zst) and save it to `output`.
 
-    An existing `output` file is replaced only with `overwrite`.
+    `text_field` names the .jsonl field and the Parquet column that hold the text. An existing `output`
+    file is replaced only with `overwrite`.
     """
     byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     smallest = len(ROBERTA_SPECIAL_TOKENS) + len(byte_alphabet)
@@ -354,7 +579,7 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         initial_alphabet=byte_alphabet,  # all 256 bytes, even those the corpus lacks
         show_progress=sys.stderr.isatty(),  # a progress bar for a person at a terminal, not for logs
     )
-    documents = (piece for text in iter_texts(inputs) for piece in _training_pieces(text))
+    documents = (piece for text in iter_texts(inputs, text_field=text_field) for piece in _training_pieces(text))
     batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
     tokenizer.train_from_iterator(batches, trainer)
 

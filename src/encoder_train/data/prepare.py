@@ -44,6 +44,10 @@ MAX_SHARD_BYTES = 1 << 32
 # small enough that the two batches in flight stay a few MB. Changes speed only, never the output.
 ENCODE_BATCH_CHARS = 1 << 22
 
+# A new shard's name suffix until every shard of the run is written: the trainer reads `*.pt` only, so
+# neither a run that fails nor one killed midway mixes new rows with the old dataset.
+STAGED = ".new"
+
 
 @dataclass(frozen=True)
 class PretokenizeReport:
@@ -88,12 +92,19 @@ def pretokenize(
     max_positions: int | None = None,
     progress: bool = True,
     batch_chars: int = ENCODE_BATCH_CHARS,
+    text_field: str = "text",
 ) -> PretokenizeReport:
-    """Tokenize text/.jsonl(.gz) files into packed `(rows, seq_len)` int32 shards in `output_dir`/{train,val}.
+    """Tokenize the files `iter_texts` reads (text, .jsonl, Parquet, .gz and .zst) into packed `(rows, seq_len)`
+    int32 shards in `output_dir`/{train,val}.
 
     Every `1/val_fraction`-th row goes to val (rows are assigned by index, so train and val are
     disjoint and the split is the same on every run). `max_positions`, when given, is the largest
-    `seq_len` the model accepts. All CPU cores are used; to use fewer, set RAYON_NUM_THREADS.
+    `seq_len` the model accepts. `text_field` names the .jsonl field and the Parquet column that hold
+    the text. All CPU cores are used; to use fewer, set RAYON_NUM_THREADS.
+
+    With `overwrite`, the shards already in `output_dir` stay until every new shard is written (the new
+    ones wait as `shard_XXXXX.pt.new`, a name the trainer does not read), so a bad line in the last file,
+    a truncated download or Ctrl-C leaves the earlier dataset as it was.
     """
     _check_arguments(seq_len, rows_per_shard, val_fraction, max_positions, batch_chars)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -114,11 +125,9 @@ def pretokenize(
         nonlocal bytes_read
         bytes_read += n
 
-    documents = iter_texts(inputs, progress=count_bytes)
-    first = next(documents)  # raises the "no text" error before any old shard is removed
+    documents = iter_texts(inputs, progress=count_bytes, text_field=text_field)
+    first = next(documents)  # raises the "no text" error, and a Parquet file's missing column, before any writing
     splits = _Splits(output_dir, rows_per_shard, seq_len, val_fraction)  # creates the folders: may fail
-    for path in old_shards:
-        path.unlink()
     packer = _RowPacker(seq_len, bos=ids.bos, eos=ids.eos, pad=ids.pad)
     n_documents = n_tokens = 0
     bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
@@ -133,10 +142,11 @@ def pretokenize(
         splits.add(packer.last_row())
         splits.close()
     except BaseException:
-        splits.remove_written()  # leave no partial dataset that looks complete
+        splits.remove_written()  # the new shards; the old ones were never touched
         raise
     finally:
         bar.close()
+    splits.commit(old_shards)
 
     slots = splits.rows * seq_len
     return PretokenizeReport(
@@ -185,14 +195,14 @@ def _check_arguments(
 
 
 def _existing_shards(output_dir: Path, overwrite: bool) -> list[Path]:
-    """The `.pt` shards (and leftover `.pt.tmp`) already in train/ and val/; refuses unless `overwrite`."""
+    """The `.pt` shards (and leftover `.pt.tmp`, `.pt.new`) already in train/ and val/; refuses unless `overwrite`."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file; pass a folder path as --output_dir.")
     old = sorted(
         path
         for split in ("train", "val")
         if (output_dir / split).is_dir()
-        for pattern in ("*.pt", "*.pt.tmp")
+        for pattern in ("*.pt", "*.pt.tmp", "*.pt" + STAGED)
         for path in (output_dir / split).glob(pattern)
     )
     shards = [p for p in old if p.suffix == ".pt"]
@@ -312,6 +322,14 @@ class _Splits:
         self.train.remove_written()
         self.val.remove_written()
 
+    def commit(self, old: list[Path]) -> None:
+        """Give the new shards their `.pt` names, then delete the old files they did not replace."""
+        new = self.train.commit() + self.val.commit()
+        keep = set(new)
+        for path in old:
+            if path not in keep:
+                path.unlink(missing_ok=True)
+
 
 class _ShardWriter:
     """Collects rows of one split and writes them as `shard_00000.pt`, ... of `rows_per_shard` rows."""
@@ -347,24 +365,40 @@ class _ShardWriter:
     def remove_written(self) -> None:
         """Delete the shards written so far (after a failure)."""
         for path in self.written:
-            path.unlink(missing_ok=True)
+            _staged(path).unlink(missing_ok=True)
+
+    def commit(self) -> list[Path]:
+        """Rename each written `shard_XXXXX.pt.new` to `shard_XXXXX.pt`, replacing an old shard of that name."""
+        for path in self.written:
+            try:
+                os.replace(_staged(path), path)
+            except OSError as e:
+                raise UserError(
+                    f"could not rename {_staged(path)} to {path} ({e.strerror}); rename the .pt.new files in "
+                    f"{self.folder} to .pt by hand, or run pretokenize again."
+                ) from None
+        return self.written
 
     def _write(self) -> None:
-        """Save the filled part of the buffer as the next shard, atomically (tmp file, then rename)."""
+        """Save the filled part of the buffer as the next shard, under its staged name until `commit`."""
         # clone(): a slice of the buffer would save the whole buffer's storage, not just these rows.
         tensor = torch.from_numpy(self.buffer[: self.filled]).clone().contiguous()
         data = io.BytesIO()  # saved in memory so the archive name inside the file does not depend on its name
         torch.save(tensor, data)
         path = self.folder / f"shard_{len(self.written):05d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
+        staged = _staged(path)
         try:
-            tmp.write_bytes(data.getbuffer())
-            os.replace(tmp, path)
+            staged.write_bytes(data.getbuffer())
         except OSError as e:  # a full disk, a read-only folder
-            tmp.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
             raise UserError(
                 f"could not write {path} ({e.strerror}); free space or pass another --output_dir."
             ) from None
         self.written.append(path)
         self.bytes += len(data.getbuffer())
         self.filled = 0
+
+
+def _staged(path: Path) -> Path:
+    """`shard_00000.pt` -> `shard_00000.pt.new`."""
+    return path.with_name(path.name + STAGED)
