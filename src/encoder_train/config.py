@@ -240,6 +240,11 @@ class TrainingConfig(Section):
     """AdamW epsilon."""
     weight_decay: Float = Field(default=0.01, ge=0.0)
     """Decoupled weight decay; biases, LayerNorm weights and other 1-D parameters get none."""
+    optimizer: Literal["adamw", "stable_adamw", "muon"] = "adamw"
+    """`adamw` (PyTorch's), `stable_adamw` (StableAdamW, as ModernBERT; the stable_adamw extra) or `muon` (Muon for
+    the layers' weight matrices, AdamW for the rest; docs/training.md#optimizers). Fixed for a run."""
+    muon_momentum: Float = Field(default=0.95, ge=0.0, lt=1.0)
+    """muon: Muon's Nesterov momentum. Its learning rate is `learning_rate`: updates are scaled to AdamW's size."""
     gradient_clip: Float = Field(default=1.0, ge=0.0)
     """Clip the gradient's global L2 norm to this value; 0 disables clipping (flag --gradient_clip)."""
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -454,6 +459,12 @@ class Config(Section):
                 f"{source}: training.batch_size x training.gradient_accumulation_steps ({t.batch_size} x "
                 f"{t.gradient_accumulation_steps}) is {t.batch_size * t.gradient_accumulation_steps:,} rows per "
                 f"optimizer step, more than {MAX_ROWS_PER_STEP:,} (RoBERTa used 8,192); lower one of them."
+            )
+        if t.optimizer == "muon" and t.data_parallel == "fsdp":
+            raise UserError(
+                f"{source}: training.optimizer muon does not work with training.data_parallel fsdp (PyTorch's Muon "
+                "orthogonalises whole matrices, which FSDP splits between processes); set training.data_parallel: ddp, "
+                "or choose training.optimizer adamw or stable_adamw."
             )
         # Checkpoints are .pt files too: inside a data folder, the next run would read them as shards.
         ckpt = Path(self.checkpoint.checkpoint_dir).resolve()

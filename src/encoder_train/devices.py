@@ -44,9 +44,11 @@ def loader_workers(configured: int | None, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 0
 
 
-# fp32 weights, their gradients, and AdamW's two moments: 4 + 4 + 8 bytes a parameter. Activations come on
-# top and depend on the batch, so this is the floor below which training cannot start at all.
-BYTES_PER_PARAMETER = 16
+# Bytes a parameter takes, by the optimizer that updates it (training.optimizer): fp32 weights and their gradients
+# (4 + 4), plus AdamW's or StableAdamW's two moments (8), or Muon's one momentum buffer (4; with `muon` only the
+# layers' matrices are Muon's, the rest AdamW's). Activations come on top and depend on the batch, so this is the
+# floor below which training cannot start at all.
+BYTES_PER_PARAMETER = {"adamw": 16, "stable_adamw": 16, "muon": 12}
 
 
 @dataclass(frozen=True)
@@ -82,21 +84,32 @@ def device_memory(device: torch.device) -> int:
     return total
 
 
-def training_memory(dims: ModelDims, world: World, data_parallel: str) -> MemoryEstimate:
+def muon_parameters(dims: ModelDims) -> int:
+    """Parameters that `optimizer: muon` gives to Muon (optim.muon_matrices): each layer's query, key, value and
+    attention output (4 x H x H), feed-forward up (H x I, or H x 2I with GeGLU) and down (I x H), and the MLM
+    head's dense layer (H x H)."""
+    h, i = dims.hidden_size, dims.intermediate_size
+    up = 2 * h * i if dims.feed_forward == "geglu" else h * i
+    return dims.num_layers * (4 * h * h + up + i * h) + h * h
+
+
+def training_memory(dims: ModelDims, world: World, data_parallel: str, optimizer: str) -> MemoryEstimate:
     rough = rough_parameters(dims)
     params = rough if rough > 2**40 else count_parameters(dims)
     shards = world.world_size if world.distributed and data_parallel == "fsdp" else 1  # FSDP splits the state
-    return MemoryEstimate(params, BYTES_PER_PARAMETER * params // shards, device_memory(world.device))
+    own = min(params, muon_parameters(dims)) if optimizer == "muon" else params  # the rest is AdamW's
+    needed = BYTES_PER_PARAMETER[optimizer] * own + BYTES_PER_PARAMETER["adamw"] * (params - own)
+    return MemoryEstimate(params, needed // shards, device_memory(world.device))
 
 
-def check_fits(dims: ModelDims, world: World, data_parallel: str) -> None:
+def check_fits(dims: ModelDims, world: World, data_parallel: str, optimizer: str) -> None:
     """Refuse, with the numbers, a model whose training state alone exceeds the device's memory."""
-    e = training_memory(dims, world, data_parallel)
+    e = training_memory(dims, world, data_parallel, optimizer)
     if e.needed > e.available:
         raise UserError(
-            f"the configured model has about {e.parameters:.3g} parameters, whose weights, gradients and AdamW state "
-            f"need about {e.needed / 1e9:.3g} GB per process, more than the {e.available / 1e9:.3g} GB of memory "
-            f"on {world.device}; the largest part comes from {largest_part(dims)}: lower it."
+            f"the configured model has about {e.parameters:.3g} parameters, whose weights, gradients and {optimizer} "
+            f"optimizer state need about {e.needed / 1e9:.3g} GB per process, more than the {e.available / 1e9:.3g} "
+            f"GB of memory on {world.device}; the largest part comes from {largest_part(dims)}: lower it."
         )
 
 

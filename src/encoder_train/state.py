@@ -4,6 +4,7 @@ loaded back for evaluation, fill-mask and export.
 A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True)` reads it):
 
     model, optimizer, scheduler       state dicts, unsharded (FSDP gathers them), on the CPU
+    optimizer_name                    training.optimizer (absent in checkpoints from before the choice: adamw)
     sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
     step, tokens_seen                 optimizer steps taken, real tokens seen
     data                              the data stream's position (data/stream.py): rows and tokens per source,
@@ -112,6 +113,7 @@ class TrainState:
         return {
             "model": model_state,
             "optimizer": optimizer_state,
+            "optimizer_name": self.config.training.optimizer,
             "sharded_optimizer": self.sharded,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step,
@@ -181,8 +183,9 @@ def host_copy(obj: Any) -> Any:
     return obj
 
 
-def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path: Path) -> None:
-    """Refuse a checkpoint this run cannot continue, before any weights are touched."""
+def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path: Path, optimizer: str) -> None:
+    """Refuse a checkpoint this run cannot continue, before any weights are touched. `optimizer`: this run's
+    training.optimizer, which must be the checkpoint's (one optimizer's state means nothing to another)."""
     if "classifier" in saved or "finetune" in saved:
         raise UserError(
             f"checkpoint {path} is a fine-tuned classifier from `encoder-train finetune`, not a pretraining "
@@ -193,6 +196,13 @@ def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path:
         raise UserError(
             f"checkpoint {path} was written with training.data_parallel = "
             f"{'fsdp' if saved.get('sharded_optimizer') else 'ddp'} and resumes only that way; set it accordingly."
+        )
+    saved_optimizer = saved.get("optimizer_name", "adamw")  # written before the choice existed: AdamW
+    if saved_optimizer != optimizer:
+        raise UserError(
+            f"checkpoint {path} was trained with training.optimizer {saved_optimizer}, not {optimizer}, and its "
+            f"optimizer state serves only {saved_optimizer}; resume with training.optimizer: {saved_optimizer}, or "
+            f"start {optimizer} in a new --checkpoint_dir."
         )
     check_same_shape(saved.get("dims", {}), dims, path)
 

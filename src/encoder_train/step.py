@@ -5,6 +5,7 @@ fine-tuning (finetune/loop.py), whose losses differ but whose update, skip of no
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -12,16 +13,32 @@ import torch
 def apply_update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     """Step the optimizer and the schedule, then clear the gradients; returns whether the step was finite (a 0-d
-    bool tensor on the device: the host does not wait here).
+    bool tensor on the device).
 
-    A NaN/inf loss or gradient must not reach the weights: fused AdamW skips the update on the device when
-    found_inf is set (its step counts stay too); the caller hears of it at log points, through the window."""
+    A NaN/inf loss or gradient must not reach the weights or the optimizer's state. Fused AdamW skips the update on
+    the device when found_inf is set (its step counts stay too), and the host does not wait here. Other optimizers
+    (foreach AdamW, StableAdamW, Muon) read no found_inf: the host reads the flag and does not call their step, which
+    costs one device sync per step on a GPU. Either way the schedule moves on (a skipped update still counts as a
+    step) and the caller hears of it at log points, through the window."""
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
-    optimizer.found_inf = (~finite).float()
-    optimizer.step()
-    scheduler.step()
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        scheduler.step()
+    elif bool(finite):  # the host waits for the device here: one sync a step on a GPU
+        optimizer.step()
+        scheduler.step()
+    else:
+        with warnings.catch_warnings():  # a first step skipped: torch warns of a schedule stepped before the optimizer
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips a step itself when its `found_inf` is set: PyTorch's fused Adam and AdamW do."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 class MetricsWindow:

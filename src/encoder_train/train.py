@@ -4,7 +4,7 @@
 model, optimizer and schedule, restored from a checkpoint when resuming. `fit` is the loop. Each
 optimizer step takes `gradient_accumulation_steps` micro-batches; the loss is the mean over every
 predicted token of the step (micro-batches are weighted by their predicted-token counts, not
-averaged), then the gradient is clipped, AdamW steps and the schedule advances. Logging, evaluation
+averaged), then the gradient is clipped, the optimizer steps and the schedule advances. Logging, evaluation
 and checkpoints happen visibly at the bottom of the loop. What a checkpoint holds is `state.TrainState`'s.
 """
 
@@ -203,7 +203,7 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     saved, resumed_from = find_resume(config, say)
     fsdp = world.distributed and config.training.data_parallel == "fsdp"
     if saved is not None:
-        check_resumable(saved, fsdp, dims, resumed_from)
+        check_resumable(saved, fsdp, dims, resumed_from, config.training.optimizer)
         init_weights = saved["model"]
     elif init_weights is not None:
         say(f"starting from the weights in {config.model.init_from_hf}")
@@ -244,7 +244,7 @@ def resolve_model(config: Config, world: World) -> tuple[Config, Tokenizer, Mode
         pad = special_tokens(tokenizer, config.data.tokenizer_filepath).pad
         source = f"the config with tokenizer {config.data.tokenizer_filepath}"
         dims, weights = model_dims(config.model, tokenizer.get_vocab_size(), pad, source), None
-    devices.check_fits(dims, world, config.training.data_parallel)
+    devices.check_fits(dims, world, config.training.data_parallel, config.training.optimizer)
     return config, tokenizer, dims, weights
 
 
@@ -313,11 +313,12 @@ def rows_per_step(run: Run) -> int:
 
 def _dry_run(config: Config, world: World) -> TrainResult:
     config, tokenizer, dims, _ = resolve_model(config, world)
-    estimate = devices.training_memory(dims, world, config.training.data_parallel)
+    estimate = devices.training_memory(dims, world, config.training.data_parallel, config.training.optimizer)
     print("resolved config:\n" + dump_yaml(config).rstrip())
     print(f"model: {estimate.parameters / 1e6:.2f}M parameters, vocabulary {dims.vocab_size} (tokenizer "
-          f"{tokenizer.get_vocab_size()}), rows up to {dims.max_tokens} tokens; weights, gradients and AdamW state "
-          f"take about {estimate.needed / 1e9:.2f} GB of the {estimate.available / 1e9:.1f} GB on {world.device}")
+          f"{tokenizer.get_vocab_size()}), rows up to {dims.max_tokens} tokens; weights, gradients and "
+          f"{config.training.optimizer} optimizer state take about {estimate.needed / 1e9:.2f} GB of the "
+          f"{estimate.available / 1e9:.1f} GB on {world.device}")
     if config.data.data_dir or config.data.sources:
         plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
         shards = [s for src in plan.sources for s in src.shards]
@@ -379,7 +380,8 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
 
                 step_loss = distributed.sum_all(step_loss.float(), world)  # the global loss; stays on the device
                 # A NaN/inf loss or gradient must not reach the weights: fused AdamW skips the update on the
-                # device when found_inf is set (its step counts stay too); the host hears of it at log points.
+                # device when found_inf is set (its step counts stay too), other optimizers on the host (one sync
+                # a step on a GPU); the host hears of it at log points.
                 finite = apply_update(optimizer, scheduler, step_loss, grad_norm)
                 state.step += 1
                 window.add(step_loss, grad_norm, step_tokens, finite)
