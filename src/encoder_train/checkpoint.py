@@ -186,9 +186,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def rotate(directory: str | Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest checkpoints; returns what was deleted."""
-    found = list_checkpoints(directory)
+def rotate(directory: str | Path, keep: int, kept_steps: frozenset[int] | set[int] = frozenset()) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints; returns what was deleted. Those of `kept_steps` (the ends of
+    phases) are outside the rotation: never deleted, and not counted among the `keep`."""
+    found = [(s, p) for s, p in list_checkpoints(directory) if s not in kept_steps]
     doomed = [p for _, p in found[:-keep]] if keep > 0 else []
     for p in doomed:
         p.unlink(missing_ok=True)

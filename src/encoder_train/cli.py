@@ -96,8 +96,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="set_items",
                    help="override any config key (repeatable), e.g. --set training.warmup_steps=100 "
                    "--set data.mask_probability=0.3; values are YAML, validated like the file's")
+    p.add_argument("--restart_source", action="append", default=[], metavar="NAME",
+                   help="on resume, read this data source again from its beginning (repeatable): the way to continue "
+                   "after its files changed, which is otherwise refused")
     p.add_argument("--dry_run", action="store_true",
-                   help="print the resolved config, the model's size and the data, then exit without training "
+                   help="print the resolved config, the model's size, the data and the plan (each phase's steps, "
+                   "tokens, mix and schedule; each source's size and epochs read), then exit without training "
                    "(nothing is written)")
     p.set_defaults(func=run_train)
 
@@ -115,7 +119,7 @@ def config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from encoder_train.train import train  # imports torch: kept out of `--help`
 
-    result = train(config_from_args(args), dry_run=args.dry_run)
+    result = train(config_from_args(args), dry_run=args.dry_run, restart_sources=tuple(args.restart_source))
     # Stopped by a signal: exit as a shell would (128 + signal), so a job chain does not carry on.
     return 128 + result.stopped_by if result.stopped_by else 0
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from encoder_train.config import FLAG_TO_KEY, Config
+from pydantic import BaseModel
+
+from encoder_train.config import FLAG_TO_KEY, Config, PhaseConfig, SourceConfig
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -37,7 +39,10 @@ SECTIONS = {
     "checkpoint": "where checkpoints go and how many are kept",
     "wandb": "Weights & Biases (the `wandb` extra)",
     "tensorboard": "TensorBoard event files (the `tensorboard` extra)",
+    "phases": "a list of phases run one after another, each overriding some keys while it lasts (docs/recipes.md)",
 }
+# Fields whose values are themselves sections: their keys are listed under them.
+NESTED: dict[str, type[BaseModel]] = {"data.sources": SourceConfig, "phases": PhaseConfig}
 
 
 def _cell(text: str) -> str:
@@ -45,18 +50,28 @@ def _cell(text: str) -> str:
 
 
 def configuration_page() -> str:
-    flags = {key: flag for flag, key in FLAG_TO_KEY.items()}
     out = [INTRO]
     for section, field in Config.model_fields.items():
         out.append(f"## {section}\n\n{SECTIONS.get(section, '').capitalize()}.\n")
         out.append("| key | default | flag | meaning |\n|---|---|---|---|")
-        for name, f in field.annotation.model_fields.items():
-            key = f"{section}.{name}"
-            default = "absent" if f.default is None else f"`{f.default!r}`".replace("'", "")
-            flag = f"`--{flags[key]}`" if key in flags else ""
-            out.append(f"| `{key}` | {_cell(default)} | {flag} | {_cell(f.description or '')} |")
+        model = NESTED.get(section) or field.annotation
+        out += _rows(section + ("[]" if section in NESTED else ""), model)
         out.append("")
     return "\n".join(out)
+
+
+def _rows(prefix: str, model: type[BaseModel]) -> list[str]:
+    flags = {key: flag for flag, key in FLAG_TO_KEY.items()}
+    rows = []
+    for name, f in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        default = ("required" if f.is_required() else "absent" if f.default is None else
+                   f"`{f.default!r}`".replace("'", ""))
+        flag = f"`--{flags[key]}`" if key in flags else ""
+        rows.append(f"| `{key}` | {_cell(default)} | {flag} | {_cell(f.description or '')} |")
+        if key in NESTED:
+            rows += _rows(f"{key}.NAME", NESTED[key])
+    return rows
 
 
 def main() -> int:

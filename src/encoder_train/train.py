@@ -185,9 +185,7 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     config, tokenizer, dims, init_weights = resolve_model(config, world)
     spec = mask_spec(tokenizer, config)
     plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
-    if config.phases:  # the run's length is the phases'
-        config = config.model_copy(update={"training": config.training.model_copy(
-            update={"max_steps": plan.total_steps})})
+    config = with_plan_length(config, plan)
     val_shards = (scan_shards(config.data.val_data_dir, dims.max_tokens, "--val_data_dir")
                   if config.data.val_data_dir else None)
     ckpt_dir = Path(config.checkpoint.checkpoint_dir)
@@ -314,13 +312,16 @@ def rows_per_step(run: Run) -> int:
 def _dry_run(config: Config, world: World) -> TrainResult:
     config, tokenizer, dims, _ = resolve_model(config, world)
     estimate = devices.training_memory(dims, world, config.training.data_parallel, config.training.optimizer)
+    plan = None
+    if config.data.data_dir or config.data.sources:
+        plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
+        config = with_plan_length(config, plan)
     print("resolved config:\n" + dump_yaml(config).rstrip())
     print(f"model: {estimate.parameters / 1e6:.2f}M parameters, vocabulary {dims.vocab_size} (tokenizer "
           f"{tokenizer.get_vocab_size()}), rows up to {dims.max_tokens} tokens; weights, gradients and "
           f"{config.training.optimizer} optimizer state take about {estimate.needed / 1e9:.2f} GB of the "
           f"{estimate.available / 1e9:.1f} GB on {world.device}")
-    if config.data.data_dir or config.data.sources:
-        plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
+    if plan is not None:
         shards = [s for src in plan.sources for s in src.shards]
         print(f"data: {len(shards)} shard{'s' * (len(shards) != 1)}, {sum(s.rows for s in shards)} rows in "
               + (config.data.data_dir or f"{len(plan.sources)} sources"))
@@ -328,6 +329,13 @@ def _dry_run(config: Config, world: World) -> TrainResult:
               f"{'es' * (world.world_size != 1)}\n  " + "\n  ".join(plan.describe()))
     print("dry run: nothing was trained or written.")
     return TrainResult(0, 0, None, None)
+
+
+def with_plan_length(config: Config, plan: Plan) -> Config:
+    """With phases, the run's length is theirs: the config that runs (printed and stored) says so."""
+    if not config.phases:
+        return config
+    return config.model_copy(update={"training": config.training.model_copy(update={"max_steps": plan.total_steps})})
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -540,7 +548,8 @@ class Saver:
     def _write(self, snap: dict[str, Any], step: int) -> None:
         try:
             path = checkpoint.save(snap, self.run.checkpoint_dir, step)
-            deleted = checkpoint.rotate(self.run.checkpoint_dir, self.run.config.checkpoint.max_checkpoints)
+            deleted = checkpoint.rotate(self.run.checkpoint_dir, self.run.config.checkpoint.max_checkpoints,
+                                        self.run.plan.phase_ends())
             self.last_path = path
             self.tracker.write(f"step {step}: saved {path}" + (f", removed {len(deleted)} old" if deleted else ""))
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
