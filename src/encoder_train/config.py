@@ -352,8 +352,8 @@ class PhaseConfig(Section):
     steps: Int | None = Field(default=None, ge=1)
     """Length in optimizer steps (or give `tokens`)."""
     tokens: Int | None = Field(default=None, ge=1)
-    """Length in tokens, counted as row slots (rows per step x the longest row of the phase's sources), turned
-    into steps at start (rounded up)."""
+    """Length in tokens, counted as row slots (a row of a source counts its row width; the mix's expected slots per
+    step), turned into steps at start (rounded up); --dry_run prints the steps."""
     data: dict[str, Any] | None = None
     """Overrides of the data section while the phase lasts: sources (which are read, and their weights),
     temperature, mask_probability, mask_probability_end."""

@@ -123,9 +123,9 @@ class Plan:
             (phase.steps - warm) * cfg.batch_size * self.micro_per_step
 
     def _steps_for_tokens(self, cfg: Config, tokens: int) -> int:
-        """Steps to read `tokens` token slots (rows x the widest row of the phase's sources), batch warmup
-        included."""
-        width = max(s.width for s, w in zip(self.sources, self._weights(cfg, ""), strict=True) if w > 0)
+        """Steps to read `tokens` token slots, batch warmup included: a row counts its source's row width, so a
+        step's expected slots are its rows times the mean width under the phase's weights."""
+        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, ""), strict=True))
         t, done = cfg.training, 0
         for step in range(t.batch_size_warmup_steps):
             rows = max(1, t.batch_size_start + (t.batch_size - t.batch_size_start) * step // t.batch_size_warmup_steps)
