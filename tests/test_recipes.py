@@ -301,3 +301,39 @@ def test_tiny_twins_run_end_to_end_and_resume(tmp_path, twin, capsys):
     rows = [r for r in records(tmp_path / "ckpt") if "loss" in r]
     assert {r["phase"] for r in rows} == {p["name"] for p in config["phases"]}
     assert all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_trackers_and_the_log_line_carry_the_phase_and_sources(tmp_path, capsys):
+    """A real offline W&B run and a real TensorBoard event file, read back; the plain progress line off a terminal."""
+    from test_tracking import tensorboard_steps
+    from wandb_records import history
+
+    path = recipe(tmp_path)
+    assert run(path, "--wandb", "--tensorboard", "--set", "tensorboard.log_freq=1", "--wandb_log_freq", "1",
+               "--progress", "lines") == 0
+    err = capsys.readouterr().err
+    assert "phase warm" in err and "phase decay" in err
+    rows = [r for r in history(tmp_path / "ckpt" / "wandb") if "loss" in r]
+    assert [r["phase"] for r in rows][-1] == "decay" and rows[-1]["source/code/rows"] > 0
+    assert [s for s, _ in tensorboard_steps(tmp_path / "ckpt" / "tensorboard", "phase_index")] == list(range(1, 13))
+    web = [v for _, v in tensorboard_steps(tmp_path / "ckpt" / "tensorboard", "source/web/rows")]
+    assert web[4] == web[8] > 0  # phase ext reads no web rows
+
+
+def test_a_source_that_fails_mid_run_stops_with_a_sentence_after_saving(tmp_path, capsys):
+    """A source read only from the last phase holds an id outside the vocabulary: the run stops there, saved."""
+    late = make_shards(tmp_path / "late", files=1, rows=16, width=32, seed=4)
+    shard = next(late.rglob("*.pt"))
+    t = torch.load(shard, weights_only=True)
+    t[:, 3] = 10_000
+    torch.save(t, shard)
+    path = recipe(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    config["data"]["sources"]["late"] = {"data_dir": str(late)}
+    config["phases"][0]["data"] = {"sources": {"web": {}, "code": {}}}  # a phase without sources: reads them all
+    config["phases"][2]["data"]["sources"] = {"late": {}}
+    path.write_text(yaml.safe_dump(config))
+    assert run(path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "outside the tokenizer's vocabulary" in err[-1] and "step 9 is saved in" in err[-1]
+    assert torch.load(tmp_path / "ckpt/checkpoint_00000009.pt", weights_only=True)["step"] == 9

@@ -127,7 +127,7 @@ class TensorBoardSink:
         step = int(metrics["step"])
         if kind == "eval" or final or step % self.log_freq == 0:
             for name, value in metrics.items():
-                if name != "step":
+                if name != "step" and isinstance(value, int | float):  # scalars only: a phase's name is text
                     self.writer.add_scalar(name, value, step)
             self.writer.flush()  # at log points only: a crash loses nothing that metrics.jsonl kept
 
@@ -187,7 +187,8 @@ class Tracker:
             self.write(self.progress_line(metrics))
         else:
             self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False)
+                                 tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False,
+                                 **({"phase": metrics["phase"]} if metrics.get("phase") else {}))
         self._dispatch("train", metrics, final)
 
     def progress_line(self, metrics: Metrics) -> str:
@@ -196,9 +197,10 @@ class Tracker:
         step, elapsed = int(metrics["step"]), time.perf_counter() - self.t0
         done = step - self.start_step
         eta = _duration((self.total - step) * elapsed / done) if done > 0 else "?"
+        phase = f"  phase {metrics['phase']}" if metrics.get("phase") else ""
         return (f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)  loss {metrics['loss']:.4f}  "
                 f"lr {metrics['lr']:.2e}  {metrics['tokens_per_second']:,.0f} tok/s  elapsed {_duration(elapsed)}  "
-                f"eta {eta}")
+                f"eta {eta}{phase}")
 
     def log_eval(self, metrics: Metrics, line: str | None = None) -> None:
         """A held-out evaluation: a line above the bar (`line`, or the masked-LM scores), then every sink."""
