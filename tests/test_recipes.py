@@ -337,3 +337,31 @@ def test_a_source_that_fails_mid_run_stops_with_a_sentence_after_saving(tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert "outside the tokenizer's vocabulary" in err[-1] and "step 9 is saved in" in err[-1]
     assert torch.load(tmp_path / "ckpt/checkpoint_00000009.pt", weights_only=True)["step"] == 9
+
+
+def test_a_recipe_under_torchrun_stops_and_resumes_to_the_same_weights(tmp_path):
+    """Two real processes (gloo), two loader workers each and accumulation: the position counts every rank's rows."""
+    import os
+    import subprocess
+    import sys
+
+    def launch(path: Path, *extra: str) -> None:
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "encoder_train", "train", "--config_file", str(path), *extra]
+        r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    settings = {"num_workers": 2}
+    whole = recipe(tmp_path / "whole", data=settings, training={"gradient_accumulation_steps": 2})
+    parts = recipe(tmp_path / "parts", data=settings, training={"gradient_accumulation_steps": 2})
+    launch(whole)
+    launch(parts, "--max_steps", "7")
+    launch(parts, "--load_checkpoint", "latest")
+    a = torch.load(tmp_path / "whole/ckpt/checkpoint_00000012.pt", weights_only=True)
+    b = torch.load(tmp_path / "parts/ckpt/checkpoint_00000012.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["data"]["stream"] == b["data"]["stream"]
+    rows = [r for r in records(tmp_path / "whole/ckpt") if "loss" in r]
+    taken = [r["source/web/rows"] + r["source/code/rows"] for r in rows]
+    assert taken[-1] - taken[-2] == 4 * 2 * 2  # the last step: 4 rows x 2 micro-batches x 2 processes
