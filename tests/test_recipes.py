@@ -186,6 +186,13 @@ def test_changed_sources_on_resume_follow_the_rules(tmp_path, capsys):
     capsys.readouterr()
     assert run(path, "--load_checkpoint", "latest", "--max_steps", "6") == 0
     assert "source extra of" in capsys.readouterr().out
+    # a source pointed at another folder reads that folder from its beginning
+    config["data"]["sources"]["code"]["data_dir"] = str(make_shards(tmp_path / "code2", files=1, rows=30, width=48))
+    path.write_text(yaml.safe_dump(config))
+    assert run(path, "--load_checkpoint", "latest", "--max_steps", "7") == 0
+    assert "source code now reads" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ckpt/checkpoint_00000007.pt", weights_only=True)
+    assert state["data"]["stream"]["rows"]["code"] <= 4
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):

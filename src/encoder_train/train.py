@@ -466,9 +466,11 @@ def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contex
         results.append((result, weight))
         record |= {(f"val_{k}" if name is None else f"val/{name}/{k}"): v for k, v in result.items()}
     if sets[0][0] is not None:  # sources: the weighted total (sources the phase does not read count 0)
-        total = sum(w for _, w in results) or 1.0
+        if not sum(w for _, w in results):  # the phase reads none of them: their plain mean
+            results = [(r, 1.0) for r, _ in results]
+        total = sum(w for _, w in results)
         for key in ("loss", "accuracy"):
-            record[f"val_{key}"] = sum(r[key] * w for r, w in results) / total if total else float("nan")
+            record[f"val_{key}"] = sum(r[key] * w for r, w in results) / total
         record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
     tracker.log_eval(record)
 

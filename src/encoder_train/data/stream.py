@@ -9,13 +9,15 @@ given (data/mixture.py), advanced by recounting the step's draws here in the mai
 (data.batch_tokens, one source): the position is (first row of a packing window, bins of it used), carried by each
 batch (data/packing.py).
 
-Resuming with other sources follows three rules (docs/recipes.md): a new source starts at its beginning, a removed
-one is dropped, and a source whose files changed (another fingerprint: paths, rows, widths) is refused unless the
-command names it with --restart_source, which starts it again from its beginning.
+Resuming with other sources follows these rules (docs/recipes.md): a new source starts at its beginning, a removed
+one is dropped, a source pointed at another folder starts at its beginning, and a source whose files changed in
+the same folder (another fingerprint: paths, rows, widths) is refused unless the command names it with
+--restart_source, which starts it again from its beginning.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +51,7 @@ class DataStream:
             "world_size": self.world.world_size,
             "stream": self.position.to_dict(),
             "sources": {s.name: s.fingerprint() for s in self.sources},
+            "folders": {s.name: os.path.abspath(s.root) for s in self.sources},
         }
 
     def restore(self, saved: dict[str, Any], restart: set[str], path: str, say: Callable[[str], None]) -> None:
@@ -57,7 +60,7 @@ class DataStream:
             before = StreamPosition.from_dict(saved["stream"])
         else:  # written before sources existed: one stream, its position in rows
             before = StreamPosition({SINGLE: int(saved["rows_consumed"])}, {SINGLE: 0})
-        fingerprints = saved.get("sources", {})
+        fingerprints, folders = saved.get("sources", {}), saved.get("folders", {})
         unknown = sorted(restart - {s.name for s in self.sources})
         if unknown:
             raise UserError(f"--restart_source {unknown[0]} names no source of this run; its sources: "
@@ -69,6 +72,10 @@ class DataStream:
                 continue
             if s.name in restart:
                 say(f"source {s.name} starts again from its beginning (--restart_source).")
+                continue
+            moved = folders.get(s.name)
+            if moved is not None and moved != os.path.abspath(s.root):  # pointed elsewhere: other data, on purpose
+                say(f"source {s.name} now reads {s.root} (it read {moved}): it starts at its beginning.")
                 continue
             old = fingerprints.get(s.name)
             if old is not None and old != s.fingerprint():
