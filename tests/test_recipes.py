@@ -138,7 +138,8 @@ def test_a_recipe_runs_its_phases_and_reports_each_source(tmp_path, capsys):
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_*.pt"))
     assert kept == ["checkpoint_00000005.pt", "checkpoint_00000009.pt", "checkpoint_00000012.pt"]
     evals = [r for r in records(tmp_path / "ckpt") if "val_loss" in r]
-    assert evals and all("val/code/loss" in r for r in evals)
+    assert [r["phase"] for r in evals] == ["warm", "ext", "decay"]  # at every phase's end
+    assert all(r["val_loss"] == pytest.approx(r["val/code/loss"], rel=1e-12) for r in evals)  # the one val source
     ext = torch.load(tmp_path / "ckpt" / "checkpoint_00000009.pt", weights_only=True)
     assert ext["data"]["stream"]["rows"]["code"] == code[8]
 

@@ -459,6 +459,8 @@ def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contex
     if not sets:
         return
     record: dict[str, Any] = {"step": state.step}
+    if run.config.phases:
+        record |= {"phase": phase.name, "phase_index": phase.index}
     results = []
     for name, shards, weight in sets:
         result = evaluate(state.model, shards, state.spec, batch_size=cfg.batch_size, device=run.world.device,
