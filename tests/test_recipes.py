@@ -373,3 +373,11 @@ def test_a_recipe_under_torchrun_stops_and_resumes_to_the_same_weights(tmp_path)
     rows = [r for r in records(tmp_path / "whole/ckpt") if "loss" in r]
     taken = [r["source/web/rows"] + r["source/code/rows"] for r in rows]
     assert taken[-1] - taken[-2] == 4 * 2 * 2  # the last step: 4 rows x 2 micro-batches x 2 processes
+
+
+def test_a_phase_temperature_replaces_the_inherited_weights(tmp_path, capsys):
+    path = recipe(tmp_path, phases=[{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "data": {"temperature": 1.0}}])
+    assert run(path, "--dry_run") == 0
+    out = capsys.readouterr().out
+    assert "mix code 25.0%, web 75.0%" in out  # phase a: the weights 1 and 3
+    assert "mix code 42.9%, web 57.1%" in out  # phase b: by size (2,880 and 3,840 token slots)

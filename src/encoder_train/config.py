@@ -405,6 +405,12 @@ class Config(Section):
                     merged["data"]["sources"] = self._phase_sources(where, value)
                 else:
                     merged[section][key] = value
+        if (phase.data or {}).get("temperature") is not None and merged["data"]["sources"]:
+            # A phase's temperature replaces the weights it inherits (weights it writes itself still conflict).
+            own = (phase.data or {}).get("sources") or {}
+            for name, entry in merged["data"]["sources"].items():
+                if not (isinstance(own.get(name), dict) and "weight" in own[name]):
+                    entry["weight"] = None
         config = validate(merged, where)
         config.check_consistency(where)
         return config
