@@ -1,7 +1,14 @@
 """Checkpoints: save, load, find the latest, rotate. Knows nothing of the model, W&B or the loop.
 
-One file per checkpoint, `checkpoint_XXXXXXXX.pt` with the zero-padded optimizer step, holding only
-tensors and builtins so that `torch.load(weights_only=True)` reads it. A file is written under a
+Two formats. `single`: one file per checkpoint, `checkpoint_XXXXXXXX.pt` with the zero-padded optimizer step,
+holding only tensors and builtins so that `torch.load(weights_only=True)` reads it. `sharded`: one folder,
+`checkpoint_XXXXXXXX/`, where every rank wrote its own shards of the model and optimizer with
+torch.distributed.checkpoint (DCP), beside `meta.pt` (the rest of the training state, as in a single file) and
+`COMPLETE.json` (every file's size), written last: the folder is written as `.checkpoint_XXXXXXXX.partial/` and
+renamed only once every rank has finished, so a folder with the checkpoint's name is always complete, and the
+sizes tell a shard lost or cut short afterwards. Every command reads both formats (`load`).
+
+For a single file: A file is written under a
 temporary name in the same folder, flushed, fsynced, then renamed: no partial file ever carries a
 checkpoint's name. Old checkpoints are deleted only after the new one is in place. Each checkpoint
 carries a digest of its whole content, checked on load: a file damaged after it was written (a bad
@@ -29,7 +36,9 @@ import torch
 from encoder_train.errors import UserError
 
 NAME = re.compile(r"^checkpoint_(\d{8,})\.pt$")
-TEMPORARY = re.compile(r"^\.checkpoint_\d{8,}\.pt\..*\.tmp$")
+FOLDER = re.compile(r"^checkpoint_(\d{8,})$")
+TEMPORARY = re.compile(r"^\.checkpoint_\d{8,}(\.pt\..*\.tmp|\.partial|\.replaced)$")
+MARKER, META = "COMPLETE.json", "meta.pt"  # in a sharded checkpoint's folder
 
 
 def digest(obj: Any) -> str:
@@ -62,12 +71,24 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"checkpoint_{step:08d}.pt"
 
 
+def folder_path(directory: str | Path, step: int) -> Path:
+    """Where the sharded checkpoint of `step` goes."""
+    return Path(directory) / f"checkpoint_{step:08d}"
+
+
+def partial_path(directory: str | Path, step: int) -> Path:
+    """Where every rank writes the sharded checkpoint of `step` before it is complete (the same path on every node)."""
+    return Path(directory) / f".checkpoint_{step:08d}.partial"
+
+
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint in `directory`, oldest first."""
+    """(step, path) of every checkpoint in `directory`, files and sharded folders, oldest first."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name)) and p.is_file()]
+    found += [(int(m.group(1)), p) for p in directory.iterdir()
+              if (m := FOLDER.match(p.name)) and p.is_dir() and (p / MARKER).exists()]
     return sorted(found)
 
 
@@ -100,7 +121,7 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     stale = [p for p in directory.iterdir() if TEMPORARY.match(p.name)] if directory.is_dir() else []
     for p in stale:
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return stale
 
 
@@ -126,7 +147,11 @@ def follow_umask(path: str | Path) -> None:
 
 def save(state: dict[str, Any], directory: str | Path, step: int) -> Path:
     """Write `state` atomically as the checkpoint of `step`; returns its path."""
-    final = checkpoint_path(directory, step)
+    return save_as(state, checkpoint_path(directory, step))
+
+
+def save_as(state: dict[str, Any], final: Path) -> Path:
+    """Write `state` atomically, with its checksum, as the file `final`."""
     state = {**state, "checksum": digest(state)}
     try:
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
@@ -192,17 +217,21 @@ def rotate(directory: str | Path, keep: int, kept_steps: frozenset[int] | set[in
     found = [(s, p) for s, p in list_checkpoints(directory) if s not in kept_steps]
     doomed = [p for _, p in found[:-keep]] if keep > 0 else []
     for p in doomed:
-        p.unlink(missing_ok=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return doomed
 
 
-def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
+def load(path: str | Path, flag: str = "--load_checkpoint", weights: bool = True) -> dict[str, Any]:
     """Read a checkpoint onto the CPU. Refuses pickles that would run code (weights_only).
 
     `flag` is the command-line flag that named `path` (train's --load_checkpoint, evaluate's --checkpoint,
-    ...): the error messages tell the user what to pass to it.
+    ...): the error messages tell the user what to pass to it. A sharded checkpoint is read whole (its shards
+    joined) unless `weights` is False: a resume then loads the shards into the model it has built, each rank its
+    own (`state.TrainState.load_shards`), and the dict says where they are (`sharded_checkpoint`).
     """
     path = Path(path)
+    if path.is_dir() and ((path / MARKER).exists() or (path / META).exists() or (path / ".metadata").exists()):
+        return load_sharded(path, flag, weights)
     if path.is_dir():
         newest = latest(path)
         raise UserError(
@@ -249,14 +278,98 @@ def load(path: str | Path, flag: str = "--load_checkpoint") -> dict[str, Any]:
     return state
 
 
-def load_latest_good(directory: str | Path, note=print) -> tuple[dict[str, Any], Path] | None:
+def load_latest_good(directory: str | Path, note=print, weights: bool = True) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint that loads and verifies; newer damaged ones are skipped, and said so."""
     for _, path in reversed(list_checkpoints(directory)):
         try:
-            return load(path), path
+            return load(path, weights=weights), path
         except UserError as e:
             note(f"skipping {path.name}: {e}")
     return None
+
+
+def finish_sharded(partial: Path, final: Path, meta: dict[str, Any]) -> Path:
+    """Rank 0, once every rank's shards of `partial` are written: the rest of the training state beside them, the
+    marker with every file's size, then the rename that makes the checkpoint. Returns its path."""
+    meta = {**meta, "checksum": digest(meta)}
+    try:
+        with open(partial / META, "wb") as f:
+            torch.save(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
+        for name in files:
+            follow_umask(partial / name)
+        with open(partial / MARKER, "w") as f:
+            json.dump({"step": meta["step"], "files": files}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        follow_umask(partial / MARKER)
+        os.chmod(partial, 0o777 & ~_umask())
+        if final.exists():  # a damaged checkpoint of this step, which `latest` skipped: replaced, never merged
+            aside = final.with_name(f".{final.name}.replaced")
+            os.replace(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(partial, final)
+        _fsync_dir(final.parent)
+    except OSError as e:
+        raise _write_error(e, final, meta) from None
+    return final
+
+
+def load_sharded(path: Path, flag: str, weights: bool) -> dict[str, Any]:
+    """A sharded checkpoint: verified (every file of the marker there, at its size; meta.pt's checksum), then its
+    training state, and with `weights` the model and optimizer joined from every rank's shards."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        files = dict(marker["files"])
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} is an incomplete sharded checkpoint (no {MARKER}: its save did not "
+                        "finish); resume from an earlier checkpoint instead.") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"checkpoint {path} has a damaged {MARKER}; resume from an earlier checkpoint "
+                        "instead.") from None
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"checkpoint {path} lacks {name}, which one of the ranks that wrote it saved (a file lost "
+                            "in a copy?); restore it, or resume from an earlier checkpoint.")
+        if file.stat().st_size != size:
+            raise UserError(f"checkpoint {path}'s file {name} is {file.stat().st_size} bytes where {size} were "
+                            "written (cut short or changed); restore it, or resume from an earlier checkpoint.")
+    try:
+        meta = torch.load(path / META, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - as a single file's: any unpickling failure is damage
+        raise UserError(f"checkpoint {path}'s {META} is truncated or corrupt; resume from an earlier checkpoint "
+                        "instead.") from None
+    if not isinstance(meta, dict) or meta.pop("checksum", None) != digest(meta):
+        raise UserError(f"checkpoint {path}'s {META} fails verification; resume from an earlier checkpoint instead.")
+    try:  # the index of every rank's shards: cheap to read, and damage there would fail a resume much later
+        from torch.distributed.checkpoint import FileSystemReader
+
+        FileSystemReader(str(path)).read_metadata()
+    except Exception:  # noqa: BLE001 - unpickling damaged bytes fails in many ways
+        raise UserError(f"checkpoint {path}'s .metadata (the index of its shards) is damaged; resume from an "
+                        "earlier checkpoint instead.") from None
+    meta["sharded_checkpoint"] = str(path)
+    if weights:
+        meta |= read_shards(path)
+    return meta
+
+
+def read_shards(path: Path) -> dict[str, Any]:
+    """{model, optimizer} of a sharded checkpoint as whole tensors, in this process alone (no torchrun): what
+    evaluate, fill-mask, export, fine-tuning and `consolidate` need."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".joining-") as tmp:
+        try:
+            dcp_to_torch_save(path, Path(tmp) / "whole.pt")
+            whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - DCP reports damaged metadata in many ways
+            raise UserError(f"checkpoint {path}'s shards do not load ({type(e).__name__}: {str(e).splitlines()[0]}"
+                            "); its .metadata or a shard is damaged: resume from an earlier checkpoint.") from None
+    return {"model": whole["model"], "optimizer": whole["optimizer"]}
 
 
 class FolderLock:

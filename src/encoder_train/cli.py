@@ -338,6 +338,37 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_consolidate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "consolidate",
+        help="turn a sharded checkpoint folder into a single checkpoint file",
+        description="Join the shards of a sharded checkpoint (a checkpoint_XXXXXXXX/ folder written under FSDP2 or "
+        "with checkpoint.format: sharded) into one checkpoint_XXXXXXXX.pt file, in this process alone (no torchrun): "
+        "the same training state, verified, which every command reads and `train --load_checkpoint` resumes.",
+    )
+    p.add_argument("--checkpoint", required=True, help="the sharded checkpoint folder")
+    p.add_argument("--output", required=True, help="the file to write (refused when it exists)")
+    p.set_defaults(func=run_consolidate)
+
+
+def run_consolidate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from encoder_train import checkpoint
+
+    source, output = Path(args.checkpoint), Path(args.output)
+    if not (source.is_dir() and (source / checkpoint.MARKER).exists()):
+        raise UserError(f"--checkpoint {source} is not a sharded checkpoint folder (one with {checkpoint.MARKER}); "
+                        "pass a checkpoint_XXXXXXXX/ folder that `train` wrote.")
+    if output.exists():
+        raise UserError(f"--output {output} exists; pass a new file name (nothing is overwritten).")
+    state = checkpoint.load(source, flag="--checkpoint")
+    del state["sharded_checkpoint"]
+    written = checkpoint.save_as(state, output)
+    print(f"wrote {written}: step {state['step']}, {len(state['model'])} model tensors, from {source}")
+    return 0
+
+
 def add_finetune_source_flags(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint file written by `encoder-train train` (or by finetune)")
@@ -496,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_fill_mask_parser(sub)
     add_export_parser(sub)
+    add_consolidate_parser(sub)
     add_finetune_parser(sub)
     add_glue_parser(sub)
     add_export_classifier_parser(sub)

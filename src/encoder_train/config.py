@@ -278,7 +278,12 @@ class CheckpointConfig(Section):
     max_checkpoints: Int = Field(default=3, ge=1)
     """How many of the newest checkpoints to keep (flag --max_checkpoints)."""
     load_checkpoint: str | None = None
-    """Checkpoint file to resume from, or `latest` for the newest in checkpoint_dir (flag --load_checkpoint)."""
+    """Checkpoint file (or sharded folder) to resume from, or `latest` for the newest in checkpoint_dir (flag
+    --load_checkpoint)."""
+    format: Literal["auto", "single", "sharded"] = "auto"
+    """`single`: one file, the state gathered on rank 0; `sharded`: a folder where every rank writes its own shards
+    (torch.distributed.checkpoint), in the background; `auto`: sharded under FSDP2 with several processes, else
+    single. Every command reads both (docs/checkpoints.md)."""
 
 
 def phase_key_error(where: str, section: str, key: str) -> str:

@@ -22,6 +22,7 @@ and one in `TrainState.restore`.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,11 +109,41 @@ class TrainState:
     def snapshot(self) -> dict[str, Any]:
         """The whole training state; a collective under torchrun (every rank calls it, rank 0 writes it)."""
         model_state, optimizer_state = _full_state(self.model, self.optimizer, self.sharded)
+        return {"model": model_state, "optimizer": optimizer_state, **self.snapshot_rest()}
+
+    def shards(self) -> dict[str, Any]:
+        """The model and optimizer state as this rank holds it, keyed by parameter name (FSDP: its shards, as
+        DTensors; otherwise whole): what a sharded checkpoint's ranks write, each its own part."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def load_shards(self, path: str) -> None:
+        """Load a sharded checkpoint's model and optimizer into this run's, each rank its part: DCP reshards, so the
+        checkpoint may come from another number of processes, or from FSDP into one plain process."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        current = self.shards()
+        alone = not (dist.is_available() and dist.is_initialized())
+        try:
+            with warnings.catch_warnings():  # alone: DCP warns that it assumes one process, which is what we mean
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(current, checkpoint_id=path, no_dist=alone)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint fails in many ways inside DCP
+            raise UserError(f"checkpoint {path}'s shards do not load into this model ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier checkpoint or "
+                            "with the config it was written with.") from None
+        set_model_state_dict(self.model, current["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
+
+    def snapshot_rest(self) -> dict[str, Any]:
+        """Everything but the model and optimizer state; a collective under torchrun (the RNG states are gathered)."""
         cuda = self.world.device.type == "cuda"
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
         return {
-            "model": model_state,
-            "optimizer": optimizer_state,
             "optimizer_name": self.config.training.optimizer,
             "sharded_optimizer": self.sharded,
             "scheduler": self.scheduler.state_dict(),
@@ -140,7 +171,8 @@ class TrainState:
     def _restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
         if not isinstance(saved["step"], int) or not isinstance(saved["tokens_seen"], int):
             raise TypeError("step and tokens_seen must be integers")
-        _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
+        if "sharded_checkpoint" not in saved:  # a sharded checkpoint's optimizer is loaded with its shards
+            _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
         self.scheduler.load_state_dict(saved["scheduler"])
         self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
         self.resumed_from = path
@@ -192,7 +224,10 @@ def check_resumable(saved: dict[str, Any], sharded: bool, dims: ModelDims, path:
             "checkpoint, so pretraining cannot resume from it; pass a checkpoint that `encoder-train train` wrote "
             "(or use this one with `encoder-train export-classifier` or `evaluate`)."
         )
-    if saved.get("sharded_optimizer", False) != sharded:
+    # A sharded folder reshards, and a state keyed by parameter name loads anywhere; a plain optimizer's state (keyed
+    # by position) only without FSDP.
+    by_name = "sharded_checkpoint" in saved or keyed_by_name(saved.get("optimizer"))
+    if not by_name and saved.get("sharded_optimizer", False) != sharded:
         raise UserError(
             f"checkpoint {path} was written with training.data_parallel = "
             f"{'fsdp' if saved.get('sharded_optimizer') else 'ddp'} and resumes only that way; set it accordingly."
@@ -259,8 +294,15 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharde
     return distributed.unwrap(model).state_dict(), optimizer.state_dict()
 
 
+def keyed_by_name(optimizer_state: Any) -> bool:
+    """Whether an optimizer state is keyed by parameter name (FSDP's, or a consolidated sharded checkpoint's), which
+    any run can load, rather than by position in the optimizer (a plain optimizer's state_dict)."""
+    state = optimizer_state.get("state", {}) if isinstance(optimizer_state, dict) else {}
+    return bool(state) and all(isinstance(k, str) for k in state)
+
+
 def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict, sharded: bool) -> None:
-    if sharded:
+    if sharded or keyed_by_name(saved):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from encoder_train import checkpoint, devices, distributed
 from encoder_train.batch import Batch, MaskSpec
+from encoder_train.checkpointing import Saver, find_resume
 from encoder_train.config import Config, dump_yaml
 from encoder_train.data.mixture import Source, scan_sources
 from encoder_train.data.packing import packing_efficiency
@@ -35,7 +36,7 @@ from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
 from encoder_train.optim import build_optimizer
 from encoder_train.phases import Phase, Plan
-from encoder_train.state import TrainState, check_resumable, host_copy, model_dims, model_section
+from encoder_train.state import TrainState, check_resumable, model_dims, model_section
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
@@ -78,41 +79,6 @@ class GracefulStop:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
-
-
-def find_resume(config: Config, say=print) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from, if any, refusing anything that would overwrite newer checkpoints."""
-    directory = Path(config.checkpoint.checkpoint_dir)
-    existing = checkpoint.list_checkpoints(directory)
-    wanted = config.checkpoint.load_checkpoint
-    if wanted is None:
-        if existing:
-            raise UserError(
-                f"checkpoint folder {directory} already holds checkpoints up to step {existing[-1][0]}; "
-                "resume them with --load_checkpoint latest, or pass an empty --checkpoint_dir."
-            )
-        return None, None
-    if wanted == "latest":
-        if not existing:
-            say(f"no checkpoint in {directory} yet; starting a fresh run.")
-            return None, None
-        found = checkpoint.load_latest_good(directory, note=say)
-        if found is None:
-            raise UserError(
-                f"none of the {len(existing)} checkpoints in {directory} loads; pass a good one with "
-                "--load_checkpoint, or pass another --checkpoint_dir."
-            )
-        # Checkpoints newer than the good one are damaged: the run will write good ones in their place.
-        return found
-    path = Path(wanted)
-    state = checkpoint.load(path)
-    newer = [s for s, p in existing if s > state["step"] and p.resolve() != path.resolve()]
-    if newer:
-        raise UserError(
-            f"checkpoint folder {directory} holds checkpoints newer than {path.name} (up to step {max(newer)}), "
-            "which resuming would overwrite; resume with --load_checkpoint latest, or pass another --checkpoint_dir."
-        )
-    return state, path
 
 
 def train(config: Config, resume_hint: str | None = None, dry_run: bool = False,
@@ -198,16 +164,18 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
         check_sink_folders(ckpt_dir, TrackerSettings.from_config(config))  # before any training time is spent
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
-    saved, resumed_from = find_resume(config, say)
+    saved, resumed_from = find_resume(config, say, weights=False)  # a sharded checkpoint's tensors: below
     fsdp = world.distributed and config.training.data_parallel == "fsdp"
     if saved is not None:
         check_resumable(saved, fsdp, dims, resumed_from, config.training.optimizer)
-        init_weights = saved["model"]
+        init_weights = saved.get("model")
     elif init_weights is not None:
         say(f"starting from the weights in {config.model.init_from_hf}")
     state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp, plan)
     stream = state.stream = DataStream(plan, spec, world)
     if saved is not None:
+        if "sharded_checkpoint" in saved:  # each rank loads its part of the shards, resharded to this run
+            state.load_shards(saved["sharded_checkpoint"])
         state.restore(saved, resumed_from, say)
         stream.restore(saved["data"], restart_sources, str(resumed_from), say)
     elif restart_sources:
@@ -522,62 +490,3 @@ def check_skipped(window: MetricsWindow, step: int, max_in_a_row: int, tracker: 
             f"checkpoint is {saver.last_good() or 'none'}: lower training.learning_rate or raise "
             "training.warmup_steps, then resume from it."
         )
-
-
-class Saver:
-    """Checkpoints of the run, written without stalling it. Every rank takes a snapshot (a collective under
-    FSDP), copied to host memory at once (on a GPU a device-to-host copy, a fraction of a step); rank 0 then
-    writes it, atomically and checksummed as ever, and rotates, in a background thread while training goes
-    on. One write is in flight at most: a save first waits for the previous one (and raises its error, a
-    full disk say), and the run waits for the last before it returns. A kill during a background write
-    leaves only a temporary file, removed at the next start; the previous checkpoints are untouched."""
-
-    def __init__(self, run: Run, tracker: Tracker):
-        self.run, self.tracker = run, tracker
-        self.last_path: Path | None = None
-        self.failed = False  # set by the writer thread; the loop's per-step vote reads it
-        self.saved_step: int | None = None if run.state.resumed_from is None else run.state.step
-        self._writer: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self) -> None:
-        self.wait()
-        state, run = self.run.state, self.run
-        snap = host_copy(state.snapshot())
-        self.saved_step = state.step
-        if run.world.is_main:
-            self._writer = threading.Thread(target=self._write, args=(snap, state.step), name="checkpoint-writer")
-            self._writer.start()
-
-    def _write(self, snap: dict[str, Any], step: int) -> None:
-        try:
-            path = checkpoint.save(snap, self.run.checkpoint_dir, step)
-            deleted = checkpoint.rotate(self.run.checkpoint_dir, self.run.config.checkpoint.max_checkpoints,
-                                        self.run.plan.phase_ends())
-            self.last_path = path
-            self.tracker.write(f"step {step}: saved {path}" + (f", removed {len(deleted)} old" if deleted else ""))
-        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
-            self._error = e
-            self.failed = True
-
-    def wait(self) -> None:
-        """Until the write in flight is on disk; its error, if it failed, is raised here."""
-        if self._writer is not None:
-            self._writer.join()
-            self._writer = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def save_if_new(self) -> None:
-        """Save unless the current step is saved already (or no step has finished), and wait for it."""
-        if self.run.state.step > 0 and self.run.state.step != self.saved_step:
-            self.save()
-        self.wait()
-
-    def last_good(self) -> Path | None:
-        return self.last_path or self.run.state.resumed_from
-
-    def kept(self) -> str:
-        where = self.last_good()
-        return f"step {self.run.state.step} is saved in {where}" if where else "no step had finished"
