@@ -428,7 +428,7 @@ def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contex
         return
     record: dict[str, Any] = {"step": state.step}
     if run.config.phases:
-        record |= {"phase": phase.name, "phase_index": phase.index}
+        record["phase"] = phase.name  # its index is in the training record of the same step
     results = []
     for name, shards, weight in sets:
         result = evaluate(state.model, shards, state.spec, batch_size=cfg.batch_size, device=run.world.device,
