@@ -347,6 +347,7 @@ def test_a_source_that_fails_mid_run_stops_with_a_sentence_after_saving(tmp_path
     assert torch.load(tmp_path / "ckpt/checkpoint_00000009.pt", weights_only=True)["step"] == 9
 
 
+@pytest.mark.slow
 def test_a_recipe_under_torchrun_stops_and_resumes_to_the_same_weights(tmp_path):
     """Two real processes (gloo), two loader workers each and accumulation: the position counts every rank's rows."""
     import os

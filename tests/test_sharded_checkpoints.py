@@ -62,6 +62,7 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_fsdp_writes_sharded_folders_that_resume_bit_exact(straight, tmp_path):
     folders = [p for _, p in checkpoint.list_checkpoints(straight / "straight")]
     assert [p.name for p in folders] == ["checkpoint_00000005", "checkpoint_00000010"]
