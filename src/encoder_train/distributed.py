@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import secrets
+import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,3 +136,56 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+SHARED_TOKEN = ".encoder-train.shared-check"
+
+
+def check_shared_folder(directory: str | Path, world: World) -> None:
+    """Stop unless every rank sees the checkpoint folder rank 0 writes in, as one folder on a shared file system.
+
+    Every rank reads the checkpoint a run resumes from, and with sharded checkpoints writes its shards there: a
+    folder on a node-local disk (the same path on each node, say /tmp/ckpt) would let the other nodes start afresh
+    beside a resumed rank 0, or put their shards where rank 0 never looks. Rank 0 writes a file with a fresh random
+    name and content (a name no node has looked up before, so no cached answer hides it); every rank reads it back,
+    all say whether they did, and rank 0 removes it. Call it on every rank, once rank 0 has created the folder."""
+    if not world.distributed:
+        return
+    directory = Path(directory)
+    value = gather_objects(secrets.token_hex(16) if world.is_main else None, world)[0]
+    token = directory / f"{SHARED_TOKEN}.{value}"
+    if world.is_main:
+        for old in directory.glob(f"{SHARED_TOKEN}.*"):  # left by a run killed during its check
+            old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failure to write shows as every rank missing it
+            with open(token, "w") as f:
+                f.write(value)
+                f.flush()
+                os.fsync(f.fileno())
+    barrier(world)
+    try:
+        seen = token.read_text() == value
+    except OSError:
+        seen = False
+    votes = gather_objects((seen, socket.gethostname(), str(directory)), world)  # all have read before this returns
+    if world.is_main:
+        token.unlink(missing_ok=True)
+    if all(ok for ok, _, _ in votes):
+        return
+    groups: dict[tuple[str, str], list[int]] = {}  # the ranks that missed it, by host and folder
+    for rank, (ok, host, path) in enumerate(votes):
+        if not ok:
+            groups.setdefault((host, path), []).append(rank)
+
+    def who(ranks: list[int], host: str, path: str) -> str:
+        shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
+            else ", ".join(map(str, ranks))
+        return (f"rank{'s' * (len(ranks) > 1)} {shown} (host {host}"
+                + (f", --checkpoint_dir {path})" if path != votes[0][2] or ranks == [0] else ")"))
+
+    raise UserError(
+        f"checkpoint folder {directory} is not shared by every node: "
+        f"{'; '.join(who(ranks, *where) for where, ranks in groups.items())} cannot see the file "
+        f"{who([0], *votes[0][1:])} wrote there, so a resume would silently diverge; pass a --checkpoint_dir on a "
+        "file system every node mounts at the same path (NFS, Lustre, GPFS), not a node-local disk such as /tmp."
+    )

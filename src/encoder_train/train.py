@@ -164,6 +164,7 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
         check_sink_folders(ckpt_dir, TrackerSettings.from_config(config))  # before any training time is spent
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
+    distributed.check_shared_folder(ckpt_dir, world)  # every node must read and write the same folder
     saved, resumed_from = find_resume(config, say, weights=False)  # a sharded checkpoint's tensors: below
     fsdp = world.distributed and config.training.data_parallel == "fsdp"
     if saved is not None:
