@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -67,3 +68,13 @@ def shard_dir(tmp_path: Path) -> Path:
 def _threads():
     # Two cores: keep tests from oversubscribing them.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tree(pid: int) -> list[int]:
+    """The descendants of `pid` (Linux /proc)."""
+    kids: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                kids += [int(c) for c in (task / "children").read_text().split()]
+    return kids + [d for k in kids for d in tree(k)]

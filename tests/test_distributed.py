@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_shards, make_tokenizer
+from conftest import make_shards, make_tokenizer, tree
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 CONFIG = """
@@ -82,7 +83,11 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, inputs):
     deadline = time.monotonic() + 240
     while not (ckpt / "checkpoint_00000005.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    workers = tree(proc.pid)  # torchrun starts each worker in a session of its own: kill theirs too
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
     proc.wait()
     if (ckpt / "checkpoint_00000010.pt").exists():  # it finished first: resume from the middle instead
         (ckpt / "checkpoint_00000010.pt").unlink()
@@ -100,7 +105,9 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, inputs):
 
 
 def test_fsdp2_trains_checkpoints_and_resumes(tmp_path, inputs):
+    """FSDP2 with the gathered single-file format (sharded folders: tests/test_sharded_checkpoints.py)."""
     cfg = config(tmp_path, "fsdp", dropout=0.0, parallel="fsdp")
+    cfg.write_text(cfg.read_text().replace("max_checkpoints: 5}", "max_checkpoints: 5, format: single}"))
     r = run(TORCHRUN, cfg, inputs, tmp_path / "straight")
     assert "(fsdp)" in r.stdout
     run(TORCHRUN, config(tmp_path, "ddp", dropout=0.0), inputs, tmp_path / "ddp")

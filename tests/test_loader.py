@@ -73,3 +73,30 @@ def test_default_workers_build_batches_inline_on_a_cpu_and_in_background_for_a_g
     assert loader_workers(None, torch.device("cpu")) == 0
     assert loader_workers(None, torch.device("cuda")) == 2
     assert loader_workers(3, torch.device("cpu")) == 3 and loader_workers(0, torch.device("cuda")) == 0
+
+
+def test_sigterm_to_the_whole_process_group_still_saves_with_loader_workers(tmp_path, shard_dir, tokenizer_file):
+    """torchrun and SLURM signal a job's whole process group, loader workers included: the workers ignore it, and
+    the training process finishes its step, saves and exits 128 + SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from encoder_train import checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    args = [sys.executable, "-m", "encoder_train", "train", "--config_file", "tiny.yaml", "--data_dir", str(shard_dir),
+            "--tokenizer_filepath", str(tokenizer_file), "--checkpoint_dir", str(ckpt), "--max_steps", "100000",
+            "--set", "data.num_workers=2", "--set", "training.log_interval=1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (ckpt / "metrics.jsonl").exists() or len((ckpt / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the training process and its loader workers alike
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and checkpoint.list_checkpoints(ckpt)

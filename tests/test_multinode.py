@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_shards, make_tokenizer
+from conftest import make_shards, make_tokenizer, tree
 from encoder_train import checkpoint
 from encoder_train.distributed import SHARED_TOKEN
 from test_distributed import TORCHRUN, config, run
@@ -30,16 +30,6 @@ WAIT = 120  # seconds a launcher may take before the test calls it hung (a whole
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("multinode")
     return make_shards(root / "data"), make_tokenizer(root / "tok.json")
-
-
-def tree(pid: int) -> list[int]:
-    """The descendants of `pid` (Linux /proc)."""
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                kids += [int(c) for c in (task / "children").read_text().split()]
-    return kids + [d for k in kids for d in tree(k)]
 
 
 @dataclass

@@ -11,6 +11,7 @@ over a row masks it anew, reproducibly.
 
 from __future__ import annotations
 
+import signal
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -100,6 +101,14 @@ class RowSource:
             reader.close()
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A loader worker ignores SIGTERM and SIGINT. A scheduler (torchrun, SLURM, a shell's Ctrl-C) signals the whole
+    process group, workers included; a worker that died of it would take the run down before the training process,
+    which handles the signal, finishes its step and saves. The training process stops its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchStream:
     """Batches from background workers; a shard error raised in a worker becomes a UserError here."""
 
@@ -113,6 +122,7 @@ class BatchStream:
             # Its own generator: creating the iterator must not draw from the global RNG, which drives
             # dropout and is restored exactly on resume.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=_leave_signals_to_the_trainer,
         )
         self._it = iter(loader)
 
