@@ -104,6 +104,13 @@ def test_every_command_reads_a_sharded_folder_and_consolidate_writes_one_file(st
     assert main(["evaluate", "--checkpoint", str(out), "--data_dir", str(straight / "data"),
                  "--max_batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == from_folder["loss"]
+    from finetune_data import examples, write_jsonl
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", examples(24, seed=1))
+    dev_file = write_jsonl(tmp_path / "dev.jsonl", examples(12, seed=2))
+    assert main(["finetune", "--checkpoint", str(folder), "--train_file", str(train_file), "--validation_file",
+                 str(dev_file), "--learning_rate", "1e-3", "--epochs", "1", "--output_dir", str(tmp_path / "ft")]) == 0
+    capsys.readouterr()
     pytest.importorskip("transformers", reason="the hf extra (in dev) exports")
     assert main(["export", "--checkpoint", str(folder), "--output_dir", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
