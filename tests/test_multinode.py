@@ -135,6 +135,7 @@ def long_config(tmp_path: Path, name: str, parallel: str = "ddp") -> Path:
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_nodes_stop_and_resume_to_the_weights_of_one_launcher(tmp_path, inputs, two_nodes, parallel):
     cfg = config(tmp_path, parallel, parallel=parallel)  # 10 steps, checkpoints at 5 and 10, dropout on
@@ -155,6 +156,7 @@ def test_two_nodes_stop_and_resume_to_the_weights_of_one_launcher(tmp_path, inpu
     assert not list(shared.glob(f"{SHARED_TOKEN}*"))  # the shared-folder check cleans up after itself
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_dead_node_ends_the_job_and_both_resume_to_the_same_weights(tmp_path, inputs, two_nodes, parallel):
     cfg = long_config(tmp_path, "long", parallel)
