@@ -57,10 +57,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    + ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml"))) + ")")
     p.add_argument("--config_dir", default=None,
                    help="folder holding --config_file (default: the configs bundled with encoder-train)")
-    p.add_argument("--data_dir", default=None, help="folder of training .pt shards, searched recursively")
+    p.add_argument("--data_dir", default=None,
+                   help="folder (or s3://, gs://, hf:// URL) of training .pt shards, searched recursively")
     p.add_argument("--tokenizer_filepath", default=None, help="Hugging Face tokenizers JSON file (tokenizer.json)")
     p.add_argument("--val_data_dir", default=None,
-                   help="folder of held-out .pt shards, evaluated every training.eval_every steps and at the end")
+                   help="folder (or URL) of held-out .pt shards, evaluated every training.eval_every steps and at "
+                        "the end")
     p.add_argument("--checkpoint_dir", default=None,
                    help="folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--init_from_hf", default=None,
@@ -132,7 +134,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "and checkpoints). Prints one JSON line: loss, accuracy, perplexity, tokens (predicted), real_tokens, rows.",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
-    p.add_argument("--data_dir", required=True, help="folder of held-out .pt shards, searched recursively")
+    p.add_argument("--data_dir", required=True,
+                   help="folder (or s3://, gs://, hf:// URL) of held-out .pt shards, searched recursively")
     p.add_argument("--batch_size", type=positive_int, default=32, help="rows per batch (default 32)")
     p.add_argument("--max_batches", type=positive_int, default=None, help="stop after this many batches")
     p.set_defaults(func=run_evaluate)

@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from encoder_train.data.store import check_url, is_remote, local_path
 from encoder_train.errors import UserError
 
 # Bundled configs: `--config_file base.yaml` works from any folder.
@@ -161,7 +162,8 @@ SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
 class SourceConfig(Section):
     data_dir: str
-    """Folder of this source's training `.pt` shards, searched recursively."""
+    """Folder of this source's training `.pt` shards, searched recursively; a path or a URL (`s3://`, `gs://`,
+    `hf://`: docs/data.md)."""
     weight: Float | None = Field(default=None, gt=0.0)
     """Share of each batch's rows drawn from this source, relative to the others' weights (absent: 1, or from
     data.temperature)."""
@@ -171,8 +173,8 @@ class SourceConfig(Section):
 
 class DataConfig(Section):
     data_dir: str | None = None
-    """Folder of training `.pt` shards, searched recursively (flag --data_dir). One source; for several, use
-    `sources`."""
+    """Folder of training `.pt` shards, searched recursively (flag --data_dir); a path or a URL (`s3://`, `gs://`,
+    `hf://`: docs/data.md). One source; for several, use `sources`."""
     sources: dict[Annotated[str, Field(pattern=SOURCE_NAME)], SourceConfig] | None = None
     """Named data sources mixed by weight, in place of data_dir: `{web: {data_dir: shards/web, weight: 3}, ...}`;
     each batch holds the sources in proportion to their weights (docs/recipes.md)."""
@@ -484,7 +486,8 @@ class Config(Section):
             folders += [(f"data.sources.{name}.data_dir", src.data_dir),
                         (f"data.sources.{name}.val_data_dir", src.val_data_dir)]
         for key, folder in folders:
-            if folder and ckpt.is_relative_to(Path(folder).resolve()):
+            check_url(folder, key, source)  # no user:secret@ in a URL: the config is printed and stored
+            if folder and not is_remote(folder) and ckpt.is_relative_to(Path(local_path(folder)).resolve()):
                 raise UserError(
                     f"{source}: the checkpoint folder {self.checkpoint.checkpoint_dir} lies inside the {key} folder "
                     f"{folder}, where the next run would read its checkpoint_*.pt files as data shards; pass a "

@@ -1,8 +1,8 @@
 """Batches from shards: background workers read rows, trim, mask and collate; the loop only consumes.
 
-Stages: shards (read with pread, `ShardReader`) -> RowOrder (which rows make batch i) -> rows gathered and
-trimmed to the longest row -> dynamic masking -> a `Batch` (batch.py) -> DataLoader workers with prefetch (and
-pinned memory on CUDA).
+Stages: shards (read with pread, or from object storage a block of rows at a time: `ShardReader`) -> RowOrder
+(which rows make batch i) -> rows gathered and trimmed to the longest row -> dynamic masking -> a `Batch`
+(batch.py) -> DataLoader workers with prefetch (and pinned memory on CUDA).
 
 Which rows make which batch, from one source or several, is data/mixture.py's (row batches) and
 data/packing.py's (token-budget batches); a row's mask is seeded by its position in its stream, so each pass
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.masking import mask_tokens
-from encoder_train.data.shards import RowOrder, ShardInfo, ShardReader, check_values, derive_seed
+from encoder_train.data.shards import BlockCache, RowOrder, ShardInfo, ShardReader, check_values, derive_seed
 from encoder_train.errors import UserError
 
 
@@ -74,19 +74,32 @@ def collate(rows: list[torch.Tensor] | torch.Tensor, spec: MaskSpec, seed: int =
 
 class RowSource:
     """Rows by their position in the endless stream: `RowOrder` says where a row lies, and the shards are
-    opened on first use (their ids checked then), a bounded number at a time."""
+    opened on first use (their ids checked then), a bounded number at a time.
+
+    Shards in object storage share one `BlockCache`, and each row asked for also schedules the blocks of the rows
+    up to LOOKAHEAD_ROWS positions further on (a second RowOrder walks ahead: the order is known in advance), so
+    blocks arrive before the batch that needs them, including those of the next window of files."""
+
+    LOOKAHEAD_ROWS = 4096
 
     def __init__(self, shards: list[ShardInfo], spec: MaskSpec, seed: int, shuffle_files: int):
         self.shards, self.spec, self.shuffle_files = shards, spec, shuffle_files
         self.order = RowOrder(shards, seed, shuffle_files)
         self.opened: OrderedDict[int, ShardReader] = OrderedDict()  # shard index -> open reader, LRU
         self.checked: set[int] = set()
+        remote = any(s.store is not None for s in shards)
+        self.cache = BlockCache() if remote else None
+        self._ahead_order = RowOrder(shards, seed, shuffle_files) if remote else None
+        self._ahead = 0  # positions before this one have had their blocks scheduled
+        self._remote: dict[int, ShardReader] = {}  # shard index -> reader (remote readers hold no OS resource)
 
     def row(self, position: int) -> torch.Tensor:
         """(width,) int64: the row at `position`, right-padded."""
+        if self.cache is not None:
+            self._read_ahead(position)
         shard, row = self.order.locate(position)
         if shard not in self.opened:
-            reader = ShardReader(self.shards[shard])
+            reader = self._reader(shard)
             if shard not in self.checked:  # each shard's ids are checked once per worker, on first use
                 check_values(reader.info.path, reader, self.spec.vocab_size, self.spec.pad_id, self.spec.special_ids)
                 self.checked.add(shard)
@@ -96,9 +109,28 @@ class RowSource:
         self.opened.move_to_end(shard)
         return self.opened[shard].row(row)
 
+    def _reader(self, shard: int) -> ShardReader:
+        if self.cache is None:
+            return ShardReader(self.shards[shard])
+        if shard not in self._remote:
+            self._remote[shard] = ShardReader(self.shards[shard], self.cache)
+        return self._remote[shard]
+
+    def _read_ahead(self, position: int) -> None:
+        """Schedule the blocks of positions up to LOOKAHEAD_ROWS ahead, as far as the fetches in flight allow."""
+        self._ahead = max(self._ahead, position + 1)
+        end = position + 1 + self.LOOKAHEAD_ROWS
+        while self._ahead < end and self.cache.room():
+            shard, row = self._ahead_order.locate(self._ahead)
+            reader = self._reader(shard)
+            self.cache.prefetch(reader, row // reader.block_rows)
+            self._ahead += 1
+
     def close(self) -> None:
         for reader in self.opened.values():
             reader.close()
+        if self.cache is not None:
+            self.cache.close()
 
 
 def _leave_signals_to_the_trainer(worker_id: int) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -32,6 +31,7 @@ from encoder_train.batch import Batch, MaskSpec
 from encoder_train.config import DataConfig
 from encoder_train.data.loader import DataError, RowSource, collate
 from encoder_train.data.shards import ShardInfo, derive_seed, scan_shards
+from encoder_train.data.store import relative
 from encoder_train.errors import UserError
 
 # The name of the one source of a run that reads data.data_dir.
@@ -40,7 +40,7 @@ SINGLE = "data_dir"
 
 @dataclass(frozen=True)
 class Source:
-    """One named folder of shards (and optional held-out shards)."""
+    """One named folder of shards (and optional held-out shards); the folder may be a URL (data/store.py)."""
 
     name: str
     shards: list[ShardInfo]
@@ -76,9 +76,8 @@ class Source:
         """What the stream's positions refer to: every shard's path (relative to the folder), rows and width. A
         resume whose files changed would read other rows at the same positions."""
         h = hashlib.blake2b(digest_size=12)
-        for s in self.shards:
-            path = Path(s.path)
-            rel = path.relative_to(self.root) if self.root and path.is_relative_to(self.root) else path
+        for s in self.shards:  # relative paths: a local copy and a bucket of the same files agree
+            rel = relative(s.path, self.root) if self.root else s.path
             h.update(f"{rel}\t{s.rows}\t{s.width}\n".encode())
         return h.hexdigest()
 

@@ -14,25 +14,49 @@ exact and instant: the data position in a checkpoint is one integer, the number 
 Epoch e shuffles the file order, groups consecutive files into windows of `shuffle_files`, and
 shuffles the rows within each window. The rows of all epochs form one endless stream; batch i is
 rows [i*B, (i+1)*B) of it, wherever that falls.
+
+Shards in object storage (an fsspec URL, data/store.py) are parsed from ranged reads instead: the first and last
+64 KB of the object hold the zip's central directory, the tensor's pickled header and the local header of its one
+data record, which gives where the ids lie; only a plain tensor whose ids can be read in place is accepted. Their
+rows are read a block (`BLOCK_BYTES` of consecutive rows) at a time into a `BlockCache`, fetched ahead of use on a
+few threads, so a row costs no request of its own and the training step does not wait on the network.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import os
 import pickle
 import re
 import struct
 import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from encoder_train.data.store import (  # find_shards: the local listing, imported from here by tools and tests
+    LocalFile,
+    RemoteStore,
+    find_shards,
+    open_store,
+    retry_seconds,
+)
 from encoder_train.errors import UserError
+
+BLOCK_BYTES = 4 << 20  # a remote read: this many bytes of consecutive rows (one row at least)
+HEADER_BYTES = 64 << 10  # a remote shard's header: its first and last 64 KB
+FETCH_THREADS = 8  # concurrent remote reads per process
+READ_AHEAD = 2  # blocks a remote reader fetches past the last one asked for
+CACHE_MB_ENV = "ENCODER_TRAIN_REMOTE_CACHE_MB"
+CACHE_MB = 512  # default memory for remote blocks, per data source and loader process
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,8 @@ class ShardInfo:
     # None: the ids cannot be read in place (legacy format, unusual strides); the reader loads them whole.
     offset: int | None = None
     row_stride: int = 0  # elements between the starts of consecutive rows
+    # Where the bytes are: None for a local file (read with pread), else the RemoteStore it was listed from.
+    store: RemoteStore | None = field(default=None, compare=False, repr=False)
 
 
 # Every integer dtype a shard may hold, as numpy reads it from the file's little-endian bytes.
@@ -56,36 +82,6 @@ ID_DTYPES = {
     torch.int64: np.dtype("<i8"),
     **{getattr(torch, f"uint{b}"): np.dtype(f"<u{b // 8}") for b in (16, 32, 64) if hasattr(torch, f"uint{b}")},
 }
-
-
-def find_shards(data_dir: str | Path | None, flag: str = "--data_dir") -> list[Path]:
-    """Every `*.pt` file under `data_dir`, in subfolders too, in a stable (sorted) order."""
-    if data_dir is None:
-        raise UserError(f"no training data given; pass {flag} with a folder of .pt shards.")
-    root = Path(data_dir)
-    if root.is_file():
-        raise UserError(f"{flag} {root} is a file, not a folder; pass the folder that holds the .pt shards "
-                        f"(e.g. {root.parent}).")
-    if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist; pass {flag} with a folder of .pt shards.")
-    try:
-        found = sorted(root.rglob("*.pt"))
-        paths = [p for p in found if p.is_file()]
-    except OSError as e:
-        raise UserError(f"data folder {root} cannot be searched ({e.strerror}); fix its permissions.") from None
-    # A .pt that is not a readable file would silently drop out of the data: a link into an unmounted disk, a pipe.
-    for p in found:
-        if p.is_symlink() and not p.exists():
-            raise UserError(f"data file {p} is a symbolic link to {os.readlink(p)}, which does not exist; mount or "
-                            "restore its target, or remove the link.")
-        if not p.is_file() and not p.is_dir():
-            raise UserError(f"data file {p} is not a regular file (a pipe or a device); remove it from {root}.")
-    if not paths:
-        raise UserError(
-            f"data folder {root} holds no .pt files (searched subfolders too); "
-            f"write shards with `encoder-train pretokenize` or point {flag} elsewhere."
-        )
-    return paths
 
 
 def load_shard(path: str | Path) -> torch.Tensor:
@@ -123,8 +119,13 @@ def _load_unmapped(path: str | Path) -> object:
         raise UserError(f"data file {path} is truncated or unreadable; re-create it with torch.save.") from None
 
 
-def check_header(path: str | Path, t: torch.Tensor, max_tokens: int) -> ShardInfo:
-    """Checks that need no data read: dtype, rank, width, emptiness; and where the rows lie in the file."""
+_LOCAL: Any = object()
+
+
+def check_header(path: str | Path, t: torch.Tensor, max_tokens: int, *, where: Any = _LOCAL,
+                 store: RemoteStore | None = None) -> ShardInfo:
+    """Checks that need no data read: dtype, rank, width, emptiness; and where the rows lie in the file.
+    `where`: the (offset, size) of the ids' record when already known (a remote shard's), else read from `path`."""
     if t.dtype not in ID_DTYPES:
         raise UserError(
             f"data file {path} holds a {str(t.dtype).removeprefix('torch.')} tensor; token ids must be an "
@@ -144,19 +145,21 @@ def check_header(path: str | Path, t: torch.Tensor, max_tokens: int) -> ShardInf
             f"re-tokenize with --seq_len {max_tokens} or raise model.max_position_embeddings."
         )
     itemsize = t.element_size()
-    where = _stored_bytes(path)
+    if where is _LOCAL:
+        where = _stored_bytes(path)
     if where is None or t.stride(1) != 1:
-        return ShardInfo(str(path), rows, width, t.dtype)  # read whole by ShardReader
+        return ShardInfo(str(path), rows, width, t.dtype, store=store)  # read whole by ShardReader
     start, size = where
     end = (t.storage_offset() + (rows - 1) * t.stride(0) + width) * itemsize
     if end > size or t.stride(0) < 0:
         raise UserError(f"data file {path} is truncated or corrupt (its ids end past its data); re-create it.")
-    return ShardInfo(str(path), rows, width, t.dtype, start + t.storage_offset() * itemsize, t.stride(0))
+    return ShardInfo(str(path), rows, width, t.dtype, start + t.storage_offset() * itemsize, t.stride(0), store)
 
 
-def _stored_bytes(path: str | Path) -> tuple[int, int] | None:
+def _stored_bytes(path: str | Path | io.RawIOBase) -> tuple[int, int] | None:
     """(file offset, size) of the one storage record of a `torch.save`d tensor, or None when the file is
-    not laid out that way (the legacy format, several records, compression, big-endian bytes)."""
+    not laid out that way (the legacy format, several records, compression, big-endian bytes). `path` may be an
+    open file (a remote shard's `_HeaderFile`)."""
     try:
         with zipfile.ZipFile(path) as z:
             records = [i for i in z.infolist() if re.fullmatch(r"[^/]+/data/\d+", i.filename)]
@@ -164,9 +167,13 @@ def _stored_bytes(path: str | Path) -> tuple[int, int] | None:
             if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or order not in ([], [b"little"]):
                 return None
             record = records[0]
-        with open(path, "rb") as f:
-            f.seek(record.header_offset)
-            local = f.read(30)  # a zip local file header: fixed 30 bytes, then the name and an extra field
+        if isinstance(path, io.IOBase):
+            path.seek(record.header_offset)
+            local = path.read(30)
+        else:
+            with open(path, "rb") as f:
+                f.seek(record.header_offset)
+                local = f.read(30)  # a zip local file header: fixed 30 bytes, then the name and an extra field
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             return None
         name_len, extra_len = struct.unpack("<HH", local[26:30])
@@ -175,26 +182,119 @@ def _stored_bytes(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-class ShardReader:
-    """The rows of one shard, read with pread(2) from an open file descriptor, as int64.
+class _HeaderFile(io.RawIOBase):
+    """A remote shard as a seekable file for zipfile and torch.load: its first and last HEADER_BYTES are fetched
+    once (one request each, one for a small shard), any other byte range on demand."""
 
-    See the module's docstring for why this never reads through a memory map. A row costs one system
+    def __init__(self, store: RemoteStore, url: str, size: int):
+        self.store, self.url, self.size, self.pos = store, url, size, 0
+        self.error: UserError | None = None  # a failed read inside torch.load, whose C++ reader would hide it
+        if size <= 2 * HEADER_BYTES:
+            self.head, self.tail_at, self.tail = self._fetch(0, size), size, b""
+        else:
+            self.head = self._fetch(0, HEADER_BYTES)
+            self.tail_at = size - HEADER_BYTES
+            self.tail = self._fetch(self.tail_at, HEADER_BYTES)
+
+    def _fetch(self, offset: int, length: int) -> bytes:
+        try:
+            return self.store.read(self.url, offset, length)
+        except UserError as e:
+            self.error = e
+            raise
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        start, end = self.pos, min(self.pos + len(buffer), self.size)
+        if end <= start:
+            return 0
+        if end <= len(self.head):
+            data = self.head[start:end]
+        elif start >= self.tail_at:
+            data = self.tail[start - self.tail_at : end - self.tail_at]
+        else:
+            data = self._fetch(start, end - start)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def remote_header(store: RemoteStore, url: str, size: int, max_tokens: int) -> ShardInfo:
+    """check_header for a shard in object storage, from its first and last bytes (no id is read)."""
+    f = _HeaderFile(store, url, size)
+    in_place = ("only plain tensors whose ids can be read in place are read from object storage: one 2-D integer "
+                "tensor saved by torch.save, uncompressed; re-save it with torch.save(tensor.contiguous(), path) "
+                "or train from a local copy")
+    if f.head[:4] != b"PK\x03\x04":
+        if f.head[:2] == b"\x80\x02" or f.head[:1] == b"\x80":  # a pickle: torch.save's legacy format
+            raise UserError(f"data file {url} is in PyTorch's legacy (pre-1.6) format; {in_place}.")
+        raise UserError(f"data file {url} is not a PyTorch file (torch.save writes a zip archive); remove it from "
+                        f"{store.root} or re-create it with torch.save.")
+    try:
+        t = torch.load(f, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"data file {url} is not a plain tensor file (it holds objects that weights_only loading "
+            "refuses, which could run code); re-save the token ids with torch.save(tensor, path)."
+        ) from None
+    except Exception:
+        if f.error is not None:
+            raise f.error from None
+        raise UserError(f"data file {url} is truncated or not a PyTorch file; re-create it with torch.save.") from None
+    if not isinstance(t, torch.Tensor):
+        raise UserError(
+            f"data file {url} holds a {type(t).__name__}, not a tensor; each .pt shard must be one "
+            "2-D integer tensor [rows, seq_len]."
+        )
+    where = _stored_bytes(f)
+    if f.error is not None:
+        raise f.error
+    info = check_header(url, t, max_tokens, where=where, store=store)
+    if info.offset is None:
+        raise UserError(f"data file {url} cannot be read in place ({in_place}).")
+    return info
+
+
+class ShardReader:
+    """The rows of one shard, as int64: a local file's with pread(2) from an open file descriptor, a remote
+    object's a block of rows at a time through a `BlockCache`.
+
+    See the module's docstring for why this never reads through a memory map. A local row costs one system
     call (a few microseconds; `benchmarks/loader_overhead.py` measures the whole loader against batches
-    held in memory). A shard whose ids cannot be read in place is loaded whole, once, into memory.
+    held in memory). A local shard whose ids cannot be read in place is loaded whole, once, into memory.
+    `cache`: the blocks of a remote shard (a RowSource shares one among its shards); a private one by default.
     """
 
-    def __init__(self, info: ShardInfo):
+    def __init__(self, info: ShardInfo, cache: BlockCache | None = None):
         self.info = info
         self._np_dtype = ID_DTYPES[info.dtype]
-        self._fd: int | None = None
+        self._file: Any = None
         self._whole: torch.Tensor | None = None
+        if info.store is not None:  # remote: read in place (scan_shards accepts nothing else), no OS resource
+            self._file = info.store.open(info.path)
+            self.cache = cache if cache is not None else BlockCache()
+            self.block_rows = max(1, BLOCK_BYTES // (max(info.row_stride, info.width) * self._np_dtype.itemsize))
+            self.blocks = -(-info.rows // self.block_rows)
+            return
         try:
             if info.offset is None:
                 self._whole = _load_unmapped(info.path)
                 if not isinstance(self._whole, torch.Tensor) or tuple(self._whole.shape) != (info.rows, info.width):
                     raise UserError(f"data file {info.path} changed since training started; restore it.")
             else:
-                self._fd = os.open(info.path, os.O_RDONLY)
+                self._file = LocalFile(info.path)
         except OSError as e:
             raise UserError(
                 f"data file {info.path} can no longer be read ({e.strerror}); restore it, then resume."
@@ -205,6 +305,8 @@ class ShardReader:
         info = self.info
         if self._whole is not None:
             return self._whole[start : start + count].long()
+        if info.store is not None:
+            return self._remote_rows(start, count)
         width, item = info.width, self._np_dtype.itemsize
         if info.row_stride == width:  # contiguous rows: one read
             return self._read(info.offset + start * width * item, count * width, start).reshape(count, width)
@@ -223,23 +325,136 @@ class ShardReader:
 
     def _read(self, offset: int, count: int, row: int) -> torch.Tensor:
         want = count * self._np_dtype.itemsize
-        buf = bytearray(want)
         try:
-            got = os.preadv(self._fd, [buf], offset)
+            buf = self._file.read(offset, want)
         except OSError as e:
             raise UserError(f"data file {self.info.path} could not be read at row {row} ({e.strerror}); "
                             "restore it, then resume.") from None
-        if got < want:
+        if len(buf) < want:
             raise UserError(
                 f"data file {self.info.path} became shorter while training (row {row} now lies past its end): "
                 "it was truncated or rewritten during the run; restore it, then resume."
             )
         return torch.from_numpy(np.frombuffer(buf, dtype=self._np_dtype).astype(np.int64))
 
+    # ---- remote shards ----
+
+    def _remote_rows(self, start: int, count: int) -> torch.Tensor:
+        br = self.block_rows
+        first, last = start // br, (start + count - 1) // br
+        for k in range(first, min(last + 1 + READ_AHEAD, self.blocks)):  # what is needed, then a little more
+            self.cache.prefetch(self, k)
+        parts = [self.cache.get(self, k) for k in range(first, last + 1)]
+        block = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        lo = start - first * br
+        return torch.from_numpy(block[lo : lo + count].astype(np.int64))
+
+    def fetch(self, k: int) -> np.ndarray:
+        """Block k: rows [k * block_rows, ...) as a (rows, width) array of the stored dtype (one ranged read)."""
+        info, item, br = self.info, self._np_dtype.itemsize, self.block_rows
+        first = k * br
+        n = min(br, info.rows - first)
+        stride = info.row_stride * item
+        want = (n - 1) * stride + info.width * item
+        data = self._file.read(info.offset + first * stride, want, f" at row {first}")
+        if len(data) < want:
+            raise UserError(
+                f"data file {info.path} became shorter while training (row {first + len(data) // stride} now lies "
+                "past its end): it was truncated or rewritten during the run; restore it, then resume."
+            )
+        flat = np.frombuffer(data, dtype=self._np_dtype)
+        if info.row_stride == info.width:
+            return flat.reshape(n, info.width)
+        return np.lib.stride_tricks.as_strided(flat, shape=(n, info.width), strides=(stride, item), writeable=False)
+
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None and self.info.store is None:  # a remote reader holds nothing to release
+            self._file.close()
+            self._file = None
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def fetch_pool() -> ThreadPoolExecutor:
+    """This process's threads for remote reads (a forked loader worker makes its own)."""
+    pool = _pools.get(os.getpid())
+    if pool is None:
+        pool = _pools[os.getpid()] = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="encoder-train-fetch")
+    return pool
+
+
+def cache_budget() -> int:
+    """Bytes of remote blocks a BlockCache keeps: ENCODER_TRAIN_REMOTE_CACHE_MB, else CACHE_MB."""
+    raw = os.environ.get(CACHE_MB_ENV, "").strip()
+    try:
+        mb = float(raw) if raw else float(CACHE_MB)
+    except ValueError:
+        mb = -1.0
+    if not mb >= 0:
+        raise UserError(f"{CACHE_MB_ENV}={raw!r} is not a number of megabytes >= 0; set e.g. {CACHE_MB_ENV}=512, "
+                        "or unset it.")
+    return int(mb * (1 << 20))
+
+
+class BlockCache:
+    """Blocks of rows of remote shards: fetched on `fetch_pool()`'s threads ahead of use (at most
+    2 x FETCH_THREADS in flight), kept within a memory budget, the least recently used dropped first.
+
+    Only the thread that owns it calls it (a loader worker, or the training process); the pool's threads only
+    fetch. A failed fetch ahead is forgotten and tried again when its rows are needed, so only an error that
+    persists (data/store.py's retries) reaches the batch, as a UserError naming the object.
+    """
+
+    def __init__(self, budget: int | None = None):
+        self.budget = cache_budget() if budget is None else budget
+        self._blocks: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._pending: dict[tuple[str, int], Future] = {}
+        self._bytes = 0
+
+    def room(self) -> bool:
+        """Whether another fetch ahead may start now."""
+        if len(self._pending) >= 2 * FETCH_THREADS:
+            self._collect()
+        return len(self._pending) < 2 * FETCH_THREADS
+
+    def prefetch(self, reader: ShardReader, k: int) -> None:
+        key = (reader.info.path, k)
+        if key not in self._blocks and key not in self._pending and self.room():
+            self._pending[key] = fetch_pool().submit(reader.fetch, k)
+
+    def get(self, reader: ShardReader, k: int) -> np.ndarray:
+        key = (reader.info.path, k)
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+            return block
+        pending = self._pending.pop(key, None)
+        block = pending.result() if pending is not None else reader.fetch(k)
+        self._keep(key, block)
+        return block
+
+    def _collect(self) -> None:
+        """Move finished fetches into the cache; drop failed ones (tried again when needed)."""
+        for key, f in list(self._pending.items()):
+            if f.done():
+                del self._pending[key]
+                if f.exception() is None:
+                    self._keep(key, f.result())
+
+    def _keep(self, key: tuple[str, int], block: np.ndarray) -> None:
+        self._blocks[key] = block
+        self._blocks.move_to_end(key)
+        self._bytes += block.nbytes
+        while self._bytes > self.budget and len(self._blocks) > 1:
+            self._bytes -= self._blocks.popitem(last=False)[1].nbytes
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        self._blocks.clear()
+        self._bytes = 0
 
 
 def check_values(
@@ -280,8 +495,21 @@ def check_values(
 
 
 def scan_shards(data_dir: str | Path | None, max_tokens: int, flag: str = "--data_dir") -> list[ShardInfo]:
-    """Find every shard and check its header (fast: no token is read)."""
-    return [check_header(p, load_shard(p), max_tokens) for p in find_shards(data_dir, flag)]
+    """Find every shard and check its header (fast: no token is read). `data_dir`: a folder, or a URL
+    (data/store.py); a bucket's shards are listed once and their headers read on a few threads."""
+    if data_dir is None:
+        find_shards(data_dir, flag)  # says what to pass
+    store = open_store(data_dir, flag)
+    if not store.remote:
+        return [check_header(p, load_shard(p), max_tokens) for p, _ in store.list()]
+    cache_budget(), retry_seconds()  # a bad setting is one sentence here, not an error inside a loader worker
+    listed = store.list()
+    pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="encoder-train-header")
+    try:
+        futures = [pool.submit(remote_header, store, url, size, max_tokens) for url, size in listed]
+        return [f.result() for f in futures]  # the first bad shard in order is the one reported
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -17,7 +17,6 @@ the same folder (another fingerprint: paths, rows, widths) is refused unless the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from encoder_train.batch import Batch, MaskSpec
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import SINGLE, MixedBatches, Source, StreamPosition
 from encoder_train.data.packing import TokenBudgetBatches
+from encoder_train.data.store import canonical
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.phases import Plan
@@ -51,7 +51,7 @@ class DataStream:
             "world_size": self.world.world_size,
             "stream": self.position.to_dict(),
             "sources": {s.name: s.fingerprint() for s in self.sources},
-            "folders": {s.name: os.path.abspath(s.root) for s in self.sources},
+            "folders": {s.name: canonical(s.root) for s in self.sources},
         }
 
     def restore(self, saved: dict[str, Any], restart: set[str], path: str, say: Callable[[str], None]) -> None:
@@ -74,7 +74,7 @@ class DataStream:
                 say(f"source {s.name} starts again from its beginning (--restart_source).")
                 continue
             moved = folders.get(s.name)
-            if moved is not None and moved != os.path.abspath(s.root):  # pointed elsewhere: other data, on purpose
+            if moved is not None and moved != canonical(s.root):  # pointed elsewhere: other data, on purpose
                 say(f"source {s.name} now reads {s.root} (it read {moved}): it starts at its beginning.")
                 continue
             old = fingerprints.get(s.name)
