@@ -16,6 +16,7 @@ Prints a table: seconds per step with each source, and the loader's overhead in 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +46,31 @@ def make_shards(folder: Path, vocab: int, rows: int, width: int, files: int = 4)
             t[i, :n] = (torch.multinomial(zipf, n, replacement=True, generator=g) + 5).to(torch.int32)
             t[i, 0], t[i, n - 1] = 0, 2
         torch.save(t, folder / f"shard_{f}.pt")
+
+
+def seconds_per_step(source, dims, device: torch.device, warmup: int, steps: int,
+                     autocast=None, after_step=None) -> float:
+    """Seconds per optimizer step of a fresh model fed by `source` (an iterator of batches), timed after `warmup`
+    steps; `after_step(i)`: what the training process adds to each step besides the model (the data position)."""
+    autocast = autocast or contextlib.nullcontext()
+    torch.manual_seed(0)
+    model = MaskedLM(dims).to(device).train()
+    opt = build_optimizer(model, TrainingConfig(), device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            start = time.perf_counter()
+        b = next(source).to(device)
+        with autocast:
+            out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(i)
+    sync(device)
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -79,22 +105,7 @@ def main() -> None:
         s.close()
 
         def run(source) -> float:
-            torch.manual_seed(0)
-            model = MaskedLM(dims).to(device).train()
-            opt = build_optimizer(model, TrainingConfig(), device)
-            for i in range(n):
-                if i == args.warmup:
-                    sync(device)
-                    start = time.perf_counter()
-                b = next(source).to(device)
-                with autocast:
-                    out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            sync(device)
-            return (time.perf_counter() - start) / args.steps
+            return seconds_per_step(source, dims, device, args.warmup, args.steps, autocast)
 
         # Alternating, fastest of --repeats each: on a shared machine, the run least slowed by other work.
         memory_runs, loader_runs = [], []

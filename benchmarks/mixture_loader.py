@@ -22,17 +22,14 @@ from pathlib import Path
 
 import torch
 from host import cpu_name
-from loader_overhead import make_shards
+from loader_overhead import make_shards, seconds_per_step
 from synthetic import mask_spec
-from workload import SIZES, sync
+from workload import SIZES
 
-from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import SINGLE, MixedBatches, Source, draw_counts
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import loader_workers
-from encoder_train.model import MaskedLM
-from encoder_train.optim import build_optimizer
 
 
 class EqualMix:
@@ -82,24 +79,9 @@ def main() -> None:
             in_memory[name] = [next(s) for _ in range(n)]
             s.close()
 
-        def run(source, mix: EqualMix | None) -> float:
-            torch.manual_seed(0)
-            model = MaskedLM(dims).to(device).train()
-            opt = build_optimizer(model, TrainingConfig(), device)
-            for i in range(n):
-                if i == args.warmup:
-                    sync(device)
-                    start = time.perf_counter()
-                b = next(source).to(device)
-                out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if mix is not None:
-                    mix.batch(i)  # the main process's recount of the step's draw
-            sync(device)
-            return (time.perf_counter() - start) / args.steps
+        def run(source, mix: EqualMix | None) -> float:  # with a mix: the main process's recount of each draw
+            return seconds_per_step(source, dims, device, args.warmup, args.steps,
+                                    after_step=mix.batch if mix is not None else None)
 
         times: dict[str, list[float]] = {"one memory": [], "one": [], "four memory": [], "four": []}
         for _ in range(args.repeats):  # alternating: on a shared machine, the run least slowed by other work counts

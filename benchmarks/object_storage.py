@@ -34,16 +34,14 @@ from pathlib import Path
 import torch
 import yaml
 from host import cpu_name
-from loader_overhead import make_shards
+from loader_overhead import make_shards, seconds_per_step
 from synthetic import mask_spec
-from workload import sync
 
-from encoder_train.config import BUNDLED_CONFIG_DIR, TrainingConfig
+from encoder_train.config import BUNDLED_CONFIG_DIR
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.shards import BLOCK_BYTES, FETCH_THREADS, scan_shards
-from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import build_optimizer
+from encoder_train.model import ModelDims
 
 BUCKET = "bench"
 
@@ -135,22 +133,7 @@ def main() -> None:
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
             def run(source) -> float:
-                torch.manual_seed(0)
-                model = MaskedLM(dims).to(device).train()
-                opt = build_optimizer(model, TrainingConfig(), device)
-                for i in range(n):
-                    if i == args.warmup:
-                        sync(device)
-                        start = time.perf_counter()
-                    b = next(source).to(device)
-                    with autocast:
-                        out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing)
-                    out.loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                sync(device)
-                return (time.perf_counter() - start) / args.steps
+                return seconds_per_step(source, dims, device, args.warmup, args.steps, autocast)
 
             steps: dict[str, list[float]] = {"memory": [], **{k: [] for k in feeds}}
             order = ["memory", *feeds]
