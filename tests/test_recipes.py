@@ -102,12 +102,18 @@ def test_each_source_restarts_its_own_epoch_and_batches_hold_rows_of_different_w
         def batch(self, g):
             return [4, 4], 0.15
 
-    batches = []
     it = iter(MixedBatches([big, small], spec, Half(), seed=0, shuffle_files=2, start={"big": 0, "small": 0}))
-    for _ in range(5):  # 20 rows of `small` (6 per epoch): its stream runs through three epochs and on
-        batches.append(next(it))
-    assert all(b.source_tokens is not None and len(b.source_tokens) == 2 for b in batches)
+    batches = [next(it) for _ in range(3)]  # 12 rows of `small`, 6 per epoch: two epochs of it
     assert all(b.input_ids.shape[0] == 8 for b in batches)
+    assert batches[0].input_ids.shape[1] > 16  # big's rows of up to 48 tokens beside small's 16
+    # Rows grouped by source, big first; small's real tokens are its rows' own (no row of big among them).
+    real = [b.attention_mask[4:].sum().item() for b in batches]
+    assert [b.source_tokens[1] for b in batches] == real
+    small_rows = [tuple(r[r != 1].tolist()) for b in batches for r in b.labels[4:].where(b.labels[4:] != -100,
+                                                                                       b.input_ids[4:])]
+    first, second = small_rows[:6], small_rows[6:]
+    assert len(set(first)) == 6 and set(first) == set(second)  # each epoch reads every row once
+    assert first != second  # reshuffled for its next epoch, while big goes on
 
 
 # ---- a whole recipe: phases, kill and resume in every phase ----------------------------------------------

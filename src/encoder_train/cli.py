@@ -64,13 +64,15 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder (or URL) of held-out .pt shards, evaluated every training.eval_every steps and at "
                         "the end")
     p.add_argument("--checkpoint_dir", default=None,
-                   help="folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (default: ./checkpoints)")
+                   help="folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ "
+                   "folders) and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--init_from_hf", default=None,
                    help="start from a local Hugging Face RoBERTa or ModernBERT masked-LM folder (weights, config.json, "
                    "tokenizer); "
                    "the YAML's training section still applies")
     p.add_argument("--load_checkpoint", default=None,
-                   help="checkpoint file to resume from, or 'latest' for the newest in --checkpoint_dir")
+                   help="checkpoint file or sharded checkpoint folder to resume from, or 'latest' for the newest in "
+                   "--checkpoint_dir")
     p.add_argument("--checkpoint_every", type=positive_int, default=None,
                    help="optimizer steps between checkpoints (one is also written at the end)")
     p.add_argument("--max_checkpoints", type=positive_int, default=None,
@@ -90,7 +92,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient_clip", type=float, default=None,
                    help="max global gradient L2 norm, overriding training.gradient_clip (0 disables)")
     p.add_argument("--max_steps", type=positive_int, default=None,
-                   help="optimizer steps, overriding training.max_steps")
+                   help="optimizer steps, overriding training.max_steps; with phases (whose lengths set the run's), "
+                   "the step at which a trial run stops, its schedule unchanged")
     p.add_argument("--learning_rate", type=float, default=None,
                    help="peak learning rate, overriding training.learning_rate")
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
@@ -133,7 +136,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on .pt shards with a fixed, seeded mask (numbers compare across runs "
         "and checkpoints). Prints one JSON line: loss, accuracy, perplexity, tokens (predicted), real_tokens, rows.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (or sharded checkpoint folder) written by `encoder-train train`")
     p.add_argument("--data_dir", required=True,
                    help="folder (or s3://, gs://, hf:// URL) of held-out .pt shards, searched recursively")
     p.add_argument("--batch_size", type=positive_int, default=32, help="rows per batch (default 32)")
@@ -158,7 +162,8 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
         help="the most likely tokens for each <mask> in a text",
         description="Print the top-k tokens, with probabilities, for each <mask> in TEXT.",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file written by `encoder-train train`")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file (or sharded checkpoint folder) written by `encoder-train train`")
     p.add_argument("--tokenizer_filepath", default=None,
                    help="tokenizer.json with the same vocabulary as the checkpoint's (default: the tokenizer "
                    "stored in the checkpoint)")
@@ -321,7 +326,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
         "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",
     )
-    add_export_flags(p, "checkpoint file written by `encoder-train train`")
+    add_export_flags(p, "checkpoint file (or sharded checkpoint folder) written by `encoder-train train`")
     p.set_defaults(func=run_export)
 
 

@@ -274,7 +274,8 @@ class TrainingConfig(Section):
 
 class CheckpointConfig(Section):
     checkpoint_dir: str = "checkpoints"
-    """Folder for checkpoint_XXXXXXXX.pt files and metrics.jsonl (flag --checkpoint_dir)."""
+    """Folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ folders) and
+    metrics.jsonl (flag --checkpoint_dir)."""
     checkpoint_every: Int = Field(default=1000, ge=1)
     """Optimizer steps between checkpoints; one is also written at the end (flag --checkpoint_every)."""
     max_checkpoints: Int = Field(default=3, ge=1)
