@@ -1,0 +1,132 @@
+"""A config never drops a word, and a dry run tells the truth: typos at every depth are one sentence, every `--set`
+item reaches its key or is refused, names are names, mixture arithmetic cannot overflow, and a plan that cannot run
+or makes no sense says so before any time is spent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from encoder_train.config import describe_error, load_config, parse_set
+from encoder_train.errors import UserError
+
+
+def write(tmp_path: Path, config: dict | str, name: str = "c.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False))
+    return p
+
+
+def with_sets(path: Path, *items: str):
+    parsed = parse_set(list(items))
+    return load_config(path, {k: v for k, (v, _) in parsed.items()}, {k: o for k, (_, o) in parsed.items()})
+
+
+def refusal(fn, *args) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*args)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+RECIPE = {"data": {"sources": {"web": {"data_dir": "w"}, "code": {"data_dir": "c", "weight": 2}}},
+          "phases": [{"name": "stable", "steps": 2}, {"name": "decay", "steps": 3}]}
+
+
+# ---- typos at every depth of the schema ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, key, hint", [
+    ("optimiser: {x: 1}\n", "optimiser", None),
+    ("training: {learnin_rate: 1}\n", "training.learnin_rate", "training.learning_rate"),
+    ("data: {sources: {web: {data_dir: w, weigth: 2}}}\n", "data.sources.web.weigth", "data.sources.web.weight"),
+    ("data: {sources: {web: {data_dri: w}}}\n", "data.sources.web.data_dri", "data.sources.web.data_dir"),
+    ("phases: [{name: a, steps: 2, foo: 1}]\n", "phases.0.foo", None),
+    ("phases: [{name: a, steps: 2}, {name: b, step: 2}]\n", "phases.1.step", "phases.1.steps"),
+    ("wandb: {projekt: x}\n", "wandb.projekt", "wandb.project"),
+])
+def test_a_typo_at_any_depth_is_one_sentence_with_the_nearest_key(tmp_path, text, key, hint):
+    p = write(tmp_path, text)
+    message = refusal(load_config, p)
+    assert message.startswith(f"{p}: unknown key {key};")
+    if hint:
+        assert f"did you mean {hint}?" in message
+
+
+@pytest.mark.parametrize("loc", [("model", "nope", "deeper"), ("phases", 7, "data", "x", "y"),
+                                 ("data", "sources", "web", "weight", "z"), ("nothing",), ()])
+def test_the_error_formatter_never_raises_on_a_path_beyond_the_schema(loc):
+    message = describe_error({"type": "extra_forbidden", "loc": loc, "msg": "extra", "input": 1}, "c.yaml")
+    assert message.startswith("c.yaml: unknown key")
+
+
+# ---- names ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a/b cé", "é", "web code", "-web", ".hidden", "a" * 65, "x" * 10_000, "tab\t",
+                                  "new\nline", "", "a:b"])
+def test_source_and_phase_names_are_whole_words(tmp_path, name):
+    source = refusal(load_config, write(tmp_path, {"data": {"sources": {name: {"data_dir": "w"}}}}))
+    phase = refusal(load_config, write(tmp_path, {"phases": [{"name": name, "steps": 1}]}))
+    for message in (source, phase):
+        assert "a name must be 1 to 64 ASCII letters" in message and len(message) < 400
+    assert "data.sources names the source" in source and "phases.0.name" in phase
+
+
+def test_names_that_are_words_pass(tmp_path):
+    names = ["web", "books-long", "en.wiki", "c4_2024", "7", "a" * 64]
+    cfg = load_config(write(tmp_path, {"data": {"sources": {n: {"data_dir": "w"} for n in names}},
+                                       "phases": [{"name": n, "steps": 1} for n in names]}))
+    assert list(cfg.data.sources) == names and [p.name for p in cfg.phases] == names
+
+
+# ---- --set reaches any depth, drops nothing -------------------------------------------------------------------------
+
+
+def test_set_reaches_sources_by_name_and_phases_by_index_or_name(tmp_path):
+    p = write(tmp_path, RECIPE)
+    cfg = with_sets(p, "data.sources.web.data_dir=s3://bucket/web", "phases.1.steps=4",
+                    "phases.stable.training.learning_rate=1e-4", "data.sources.books.data_dir=b",
+                    "data.sources.books.weight=0.5", "phases.decay.data.sources={web: {}, books: {weight: 3}}",
+                    "training.seed=9")
+    assert cfg.data.sources["web"].data_dir == "s3://bucket/web"
+    assert (cfg.data.sources["books"].data_dir, cfg.data.sources["books"].weight) == ("b", 0.5)
+    assert [p.steps for p in cfg.phases] == [2, 4]
+    assert cfg.phase_config(0).training.learning_rate == 1e-4
+    assert cfg.phase_config(1).data.sources["books"].weight == 3
+    assert cfg.training.seed == 9
+
+
+@pytest.mark.parametrize("item, words", [
+    ("phases.x=1", ["--set phases.x=1", "no phases entry 'x'", "0 stable, 1 decay"]),
+    ("phases.2.steps=1", ["--set phases.2.steps=1", "no phases entry '2'"]),
+    ("phases.0.stepz=1", ["--set phases.0.stepz=1", "unknown key phases.0.stepz", "did you mean phases.0.steps?"]),
+    ("data.sourcs.web.data_dir=x", ["unknown key data.sourcs", "did you mean data.sources?"]),
+    ("data.sources.web.weigth=2", ["unknown key data.sources.web.weigth", "did you mean data.sources.web.weight?"]),
+    ("data.sources.new.weight=2", ["--set data.sources.new.weight=2", "data.sources.new.data_dir is required"]),
+    ("training.seed.x=1", ["training.seed is a value"]),
+    ("data.sources.a/b.data_dir=x", ["--set data.sources.a/b.data_dir=x", "'a/b'", "a name must be"]),
+])
+def test_set_refuses_what_it_cannot_set_in_one_sentence_naming_the_item(tmp_path, item, words):
+    message = refusal(with_sets, write(tmp_path, RECIPE), item, "training.seed=3")
+    assert all(w in message for w in words), message
+
+
+def test_no_set_item_after_a_refused_or_odd_one_is_dropped(tmp_path):
+    # phases is a list: before, an item under it ended the loop and every later item was ignored.
+    cfg = with_sets(write(tmp_path, RECIPE), "phases.0.steps=5", "training.seed=3", "data.mask_probability=0.2")
+    assert (cfg.phases[0].steps, cfg.training.seed, cfg.data.mask_probability) == (5, 3, 0.2)
+
+
+def test_set_twice_for_one_key_is_refused(tmp_path):
+    p = write(tmp_path, RECIPE)
+    assert "both set training.seed" in refusal(parse_set, ["training.seed=1", "training.seed=2"])
+    assert "both set phases.0.steps" in refusal(with_sets, p, "phases.stable.steps=1", "phases.0.steps=2")
+
+
+def test_set_through_a_section_the_file_wrote_as_a_value_is_refused(tmp_path):
+    message = refusal(with_sets, write(tmp_path, "training: {seed: 1}\ndata: [1, 2]\n"), "data.data_dir=x")
+    assert message.startswith("--set data.data_dir=x: the file's data is [1, 2], not a mapping")
