@@ -130,3 +130,81 @@ def test_set_twice_for_one_key_is_refused(tmp_path):
 def test_set_through_a_section_the_file_wrote_as_a_value_is_refused(tmp_path):
     message = refusal(with_sets, write(tmp_path, "training: {seed: 1}\ndata: [1, 2]\n"), "data.data_dir=x")
     assert message.startswith("--set data.data_dir=x: the file's data is [1, 2], not a mapping")
+
+
+# ---- mixture arithmetic: no overflow, no silent one-source mix -------------------------------------------------------
+
+
+def plan_of(tmp_path: Path, data: dict, phases: list | None = None, **training):
+    from encoder_train.config import Config
+    from encoder_train.data.mixture import scan_sources
+    from encoder_train.phases import Plan
+
+    config = Config.model_validate({"data": data, "phases": phases or [],
+                                    "training": {"batch_size": 4, "max_steps": 10, **training}})
+    config.check_consistency("c.yaml")
+    return Plan(config, scan_sources(config.data, 128), 1)
+
+
+@pytest.fixture
+def two_folders(tmp_path):
+    """Two sources: 3 x 64 rows of 32 tokens (6,144 token slots) and 2 x 30 rows of 48 (2,880)."""
+    from conftest import make_shards
+
+    return str(make_shards(tmp_path / "big", files=3, rows=64, width=32)), \
+        str(make_shards(tmp_path / "small", files=2, rows=30, width=48, seed=5))
+
+
+@pytest.mark.parametrize("big, small", [(1e308, 1e308), (1.7e308, 1.0), (3.0, 1.0), (1e-300, 1e-300), (5e-324, 1.0)])
+def test_weights_anywhere_in_the_float_range_mix_as_their_ratio(tmp_path, two_folders, big, small):
+    from fractions import Fraction
+
+    plan = plan_of(tmp_path, {"sources": {"big": {"data_dir": two_folders[0], "weight": big},
+                                          "small": {"data_dir": two_folders[1], "weight": small}}})
+    exact = Fraction(big) / (Fraction(big) + Fraction(small))
+    assert plan.phases[0].weights == pytest.approx((float(exact), float(1 - exact)), rel=1e-12, abs=0)
+    assert all(w > 0 for w in plan.phases[0].weights)
+
+
+def test_a_weight_whose_share_rounds_to_zero_is_refused(tmp_path, two_folders):
+    message = refusal(plan_of, tmp_path, {"sources": {"big": {"data_dir": two_folders[0], "weight": 1e300},
+                                                      "small": {"data_dir": two_folders[1], "weight": 1e-300}}})
+    assert "share of source small rounds to 0" in message and "never be read" in message
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.3, 25.0, 100.0, 900.0])
+def test_temperature_shares_are_the_exact_powers_without_overflow(tmp_path, two_folders, temperature):
+    from fractions import Fraction
+
+    plan = plan_of(tmp_path, {"sources": {"big": {"data_dir": two_folders[0]},
+                                          "small": {"data_dir": two_folders[1]}}, "temperature": temperature})
+    ratio = (2880 / 6144) ** temperature  # small's weight over big's: a float power of a ratio below 1 is exact enough
+    exact = 1 / (1 + Fraction(ratio))
+    assert plan.phases[0].weights == pytest.approx((float(exact), float(1 - exact)), rel=1e-9, abs=0)
+
+
+def test_temperature_on_real_corpus_sizes_does_not_overflow():
+    from encoder_train.data.mixture import normalise, temperature_weights
+
+    sizes = [2 * 10**12, 3 * 10**11, 10**9]  # token slots of web, code and a small language
+    for t in (0.3, 1.0, 26.0, 100.0):
+        shares = normalise(temperature_weights(sizes, t))
+        expected = [(s / sizes[0]) ** t for s in sizes]
+        assert shares == pytest.approx([e / sum(expected) for e in expected], rel=1e-9, abs=1e-300)
+
+
+def test_a_temperature_that_leaves_a_source_unread_is_refused(tmp_path, two_folders):
+    message = refusal(plan_of, tmp_path, {"sources": {"big": {"data_dir": two_folders[0]},
+                                                      "small": {"data_dir": two_folders[1]}}, "temperature": 1e6})
+    assert "share of source small rounds to 0" in message and "temperature 1e+06" in message
+
+
+@pytest.mark.parametrize("weight", [0, -1, ".inf", "-.inf", ".nan", "1e400", "true"])
+def test_non_finite_or_non_positive_weights_are_refused_in_one_sentence(tmp_path, weight):
+    top = f"data: {{sources: {{web: {{data_dir: w, weight: {weight}}}, code: {{data_dir: c}}}}}}\n"
+    message = refusal(load_config, write(tmp_path, top))
+    assert "data.sources.web.weight" in message
+    phase = top.replace(f"weight: {weight}", "weight: 1") + \
+        f"phases: [{{name: a, steps: 1, data: {{sources: {{web: {{weight: {weight}}}}}}}}}]\n"
+    message = refusal(load_config, write(tmp_path, phase))
+    assert "phases[0] (a)" in message and "data.sources.web.weight" in message

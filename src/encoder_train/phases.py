@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from encoder_train.config import Config
-from encoder_train.data.mixture import SINGLE, Source, draw_counts
+from encoder_train.data.mixture import SINGLE, Source, draw_counts, mix_shares
 from encoder_train.errors import UserError
 from encoder_train.optim import lr_factor
 
@@ -53,7 +53,7 @@ class Plan:
         for i, p in enumerate(config.phases):
             where = f"phases[{i}] ({p.name})"
             cfg = config.phase_config(i)
-            steps = p.steps or self._steps_for_tokens(cfg, p.tokens)
+            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, where)
             cfg = config.phase_config(i, steps)
             warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
             if warm > steps:
@@ -122,10 +122,10 @@ class Plan:
         return sum(self.rows_per_step(phase.start + t) for t in range(warm)) + \
             (phase.steps - warm) * cfg.batch_size * self.micro_per_step
 
-    def _steps_for_tokens(self, cfg: Config, tokens: int) -> int:
+    def _steps_for_tokens(self, cfg: Config, tokens: int, where: str) -> int:
         """Steps to read `tokens` token slots, batch warmup included: a row counts its source's row width, so a
         step's expected slots are its rows times the mean width under the phase's weights."""
-        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, ""), strict=True))
+        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, where), strict=True))
         t, done = cfg.training, 0
         for step in range(t.batch_size_warmup_steps):
             rows = max(1, t.batch_size_start + (t.batch_size - t.batch_size_start) * step // t.batch_size_warmup_steps)
@@ -140,12 +140,8 @@ class Plan:
         data = cfg.data
         if data.sources is None:
             return (1.0,)
-        raw = {}
-        for name, src in data.sources.items():
-            source = self.sources[self.names.index(name)]
-            raw[name] = source.token_slots ** data.temperature if data.temperature is not None else (src.weight or 1.0)
-        total = sum(raw.values())
-        return tuple(raw.get(n, 0.0) / total for n in self.names)
+        shares = mix_shares(data, self.sources, where or "data.sources")
+        return tuple(shares.get(n, 0.0) for n in self.names)
 
     def describe(self) -> list[str]:
         """The plan in lines: each phase's steps, tokens, mix and schedule; each source's size and epochs read."""
