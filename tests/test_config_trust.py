@@ -140,8 +140,9 @@ def plan_of(tmp_path: Path, data: dict, phases: list | None = None, **training):
     from encoder_train.data.mixture import scan_sources
     from encoder_train.phases import Plan
 
+    length = {} if phases else {"max_steps": 10}
     config = Config.model_validate({"data": data, "phases": phases or [],
-                                    "training": {"batch_size": 4, "max_steps": 10, **training}})
+                                    "training": {"batch_size": 4, **length, **training}})
     config.check_consistency("c.yaml")
     return Plan(config, scan_sources(config.data, 128), 1)
 
@@ -208,3 +209,50 @@ def test_non_finite_or_non_positive_weights_are_refused_in_one_sentence(tmp_path
         f"phases: [{{name: a, steps: 1, data: {{sources: {{web: {{weight: {weight}}}}}}}}}]\n"
     message = refusal(load_config, write(tmp_path, phase))
     assert "phases[0] (a)" in message and "data.sources.web.weight" in message
+
+
+# ---- phases that would silently do nothing ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, phase, key", [
+    ({}, {"model": {"rope_theta": 320000.0}}, "model.rope_theta"),  # learned positions: no rotary base
+    ({}, {"model": {"local_rope_theta": 20000.0}}, "model.local_rope_theta"),
+    ({"family": "modernbert", "global_attention_every": 1}, {"model": {"local_rope_theta": 20000.0}},
+     "model.local_rope_theta"),  # rotary, but every layer global: no local base
+    ({}, {"training": {"decay_shape": "cosine"}}, "training.decay_shape"),  # the phase's schedule is constant
+    ({}, {"training": {"schedule": "linear", "decay_fraction": 0.5}}, "training.decay_fraction"),
+    ({}, {"training": {"batch_size_start": 2}}, "training.batch_size_start"),  # no batch-size warmup
+])
+def test_a_phase_key_that_would_do_nothing_is_refused(tmp_path, model, phase, key):
+    text = {"model": model, "phases": [{"name": "a", "steps": 4}, {"name": "ext", "steps": 4, **phase}]}
+    message = refusal(load_config, write(tmp_path, text))
+    assert message.startswith(f"phases[1] (ext): {key} does nothing here")
+
+
+def test_the_same_phase_keys_pass_where_they_act(tmp_path):
+    cfg = load_config(write(tmp_path, {"model": {"family": "modernbert"}, "phases": [
+        {"name": "ext", "steps": 4, "model": {"rope_theta": 320000.0, "local_rope_theta": 20000.0},
+         "training": {"schedule": "wsd", "decay_shape": "cosine", "batch_size_start": 2,
+                      "batch_size_warmup_steps": 2}}]}))
+    assert cfg.phase_config(0).model.rope_theta == 320000.0
+
+
+@pytest.mark.parametrize("data, training, words", [
+    ({"mask_probability": 0.001}, {}, ["the config: data.mask_probability 0.001", "0.12 tokens per micro-batch",
+                                       "4 rows of up to 32 tokens"]),
+    ({"mask_probability": 0.005}, {"batch_size": 1}, ["0.15 tokens"]),
+    ({"mask_probability": 0.001, "mask_probability_end": 0.2}, {}, ["data.mask_probability 0.001"]),
+    ({"mask_probability": 0.2, "mask_probability_end": 0.0001}, {"max_steps": 1000},
+     ["data.mask_probability_end 0.0001", "0.036 tokens"]),  # the last step's rate: 0.2 - 0.1999 x 999 / 1000
+])
+def test_a_mask_rate_that_selects_less_than_a_token_per_micro_batch_is_refused(tmp_path, shard_dir, data, training,
+                                                                               words):
+    message = refusal(lambda: plan_of(tmp_path, {"data_dir": str(shard_dir), **data}, None, **training))
+    assert all(w in message for w in words) and "train at loss 0" in message, message
+
+
+def test_a_phase_mask_rate_is_checked_in_that_phase(tmp_path, shard_dir):
+    phases = [{"name": "a", "steps": 2}, {"name": "late", "steps": 2, "data": {"mask_probability": 0.002}}]
+    message = refusal(plan_of, tmp_path, {"data_dir": str(shard_dir)}, phases)
+    assert message.startswith("phases[1] (late): data.mask_probability 0.002 selects about 0.24 tokens")
+    assert plan_of(tmp_path, {"data_dir": str(shard_dir), "mask_probability": 0.01}).total_steps == 10

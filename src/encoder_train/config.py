@@ -20,6 +20,7 @@ import difflib
 import math
 import re
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -201,7 +202,8 @@ class DataConfig(Section):
     val_data_dir: str | None = None
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
     mask_probability: Float = Field(default=0.15, gt=0.0, lt=1.0)
-    """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
+    """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15). A rate expected to select fewer than
+    one token per micro-batch (which would train at loss 0) is refused at start."""
     mask_probability_end: Float | None = Field(default=None, gt=0.0, lt=1.0)
     """A mask-rate schedule: the rate moves linearly from mask_probability to this over the run (or the phase);
     absent: constant."""
@@ -368,6 +370,31 @@ PHASE_SCHEDULE_KEYS = {
                  "batch_size_warmup_steps", "batch_size_start"),
 }
 
+# Phase keys that act only where the phase's config has what they act on: (section, key) -> (whether it acts there,
+# what it needs). A phase setting one where it does nothing (a context extension's rope_theta on learned positions)
+# is refused: the run would silently not do what the file says.
+INERT_PHASE_KEYS: dict[tuple[str, str], tuple[Callable[[Config], bool], str]] = {
+    ("model", "rope_theta"): (lambda c: c.model.position_embedding == "rotary",
+                              "rotary positions (model.position_embedding: rotary); this model's are learned"),
+    ("model", "local_rope_theta"): (lambda c: c.model.position_embedding == "rotary"
+                                    and c.model.global_attention_every > 1,
+                                    "local rotary layers (rotary positions and model.global_attention_every above 1)"),
+    **{("training", key): (lambda c: c.training.schedule == "wsd", "the phase's training.schedule to be wsd")
+       for key in ("decay_steps", "decay_fraction", "decay_shape")},
+    ("training", "batch_size_start"): (lambda c: c.training.batch_size_warmup_steps > 0,
+                                       "a batch-size warmup (training.batch_size_warmup_steps in the phase)"),
+}
+
+
+def check_phase_keys_act(phase: PhaseConfig, config: Config, where: str) -> None:
+    """Refuse a key the phase sets that does nothing in the phase's `config` (INERT_PHASE_KEYS)."""
+    for section in PHASE_KEYS:
+        for key in getattr(phase, section) or {}:
+            acts, needs = INERT_PHASE_KEYS.get((section, key), (lambda c: True, ""))
+            if not acts(config):
+                raise UserError(f"{where}: {section}.{key} does nothing here: it needs {needs}; remove it from the "
+                                "phase, or give the phase (or the model) what it needs.")
+
 
 class PhaseConfig(Section):
     name: Name
@@ -436,6 +463,7 @@ class Config(Section):
                     entry["weight"] = None
         config = validate(merged, where)
         config.check_consistency(where)
+        check_phase_keys_act(phase, config, where)
         return config
 
     def _phase_sources(self, where: str, value: Any) -> dict[str, Any]:

@@ -67,6 +67,8 @@ class Plan:
                 and config.training.max_steps != self.total_steps:
             raise UserError(f"training.max_steps ({config.training.max_steps}) disagrees with the phases, which "
                             f"last {self.total_steps} steps; remove training.max_steps or make them agree.")
+        for phase in self.phases:
+            self._check_masking(phase)
 
     # ---- the phases ----
 
@@ -142,6 +144,26 @@ class Plan:
             return (1.0,)
         shares = mix_shares(data, self.sources, where or "data.sources")
         return tuple(shares.get(n, 0.0) for n in self.names)
+
+    def _check_masking(self, phase: Phase) -> None:
+        """Refuse a phase whose micro-batches are expected to select fewer than one token for prediction: most
+        would predict nothing and the run would train at loss 0. Counted generously (every row full, all but <s>
+        and </s> selectable), at the phase's smallest micro-batch and lowest mask rate (its start or its end)."""
+        data = phase.config.data
+        selectable = data.batch_tokens or sum(w * max(s.width - 2, 0) for s, w in zip(self.sources, phase.weights,
+                                                                                    strict=True))
+        for step in (phase.start, phase.end - 1):
+            rows = 1 if data.batch_tokens else self.micro_rows(step)
+            expected = self.mask_rate(step) * rows * selectable
+            if expected < 1:
+                key = "mask_probability_end" if step != phase.start and data.mask_probability_end else \
+                    "mask_probability"
+                size = f"{data.batch_tokens} tokens" if data.batch_tokens else \
+                    f"{rows} row{'s' * (rows != 1)} of up to {selectable + 2:.0f} tokens"
+                where = f"phases[{phase.index}] ({phase.name})" if phase.name else "the config"
+                raise UserError(f"{where}: data.{key} {getattr(data, key):g} selects about {expected:.2g} tokens "
+                                f"per micro-batch ({size}), fewer than 1, so most steps would predict nothing and "
+                                f"train at loss 0; raise data.{key} (0.15 is RoBERTa's) or the batch.")
 
     def describe(self) -> list[str]:
         """The plan in lines: each phase's steps, tokens, mix and schedule; each source's size and epochs read."""
