@@ -125,6 +125,10 @@ def test_set_twice_for_one_key_is_refused(tmp_path):
     p = write(tmp_path, RECIPE)
     assert "both set training.seed" in refusal(parse_set, ["training.seed=1", "training.seed=2"])
     assert "both set phases.0.steps" in refusal(with_sets, p, "phases.stable.steps=1", "phases.0.steps=2")
+    # A whole mapping after one of its keys would drop that key.
+    message = refusal(with_sets, p, "data.sources.web.data_dir=x", "data.sources.web={data_dir: y}")
+    assert message.startswith("--set data.sources.web.data_dir=x and --set data.sources.web={data_dir: y} both set")
+    assert with_sets(p, "data.sources.web={data_dir: y}", "data.sources.web.weight=4").data.sources["web"].weight == 4
 
 
 def test_set_through_a_section_the_file_wrote_as_a_value_is_refused(tmp_path):
@@ -256,3 +260,104 @@ def test_a_phase_mask_rate_is_checked_in_that_phase(tmp_path, shard_dir):
     message = refusal(plan_of, tmp_path, {"data_dir": str(shard_dir)}, phases)
     assert message.startswith("phases[1] (late): data.mask_probability 0.002 selects about 0.24 tokens")
     assert plan_of(tmp_path, {"data_dir": str(shard_dir), "mask_probability": 0.01}).total_steps == 10
+
+
+# ---- --dry_run tells the truth ---------------------------------------------------------------------------------------
+
+
+def dry_run(capsys, *args) -> tuple[int, str, str]:
+    from encoder_train.cli import main
+
+    rc = main(["train", *[str(a) for a in args], "--dry_run"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def warnings_in(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("warning: ")]
+
+
+@pytest.fixture
+def tiny_run(tmp_path, shard_dir, tokenizer_file):
+    """A tiny.yaml run on three shards of 64 rows of 32 tokens, with a 128-token tokenizer."""
+    return ["--config_file", "tiny.yaml", "--data_dir", shard_dir, "--tokenizer_filepath", tokenizer_file,
+            "--checkpoint_dir", tmp_path / "ckpt"]
+
+
+def test_a_sensible_dry_run_warns_of_nothing(capsys, tiny_run):
+    rc, out, err = dry_run(capsys, *tiny_run)
+    assert rc == 0, err
+    assert warnings_in(out) == [] and "dry run: nothing was trained or written." in out
+
+
+@pytest.mark.parametrize("setting, module, words", [
+    ("training.optimizer=stable_adamw", "optimi", "training.optimizer stable_adamw needs the optimi package"),
+    ("wandb.enabled=true", "wandb", "--wandb needs the wandb package"),
+    ("tensorboard.enabled=true", "tensorboard", "--tensorboard needs the tensorboard package"),
+])
+def test_a_dry_run_refuses_a_plan_whose_package_is_missing(capsys, monkeypatch, tmp_path, tiny_run, setting, module,
+                                                            words):
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # what `import module` meets when it is not installed
+    rc, out, err = dry_run(capsys, *tiny_run, "--set", setting)
+    assert rc == 2 and words in err and "pip install" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ckpt").exists()
+
+
+def test_a_dry_run_warns_of_a_vocabulary_far_larger_than_the_tokenizers(capsys, tiny_run):
+    rc, out, err = dry_run(capsys, *tiny_run, "--set", "model.vocab_size=768")
+    assert rc == 0, err
+    assert warnings_in(out) == ["warning: model.vocab_size 768 is 6.0x the tokenizer's 128 tokens: 640 embedding rows "
+                                "(40,960 parameters) are never trained; remove model.vocab_size to take the "
+                                "tokenizer's size."]  # 640 rows x hidden_size 64
+    assert warnings_in(dry_run(capsys, *tiny_run, "--set", "model.vocab_size=256")[1]) == []  # 2x: padding
+
+
+def test_a_dry_run_warns_of_a_source_read_millions_of_epochs(capsys, tiny_run):
+    # 192 rows; 36,000,000 steps of 16 rows read them 3,000,000 times over.
+    rc, out, err = dry_run(capsys, *tiny_run, "--max_steps", 36_000_000)
+    assert rc == 0, err
+    assert any("data.data_dir is read about 3,000,000 times over" in w and "Muennighoff" in w
+               for w in warnings_in(out)), out
+    assert warnings_in(dry_run(capsys, *tiny_run, "--max_steps", 150)[1]) == []  # 12.5 epochs
+
+
+def test_a_dry_run_warns_of_rows_far_shorter_than_the_models_positions(capsys, tiny_run):
+    # Rows of 32 tokens for a model of 512: positions 33 to 512 would never be trained.
+    rc, out, err = dry_run(capsys, *tiny_run, "--set", "model.max_position_embeddings=514")
+    assert rc == 0, err
+    assert any(w.startswith("warning: the run reads rows of at most 32 tokens, under a quarter of the 512")
+               for w in warnings_in(out)), out
+
+
+def test_a_long_context_phase_fed_short_rows_is_warned_of_but_a_short_first_stage_is_not(capsys, tmp_path,
+                                                                                         tokenizer_file):
+    from conftest import make_shards
+
+    short = make_shards(tmp_path / "short", files=1, rows=64, width=32)
+    long = make_shards(tmp_path / "long", files=1, rows=64, width=200, seed=3)
+    model = {"family": "modernbert", "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 256, "rope_theta": 10000.0}
+
+    def recipe(last: str) -> Path:
+        return write(tmp_path, {"model": model, "data": {
+            "sources": {"short": {"data_dir": str(short)}, "long": {"data_dir": str(long)}}},
+            "training": {"batch_size": 2},
+            "phases": [{"name": "stable", "steps": 2, "data": {"sources": {"short": {}}}},
+                       {"name": "extension", "steps": 2, "data": {"sources": {last: {}}},
+                        "model": {"rope_theta": 160000.0}}]})
+
+    args = ["--tokenizer_filepath", tokenizer_file, "--checkpoint_dir", tmp_path / "ckpt"]
+    rc, out, err = dry_run(capsys, "--config_file", recipe("short"), *args)
+    assert rc == 0, err
+    assert [w[:90] for w in warnings_in(out)] == [
+        "warning: phases stable, extension read rows of at most 32 tokens, under a quarter of the 256"[:90]]
+    rc, out, err = dry_run(capsys, "--config_file", recipe("long"), *args)
+    assert rc == 0 and warnings_in(out) == [], out
+
+
+def test_a_dry_run_refuses_a_mask_rate_that_masks_nothing(capsys, tiny_run):
+    rc, out, err = dry_run(capsys, *tiny_run, "--set", "data.mask_probability=0.0001")
+    assert rc == 2 and "data.mask_probability 0.0001 selects about 0.048 tokens per micro-batch" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -694,40 +694,45 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any, origin: str, cr
     Returns the path as validation names it (phases by index). A mapping the path needs that the file lacks is
     made (recorded in `created` with `origin`); a key the schema lacks, a list index past the file's phases, or a
     path through a plain value is refused in one sentence naming the item: an override is never dropped."""
-    node: Any = raw
-    annotation: Any = Config
+    node: Any = raw  # the file's value at the path so far: a mapping, or the list of phases
+    annotation: Any = Config  # the schema's type there
     done: list[str] = []
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        annotation = _inner(annotation)
-        if _is_section(annotation):
-            if part not in annotation.model_fields:
-                raise UserError(unknown_key([*done, part], origin))
-            key: str | int = part
-            annotation = annotation.model_fields[part].annotation
-        elif get_origin(annotation) is list:
-            key = _list_index(node, part, ".".join(done), origin)
-            annotation = get_args(annotation)[0]
-        elif get_origin(annotation) is dict or annotation is Any:  # data.sources.NAME, a phase's overrides
-            key = part
-            annotation = get_args(annotation)[-1] if get_args(annotation) else Any
-        else:
-            where = ".".join(done)
-            raise UserError(f"{origin}: {where} is a value, not a section with keys; write --set {where}=VALUE.")
+    *parents, last = dotted.split(".")
+    for part in parents:
+        key, annotation = _schema_step(annotation, node, part, done, origin)
         done.append(str(key))
-        if i == len(parts) - 1:
-            node[key] = value
-            break
-        child = node[key] if isinstance(node, list) else node.get(key)
-        if child is None:
-            child = node[key] = {} if get_origin(_inner(annotation)) is not list else []
-            created[".".join(done)] = origin
-        expected = list if get_origin(_inner(annotation)) is list else dict
-        if not isinstance(child, expected):
-            raise UserError(f"{origin}: the file's {'.'.join(done)} is {_short(child)}, not a "
-                            f"{'list' if expected is list else 'mapping'}; fix it in the file.")
-        node = child
-    return ".".join(done)
+        node = _container(node, key, annotation, ".".join(done), origin, created)
+    key, _ = _schema_step(annotation, node, last, done, origin)
+    node[key] = value
+    return ".".join([*done, str(key)])
+
+
+def _schema_step(annotation: Any, node: Any, part: str, done: list[str], origin: str) -> tuple[str | int, Any]:
+    """One step of a --set path: the key in the file's `node` (an index into a list) and the schema's type below."""
+    annotation = _inner(annotation)
+    if _is_section(annotation):
+        if part not in annotation.model_fields:
+            raise UserError(unknown_key([*done, part], origin))
+        return part, annotation.model_fields[part].annotation
+    if get_origin(annotation) is list:
+        return _list_index(node, part, ".".join(done), origin), get_args(annotation)[0]
+    if get_origin(annotation) is dict or annotation is Any:  # data.sources.NAME, a phase's overrides
+        return part, get_args(annotation)[-1] if get_args(annotation) else Any
+    where = ".".join(done)
+    raise UserError(f"{origin}: {where} is a value, not a section with keys; write --set {where}=VALUE.")
+
+
+def _container(node: Any, key: str | int, annotation: Any, path: str, origin: str, created: dict[str, str]) -> Any:
+    """The mapping (or list) at node[key] that a --set path goes through; made if the file lacks it."""
+    kind = list if get_origin(_inner(annotation)) is list else dict
+    child = node[key] if isinstance(node, list) else node.get(key)
+    if child is None:
+        child = node[key] = kind()
+        created[path] = origin
+    if not isinstance(child, kind):
+        what = "list" if kind is list else "mapping"
+        raise UserError(f"{origin}: the file's {path} is {_short(child)}, not a {what}; fix it in the file.")
+    return child
 
 
 def _list_index(items: list[Any], part: str, where: str, origin: str) -> int:
@@ -838,12 +843,15 @@ def load_config(
     # Every override reaches the file's dict or is refused: none is skipped. They are named by the path that
     # validation reports (a phase by index), and so is every mapping one of them made.
     named: dict[str, str] = {}
+    given: dict[str, str] = {}  # resolved path -> the item that set it
     for dotted, value in overrides.items():
         origin = (origins or {}).get(dotted) or flag_for(dotted)
         resolved = apply_override(raw, dotted, value, origin, named)
-        if resolved in named and named[resolved] != origin:
-            raise UserError(f"{named[resolved]} and {origin} both set {resolved}; pass it once.")
-        named[resolved] = origin
+        # A later item that sets a key again, or a whole mapping holding an earlier item's key, would drop it.
+        earlier = next((o for k, o in given.items() if k == resolved or k.startswith(resolved + ".")), None)
+        if earlier:
+            raise UserError(f"{earlier} and {origin} both set {resolved}; pass it once.")
+        named[resolved] = given[resolved] = origin
     config = validate(raw, str(path), named)
     config.check_consistency(str(path))
     return config

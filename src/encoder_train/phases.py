@@ -24,6 +24,10 @@ from encoder_train.data.mixture import SINGLE, Source, draw_counts, mix_shares
 from encoder_train.errors import UserError
 from encoder_train.optim import lr_factor
 
+# Epochs of one source past which a plan is warned about: returns from repeated data fall to next to nothing
+# around 16 epochs (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+MANY_EPOCHS = 16
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -152,6 +156,8 @@ class Plan:
         data = phase.config.data
         selectable = data.batch_tokens or sum(w * max(s.width - 2, 0) for s, w in zip(self.sources, phase.weights,
                                                                                     strict=True))
+        if not selectable:  # rows of <s></s> alone: the shards' own check names the file
+            return
         for step in (phase.start, phase.end - 1):
             rows = 1 if data.batch_tokens else self.micro_rows(step)
             expected = self.mask_rate(step) * rows * selectable
@@ -165,14 +171,55 @@ class Plan:
                                 f"per micro-batch ({size}), fewer than 1, so most steps would predict nothing and "
                                 f"train at loss 0; raise data.{key} (0.15 is RoBERTa's) or the batch.")
 
+    def rows_read(self) -> list[float]:
+        """The rows the run is expected to read of each source (in the sources' order), over all ranks."""
+        read = [0.0] * len(self.sources)
+        for p in self.phases:
+            rows = self.phase_rows(p)
+            for i, w in enumerate(p.weights):
+                read[i] += rows * w
+        return read
+
+    def warnings(self, max_tokens: int) -> list[str]:
+        """What in the plan runs but makes no sense, one sentence each: a source read over and over, and rows far
+        shorter than the `max_tokens` a row of the model may have."""
+        lines = []
+        for s, rows in zip(self.sources, self.rows_read(), strict=True):
+            if rows > MANY_EPOCHS * s.rows:
+                key = "data.data_dir" if s.name == SINGLE else f"source {s.name}"
+                lines.append(f"{key} is read about {rows / s.rows:,.0f} times over ({rows:,.0f} rows of its "
+                             f"{s.rows:,}), and past ~{MANY_EPOCHS} epochs repeated rows add next to nothing "
+                             "(Muennighoff et al. 2023); add data, or shorten the run or lower the source's weight.")
+        short = self._short_rows(max_tokens)
+        if short:
+            widest, phases = short
+            who = ("the run reads" if not self.config.phases else f"phase {phases[0].name} reads" if len(phases) == 1
+                   else f"phases {', '.join(p.name for p in phases)} read")
+            lines.append(f"{who} rows of at most {widest} tokens, under a quarter of the {max_tokens} a row "
+                         f"of this model may have (model.max_position_embeddings), and no later phase reads longer "
+                         "ones, so what the longer positions are for is never trained; feed longer rows "
+                         "(pretokenize --seq_len) or lower model.max_position_embeddings.")
+        return lines
+
+    def _short_rows(self, max_tokens: int) -> tuple[int, list[Phase]] | None:
+        """The widest row and the phases from the first that, with every phase after it, reads only rows under a
+        quarter of `max_tokens` (a short-context stage before a longer one is a curriculum, not a mistake)."""
+        tail: list[Phase] = []
+        widest = 0
+        for p in reversed(self.phases):
+            width = max(s.width for s, w in zip(self.sources, p.weights, strict=True) if w)
+            if 4 * width >= max_tokens:
+                break
+            tail.insert(0, p)
+            widest = max(widest, width)
+        return (widest, tail) if tail else None
+
     def describe(self) -> list[str]:
         """The plan in lines: each phase's steps, tokens, mix and schedule; each source's size and epochs read."""
-        lines, read = [], [0.0] * len(self.sources)
+        lines, read = [], self.rows_read()
         for p in self.phases:
             rows = self.phase_rows(p)
             slots = sum(rows * w * s.width for w, s in zip(p.weights, self.sources, strict=True))
-            for i, w in enumerate(p.weights):
-                read[i] += rows * w
             t, d = p.config.training, p.config.data
             mix = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self.names, p.weights, strict=True) if w) \
                 if len(self.sources) > 1 or self.names != [SINGLE] else "one source"
