@@ -61,6 +61,8 @@ def test_a_typo_at_any_depth_is_one_sentence_with_the_nearest_key(tmp_path, text
 def test_the_error_formatter_never_raises_on_a_path_beyond_the_schema(loc):
     message = describe_error({"type": "extra_forbidden", "loc": loc, "msg": "extra", "input": 1}, "c.yaml")
     assert message.startswith("c.yaml: unknown key")
+    for kind in ("missing", "value_error", "int_type", "model_type"):
+        assert describe_error({"type": kind, "loc": (*loc, "[key]"), "msg": "bad", "input": None}, "c.yaml")
 
 
 # ---- names ---------------------------------------------------------------------------------------------------------
@@ -361,3 +363,19 @@ def test_a_dry_run_refuses_a_mask_rate_that_masks_nothing(capsys, tiny_run):
     rc, out, err = dry_run(capsys, *tiny_run, "--set", "data.mask_probability=0.0001")
     assert rc == 2 and "data.mask_probability 0.0001 selects about 0.048 tokens per micro-batch" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_set_items_on_the_command_line_reach_the_plan_or_stop_it_in_one_line(capsys, tmp_path, tokenizer_file):
+    from conftest import make_shards
+
+    folder = make_shards(tmp_path / "web")
+    recipe = write(tmp_path, {"data": {"sources": {"web": {"data_dir": str(folder)}}},
+                              "training": {"batch_size": 2},
+                              "phases": [{"name": "stable", "steps": 2}, {"name": "decay", "steps": 3}]})
+    args = ["--config_file", recipe, "--tokenizer_filepath", tokenizer_file, "--checkpoint_dir", tmp_path / "ckpt"]
+    rc, out, err = dry_run(capsys, *args, "--set", "phases.decay.steps=4", "--set", "training.seed=7")
+    assert rc == 0, err
+    assert "phase decay: steps 3-6 (4)" in out and "seed: 7" in out
+    rc, out, err = dry_run(capsys, *args, "--set", "phases.x.steps=4", "--set", "training.seed=7")
+    assert rc == 2 and err.startswith("encoder-train: error: --set phases.x.steps=4: the file has no phases entry")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

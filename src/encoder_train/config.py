@@ -951,7 +951,7 @@ def describe_error(err: Any, source: str) -> str:
     """One sentence for a pydantic error: the file, the dotted key, the value, and the fix."""
     loc = [str(p) for p in err["loc"]]
     kind = err["type"]
-    if loc and loc[-1] == "[key]":  # a mapping's key failed its own type: a source's name
+    if len(loc) >= 2 and loc[-1] == "[key]":  # a mapping's key failed its own type: a source's name
         key = ".".join(loc[:-2])
         return f"{source}: {key} names the source {_short(loc[-2])}, but {_message(err)}; rename it."
     key = ".".join(loc)

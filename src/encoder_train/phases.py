@@ -186,19 +186,20 @@ class Plan:
         lines = []
         for s, rows in zip(self.sources, self.rows_read(), strict=True):
             if rows > MANY_EPOCHS * s.rows:
-                key = "data.data_dir" if s.name == SINGLE else f"source {s.name}"
+                key, fix = ("data.data_dir", "add data or shorten the run") if s.name == SINGLE else \
+                    (f"source {s.name}", "add data, shorten the run or lower the source's weight")
                 lines.append(f"{key} is read about {rows / s.rows:,.0f} times over ({rows:,.0f} rows of its "
                              f"{s.rows:,}), and past ~{MANY_EPOCHS} epochs repeated rows add next to nothing "
-                             "(Muennighoff et al. 2023); add data, or shorten the run or lower the source's weight.")
+                             f"(Muennighoff et al. 2023); {fix}.")
         short = self._short_rows(max_tokens)
         if short:
             widest, phases = short
             who = ("the run reads" if not self.config.phases else f"phase {phases[0].name} reads" if len(phases) == 1
                    else f"phases {', '.join(p.name for p in phases)} read")
-            lines.append(f"{who} rows of at most {widest} tokens, under a quarter of the {max_tokens} a row "
-                         f"of this model may have (model.max_position_embeddings), and no later phase reads longer "
-                         "ones, so what the longer positions are for is never trained; feed longer rows "
-                         "(pretokenize --seq_len) or lower model.max_position_embeddings.")
+            later = ", and no later phase reads longer ones" if self.config.phases else ""
+            lines.append(f"{who} rows of at most {widest} tokens, under a quarter of the {max_tokens:,} a row of this "
+                         f"model may have (model.max_position_embeddings){later}: the model never trains on longer "
+                         "rows; feed it longer rows (pretokenize --seq_len) or lower model.max_position_embeddings.")
         return lines
 
     def _short_rows(self, max_tokens: int) -> tuple[int, list[Phase]] | None:
