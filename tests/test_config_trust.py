@@ -117,6 +117,17 @@ def test_set_refuses_what_it_cannot_set_in_one_sentence_naming_the_item(tmp_path
     assert all(w in message for w in words), message
 
 
+def test_set_finds_names_that_hold_dots(tmp_path):
+    p = write(tmp_path, {"data": {"sources": {"en.wiki": {"data_dir": "w"}, "en": {"data_dir": "e"}}},
+                         "phases": [{"name": "v1.5", "steps": 2}, {"name": "1", "steps": 3}]})
+    cfg = with_sets(p, "data.sources.en.wiki.weight=2", "data.sources.en.weight=3", "phases.v1.5.steps=4",
+                    "phases.1.steps=5")
+    assert (cfg.data.sources["en.wiki"].weight, cfg.data.sources["en"].weight) == (2, 3)
+    assert [p.steps for p in cfg.phases] == [4, 5]  # phases.1 is the index 1 (the phase named 1 is also there)
+    # A new name is one part: a new source named with a dot is added in the file.
+    assert "unknown key data.sources.de.wiki" in refusal(with_sets, p, "data.sources.de.wiki.data_dir=d")
+
+
 def test_no_set_item_after_a_refused_or_odd_one_is_dropped(tmp_path):
     # phases is a list: before, an item under it ended the loop and every later item was ignored.
     cfg = with_sets(write(tmp_path, RECIPE), "phases.0.steps=5", "training.seed=3", "data.mask_probability=0.2")

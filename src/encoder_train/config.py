@@ -697,14 +697,27 @@ def apply_override(raw: dict[str, Any], dotted: str, value: Any, origin: str, cr
     node: Any = raw  # the file's value at the path so far: a mapping, or the list of phases
     annotation: Any = Config  # the schema's type there
     done: list[str] = []
-    *parents, last = dotted.split(".")
-    for part in parents:
-        key, annotation = _schema_step(annotation, node, part, done, origin)
+    parts, i = dotted.split("."), 0
+    while True:
+        taken = _name_length(annotation, node, parts[i:])  # names may hold dots: en.wiki
+        key, below = _schema_step(annotation, node, ".".join(parts[i:i + taken]), done, origin)
+        i += taken
+        if i == len(parts):
+            node[key] = value
+            return ".".join([*done, str(key)])
         done.append(str(key))
-        node = _container(node, key, annotation, ".".join(done), origin, created)
-    key, _ = _schema_step(annotation, node, last, done, origin)
-    node[key] = value
-    return ".".join([*done, str(key)])
+        node = _container(node, key, below, ".".join(done), origin, created)
+        annotation = below
+
+
+def _name_length(annotation: Any, node: Any, rest: list[str]) -> int:
+    """How many parts of a --set path's `rest` name the entry of a dict of sources or a list of phases: the most
+    that join (with dots) into a name the file has, else one."""
+    annotation = _inner(annotation)
+    if _is_section(annotation) or not isinstance(node, dict | list):
+        return 1
+    names = set(node) if isinstance(node, dict) else {item.get("name") for item in node if isinstance(item, dict)}
+    return next((k for k in range(len(rest), 1, -1) if ".".join(rest[:k]) in names), 1)
 
 
 def _schema_step(annotation: Any, node: Any, part: str, done: list[str], origin: str) -> tuple[str | int, Any]:
