@@ -38,8 +38,7 @@ def recipe(tmp_path: Path, **top) -> Path:
         "phases": [
             {"name": "warm", "steps": 5, "training": {"warmup_steps": 3, "batch_size_warmup_steps": 3,
                                                       "batch_size_start": 2}},
-            {"name": "ext", "steps": 4, "data": {"sources": {"code": {}}, "mask_probability": 0.2},
-             "model": {"rope_theta": 320000.0}},
+            {"name": "ext", "steps": 4, "data": {"sources": {"code": {}}, "mask_probability": 0.2}},
             {"name": "decay", "steps": 3, "data": {"mask_probability": 0.15, "mask_probability_end": 0.05},
              "training": {"schedule": "wsd", "decay_fraction": 1.0, "decay_shape": "1-sqrt"}},
         ],

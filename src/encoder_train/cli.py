@@ -98,9 +98,10 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="peak learning rate, overriding training.learning_rate")
     p.add_argument("--seed", type=int, default=None, help="overrides training.seed")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="overrides training.precision")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="set_items",
-                   help="override any config key (repeatable), e.g. --set training.warmup_steps=100 "
-                   "--set data.mask_probability=0.3; values are YAML, validated like the file's")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", dest="set_items",
+                   help="override any config key at any depth (repeatable), e.g. --set training.warmup_steps=100, "
+                   "--set data.sources.web.data_dir=s3://bucket/web, --set phases.1.steps=4 (a phase by index or "
+                   "name); values are YAML, validated like the file's")
     p.add_argument("--restart_source", action="append", default=[], metavar="NAME",
                    help="on resume, read this data source again from its beginning (repeatable): the way to continue "
                    "after its files changed, which is otherwise refused")

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -156,8 +159,21 @@ class ModelConfig(Section):
         return data
 
 
-# Source names appear in metric keys (source/NAME/rows), seeds and flags: a word, no spaces or slashes.
-SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+# Source and phase names become metric keys (source/NAME/rows), W&B keys, seeds, flags and folder names: a word of
+# ASCII letters, digits, `_`, `-` and `.`, starting with a letter or digit, matched as a whole.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_LENGTH = 64
+
+
+def _a_name(value: str) -> str:
+    if len(value) > NAME_LENGTH or not NAME_PATTERN.fullmatch(value):
+        why = f"{len(value):,} characters" if len(value) > NAME_LENGTH else "other characters"
+        raise ValueError(f"a name must be 1 to {NAME_LENGTH} ASCII letters, digits, _, - or ., starting with a "
+                         f"letter or digit (this one has {why})")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_a_name)]
 
 
 class SourceConfig(Section):
@@ -175,7 +191,7 @@ class DataConfig(Section):
     data_dir: str | None = None
     """Folder of training `.pt` shards, searched recursively (flag --data_dir); a path or a URL (`s3://`, `gs://`,
     `hf://`: docs/data.md). One source; for several, use `sources`."""
-    sources: dict[Annotated[str, Field(pattern=SOURCE_NAME)], SourceConfig] | None = None
+    sources: dict[Name, SourceConfig] | None = None
     """Named data sources mixed by weight, in place of data_dir: `{web: {data_dir: shards/web, weight: 3}, ...}`;
     each batch holds the sources in proportion to their weights (docs/recipes.md)."""
     temperature: Float | None = Field(default=None, gt=0.0)
@@ -186,7 +202,8 @@ class DataConfig(Section):
     val_data_dir: str | None = None
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
     mask_probability: Float = Field(default=0.15, gt=0.0, lt=1.0)
-    """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15)."""
+    """Share of non-special tokens selected for prediction (RoBERTa/BERT: 0.15). A rate expected to select fewer than
+    one token per micro-batch (which would train at loss 0) is refused at start."""
     mask_probability_end: Float | None = Field(default=None, gt=0.0, lt=1.0)
     """A mask-rate schedule: the rate moves linearly from mask_probability to this over the run (or the phase);
     absent: constant."""
@@ -353,9 +370,34 @@ PHASE_SCHEDULE_KEYS = {
                  "batch_size_warmup_steps", "batch_size_start"),
 }
 
+# Phase keys that act only where the phase's config has what they act on: (section, key) -> (whether it acts there,
+# what it needs). A phase setting one where it does nothing (a context extension's rope_theta on learned positions)
+# is refused: the run would silently not do what the file says.
+INERT_PHASE_KEYS: dict[tuple[str, str], tuple[Callable[[Config], bool], str]] = {
+    ("model", "rope_theta"): (lambda c: c.model.position_embedding == "rotary",
+                              "rotary positions (model.position_embedding: rotary); this model's are learned"),
+    ("model", "local_rope_theta"): (lambda c: c.model.position_embedding == "rotary"
+                                    and c.model.global_attention_every > 1,
+                                    "local rotary layers (rotary positions and model.global_attention_every above 1)"),
+    **{("training", key): (lambda c: c.training.schedule == "wsd", "the phase's training.schedule to be wsd")
+       for key in ("decay_steps", "decay_fraction", "decay_shape")},
+    ("training", "batch_size_start"): (lambda c: c.training.batch_size_warmup_steps > 0,
+                                       "a batch-size warmup (training.batch_size_warmup_steps in the phase)"),
+}
+
+
+def check_phase_keys_act(phase: PhaseConfig, config: Config, where: str) -> None:
+    """Refuse a key the phase sets that does nothing in the phase's `config` (INERT_PHASE_KEYS)."""
+    for section in PHASE_KEYS:
+        for key in getattr(phase, section) or {}:
+            acts, needs = INERT_PHASE_KEYS.get((section, key), (lambda c: True, ""))
+            if not acts(config):
+                raise UserError(f"{where}: {section}.{key} does nothing here: it needs {needs}; remove it from the "
+                                "phase, or give the phase (or the model) what it needs.")
+
 
 class PhaseConfig(Section):
-    name: Annotated[str, Field(pattern=SOURCE_NAME)]
+    name: Name
     """The phase's name, in logs, metrics and the plan (e.g. stable, context_extension, decay)."""
     steps: Int | None = Field(default=None, ge=1)
     """Length in optimizer steps (or give `tokens`)."""
@@ -421,6 +463,7 @@ class Config(Section):
                     entry["weight"] = None
         config = validate(merged, where)
         config.check_consistency(where)
+        check_phase_keys_act(phase, config, where)
         return config
 
     def _phase_sources(self, where: str, value: Any) -> dict[str, Any]:
@@ -621,21 +664,100 @@ def bundled_configs() -> list[str]:
 
 
 def parse_set(items: list[str]) -> dict[str, tuple[Any, str]]:
-    """`--set section.key=value` items -> {dotted key: (value, how the user wrote it)}; values are YAML."""
+    """`--set key.path=value` items -> {dotted path: (value, how the user wrote it)}; values are YAML.
+
+    A path starts with a section and goes as deep as the schema: `training.max_steps`,
+    `data.sources.web.data_dir` (a source by name, a new name adds a source), `phases.1.steps` or
+    `phases.decay.steps` (a phase of the file by index or by name). `apply_override` walks it into the file."""
     parsed: dict[str, tuple[Any, str]] = {}
     for item in items:
         dotted, sep, text = item.partition("=")
         dotted = dotted.strip()
         origin = f"--set {item}"
-        if not sep or dotted.count(".") != 1:
-            raise UserError(f"{origin} is not of the form section.key=value; write e.g. --set training.max_steps=200.")
-        section = dotted.split(".")[0]
+        parts = dotted.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise UserError(f"{origin} is not of the form section.key=value (deeper keys joined by dots); write "
+                            "e.g. --set training.max_steps=200 or --set data.sources.web.weight=2.")
+        section = parts[0]
         if section not in Config.model_fields:
             close = difflib.get_close_matches(section, list(Config.model_fields), n=1, cutoff=0.5)
             hint = f"did you mean {close[0]}? " if close else ""
             raise UserError(f"{origin}: unknown section {section}; {hint}sections: {', '.join(Config.model_fields)}.")
+        if dotted in parsed:
+            raise UserError(f"{parsed[dotted][1]} and {origin} both set {dotted}; pass it once.")
         parsed[dotted] = (_parse_yaml(text, origin, "value") if text.strip() else None, origin)
     return parsed
+
+
+def apply_override(raw: dict[str, Any], dotted: str, value: Any, origin: str, created: dict[str, str]) -> str:
+    """Set `dotted` (a path as parse_set takes it) to `value` in the file's raw dict, walking the schema beside it.
+    Returns the path as validation names it (phases by index). A mapping the path needs that the file lacks is
+    made (recorded in `created` with `origin`); a key the schema lacks, a list index past the file's phases, or a
+    path through a plain value is refused in one sentence naming the item: an override is never dropped."""
+    node: Any = raw  # the file's value at the path so far: a mapping, or the list of phases
+    annotation: Any = Config  # the schema's type there
+    done: list[str] = []
+    parts, i = dotted.split("."), 0
+    while True:
+        taken = _name_length(annotation, node, parts[i:])  # names may hold dots: en.wiki
+        key, below = _schema_step(annotation, node, ".".join(parts[i:i + taken]), done, origin)
+        i += taken
+        if i == len(parts):
+            node[key] = value
+            return ".".join([*done, str(key)])
+        done.append(str(key))
+        node = _container(node, key, below, ".".join(done), origin, created)
+        annotation = below
+
+
+def _name_length(annotation: Any, node: Any, rest: list[str]) -> int:
+    """How many parts of a --set path's `rest` name the entry of a dict of sources or a list of phases: the most
+    that join (with dots) into a name the file has, else one."""
+    annotation = _inner(annotation)
+    if _is_section(annotation) or not isinstance(node, dict | list):
+        return 1
+    names = set(node) if isinstance(node, dict) else {item.get("name") for item in node if isinstance(item, dict)}
+    return next((k for k in range(len(rest), 1, -1) if ".".join(rest[:k]) in names), 1)
+
+
+def _schema_step(annotation: Any, node: Any, part: str, done: list[str], origin: str) -> tuple[str | int, Any]:
+    """One step of a --set path: the key in the file's `node` (an index into a list) and the schema's type below."""
+    annotation = _inner(annotation)
+    if _is_section(annotation):
+        if part not in annotation.model_fields:
+            raise UserError(unknown_key([*done, part], origin))
+        return part, annotation.model_fields[part].annotation
+    if get_origin(annotation) is list:
+        return _list_index(node, part, ".".join(done), origin), get_args(annotation)[0]
+    if get_origin(annotation) is dict or annotation is Any:  # data.sources.NAME, a phase's overrides
+        return part, get_args(annotation)[-1] if get_args(annotation) else Any
+    where = ".".join(done)
+    raise UserError(f"{origin}: {where} is a value, not a section with keys; write --set {where}=VALUE.")
+
+
+def _container(node: Any, key: str | int, annotation: Any, path: str, origin: str, created: dict[str, str]) -> Any:
+    """The mapping (or list) at node[key] that a --set path goes through; made if the file lacks it."""
+    kind = list if get_origin(_inner(annotation)) is list else dict
+    child = node[key] if isinstance(node, list) else node.get(key)
+    if child is None:
+        child = node[key] = kind()
+        created[path] = origin
+    if not isinstance(child, kind):
+        what = "list" if kind is list else "mapping"
+        raise UserError(f"{origin}: the file's {path} is {_short(child)}, not a {what}; fix it in the file.")
+    return child
+
+
+def _list_index(items: list[Any], part: str, where: str, origin: str) -> int:
+    """A phase named in a --set path: digits are an index into the file's list, anything else a phase's name."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    listed = ", ".join(f"{i} {n}" for i, n in enumerate(names)) or "none"
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    if not part.isdigit() and part in names:
+        return names.index(part)
+    raise UserError(f"{origin}: the file has no {where} entry {part!r} (its {where}: {listed}); name one by its "
+                    f"index or its name, or add it in the file.")
 
 
 class _DuplicateKey(yaml.YAMLError):
@@ -731,14 +853,19 @@ def load_config(
         overrides["training.stop_at"] = overrides.pop("training.max_steps")
         if origins and "training.max_steps" in origins:
             origins = {**origins, "training.stop_at": origins["training.max_steps"]}
+    # Every override reaches the file's dict or is refused: none is skipped. They are named by the path that
+    # validation reports (a phase by index), and so is every mapping one of them made.
+    named: dict[str, str] = {}
+    given: dict[str, str] = {}  # resolved path -> the item that set it
     for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        if not isinstance(raw.get(section, {}), dict | None):
-            break  # validation below reports the malformed section
-        if raw.get(section) is None:
-            raw[section] = {}
-        raw[section][key] = value
-    config = validate(raw, str(path), {k: (origins or {}).get(k) or flag_for(k) for k in overrides})
+        origin = (origins or {}).get(dotted) or flag_for(dotted)
+        resolved = apply_override(raw, dotted, value, origin, named)
+        # A later item that sets a key again, or a whole mapping holding an earlier item's key, would drop it.
+        earlier = next((o for k, o in given.items() if k == resolved or k.startswith(resolved + ".")), None)
+        if earlier:
+            raise UserError(f"{earlier} and {origin} both set {resolved}; pass it once.")
+        named[resolved] = given[resolved] = origin
+    config = validate(raw, str(path), named)
     config.check_consistency(str(path))
     return config
 
@@ -756,11 +883,15 @@ def validate(raw: dict[str, Any], source: str, origins: dict[str, str] | None = 
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        origin = (origins or {}).get(key)
+        # A typo first: it explains the required key it leaves missing beside it.
+        err = min(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc)
+        # The command line's item that set this key, or made the mapping that holds it (a new source's).
+        origin = next(((origins or {}).get(".".join(loc[:n])) for n in range(len(loc), 0, -1)
+                       if ".".join(loc[:n]) in (origins or {})), None)
         if origin:  # the value came from the command line, not the file
-            if err["type"] == "extra_forbidden":
+            if err["type"] in ("extra_forbidden", "missing") or loc[-1] == "[key]":
                 raise UserError(describe_error(err, origin)) from None
             msg = _message(err)
             shown = origin if origin.startswith("--set") else f"{origin} {_short(err.get('input'))}"
@@ -780,27 +911,71 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
+def _inner(annotation: Any) -> Any:
+    """X from `X | None` and `Annotated[X, ...]`: the type a value at that place is validated as."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) in (Union, types.UnionType):
+            kinds = [a for a in get_args(annotation) if a is not type(None)]
+            if len(kinds) != 1:
+                return annotation
+            annotation = kinds[0]
+        else:
+            return annotation
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def schema_at(path: list[str]) -> Any:
+    """The schema's type at a path of keys, walked as validation walks it: a section's field, a value of a dict
+    (data.sources.NAME), an item of a list (phases.0). None once the path leaves the schema (or a free-form
+    dict such as a phase's overrides): a caller describing an error must never fail on a strange path."""
+    annotation: Any = Config
+    for part in path:
+        annotation = _inner(annotation)
+        if _is_section(annotation):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif get_origin(annotation) in (dict, list) and get_args(annotation):
+            annotation = get_args(annotation)[-1]
+        else:
+            return None
+    return _inner(annotation)
+
+
+def unknown_key(path: list[str], source: str) -> str:
+    """One sentence for a key the schema does not have at `path`: the nearest valid key and the valid ones."""
+    key, prefix = ".".join(path), ".".join(path[:-1])
+    parent = schema_at(path[:-1])
+    valid = list(parent.model_fields) if _is_section(parent) else []
+    close = difflib.get_close_matches("".join(path[-1:]), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+    listed = f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}." if valid else \
+        f"{prefix} takes no keys of its own."
+    return f"{source}: unknown key {_short(key, 80)}; {hint}{listed}"
+
+
 def describe_error(err: Any, source: str) -> str:
     """One sentence for a pydantic error: the file, the dotted key, the value, and the fix."""
     loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc)
     kind = err["type"]
+    if len(loc) >= 2 and loc[-1] == "[key]":  # a mapping's key failed its own type: a source's name
+        key = ".".join(loc[:-2])
+        return f"{source}: {key} names the source {_short(loc[-2])}, but {_message(err)}; rename it."
+    key = ".".join(loc)
     if kind == "extra_forbidden":
-        parent: type[BaseModel] = Config
-        for part in loc[:-1]:
-            parent = Config.model_fields[part].annotation  # type: ignore[assignment]
-        valid = list(parent.model_fields)
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
-        prefix = ".".join(loc[:-1])
-        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-        return (
-            f"{source}: unknown key {_short(key, 80)}; {hint + ' ' if hint else ''}"
-            f"valid keys{' in ' + prefix if prefix else ''}: {', '.join(valid)}."
-        )
+        return unknown_key(loc, source)
     value = err.get("input")
     if kind == "model_type" and value is None and len(loc) == 1:  # `model:` with nothing under it
         return (f"{source}: section {key} is empty ({key}: with no key under it); write its keys, or delete the "
                 "line to keep the defaults.")
+    if kind == "missing":
+        return f"{source}: {key} is required and not set; set it."
     if kind == "invalid_key":
         where = f"in {'.'.join(loc[:-1])}" if len(loc) > 1 else "at the top level"
         return f"{source}: key {_short(loc[-1])} {where} is not a name; keys are words such as batch_size."

@@ -24,12 +24,16 @@ there, then regenerate. -->
 
 A YAML file with up to six sections; every key is optional. The schema in `src/encoder_train/config.py` is the only
 place defaults live, and the order of precedence is fixed: schema defaults < the YAML file < command-line flags
-(`--learning_rate 1e-4`, or any key with `--set training.warmup_steps=100`). The resolved config is printed at
-start and stored in every checkpoint. An unknown key, a wrong type or an out-of-range value stops the run with one
-sentence naming the file and the key, and for a typo the nearest valid key (`run.yaml: unknown key
-training.learnin_rate; did you mean training.learning_rate? ...`). `src/encoder_train/configs/base.yaml` comments
-every field with RoBERTa's reasons; the bundled configs are tiny, demo, small, base, large, tiny-modernbert,
-modernbert-base and modernbert-large (`--config_file base.yaml` works from any folder).
+(`--learning_rate 1e-4`, or any key at any depth with `--set training.warmup_steps=100`, `--set
+data.sources.web.weight=2`, `--set phases.1.steps=4` or `--set phases.decay.steps=4`: a phase by index or by name,
+digits being an index; docs/training.md). The resolved config is printed at start and stored in every checkpoint.
+An unknown key at any depth, a wrong type or an out-of-range value stops the run with one sentence naming the file
+(or the `--set` item) and the key, and for a typo the nearest valid key (`run.yaml: unknown key
+data.sources.web.weigth; did you mean data.sources.web.weight? ...`). Source and phase names are 1 to 64 ASCII
+letters, digits, `_`, `-` and `.`, starting with a letter or digit: they become metric keys and folder names.
+`src/encoder_train/configs/base.yaml` comments every field with RoBERTa's reasons; the bundled configs are tiny,
+demo, small, base, large, tiny-modernbert, modernbert-base and modernbert-large (`--config_file base.yaml` works
+from any folder).
 """
 
 SECTIONS = {

@@ -72,9 +72,28 @@ def build_stable_adamw(groups: list[dict], cfg: TrainingConfig) -> torch.optim.O
     decoupled form (decouple_lr=True: x (1 - lr / peak lr x weight_decay), weight_decay 1e-5 at a peak lr of 8e-4):
     the same decay as training.weight_decay = 1e-5 / 8e-4 = 0.0125 here. Kahan summation is off (it only matters
     for bf16 weights; ours are fp32); on CUDA optimi picks its Triton kernels, elsewhere a loop over tensors."""
-    optimi = require("optimi", "stable_adamw", "training.optimizer stable_adamw")
+    optimi = require_optimi()
     return optimi.StableAdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                               eps=cfg.adam_eps, weight_decay=cfg.weight_decay, decouple_lr=False)
+
+
+def require_optimi():
+    return require("optimi", "stable_adamw", "training.optimizer stable_adamw")
+
+
+def require_muon() -> None:
+    if not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer muon needs torch.optim.Muon, new in PyTorch 2.9, and this is PyTorch "
+                        f"{torch.__version__}; upgrade torch, or choose adamw or stable_adamw.")
+
+
+# What an optimizer needs beyond the core install, checked before a run starts (--dry_run too): a missing package
+# is one sentence naming what installs it, not a failure after the model is built.
+OPTIMIZER_NEEDS = {"stable_adamw": require_optimi, "muon": require_muon}
+
+
+def require_optimizer(cfg: TrainingConfig) -> None:
+    OPTIMIZER_NEEDS.get(cfg.optimizer, lambda: None)()
 
 
 def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -96,9 +115,7 @@ def build_muon(model: nn.Module, cfg: TrainingConfig, device: torch.device) -> M
     takes training.learning_rate and its schedule as AdamW does, and training.weight_decay with the same meaning
     (weights x (1 - lr x weight_decay)). Momentum: training.muon_momentum (0.95, Nesterov), 5 Newton-Schulz steps
     in bf16, as its authors advise."""
-    if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"training.optimizer muon needs torch.optim.Muon, new in PyTorch 2.9, and this is PyTorch "
-                        f"{torch.__version__}; upgrade torch, or choose adamw or stable_adamw.")
+    require_muon()
     matrices = muon_matrices(model)
     chosen = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in chosen]

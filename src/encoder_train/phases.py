@@ -20,9 +20,13 @@ import math
 from dataclasses import dataclass
 
 from encoder_train.config import Config
-from encoder_train.data.mixture import SINGLE, Source, draw_counts
+from encoder_train.data.mixture import SINGLE, Source, draw_counts, mix_shares
 from encoder_train.errors import UserError
 from encoder_train.optim import lr_factor
+
+# Epochs of one source past which a plan is warned about: returns from repeated data fall to next to nothing
+# around 16 epochs (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
+MANY_EPOCHS = 16
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class Plan:
         for i, p in enumerate(config.phases):
             where = f"phases[{i}] ({p.name})"
             cfg = config.phase_config(i)
-            steps = p.steps or self._steps_for_tokens(cfg, p.tokens)
+            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, where)
             cfg = config.phase_config(i, steps)
             warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
             if warm > steps:
@@ -67,6 +71,8 @@ class Plan:
                 and config.training.max_steps != self.total_steps:
             raise UserError(f"training.max_steps ({config.training.max_steps}) disagrees with the phases, which "
                             f"last {self.total_steps} steps; remove training.max_steps or make them agree.")
+        for phase in self.phases:
+            self._check_masking(phase)
 
     # ---- the phases ----
 
@@ -122,10 +128,10 @@ class Plan:
         return sum(self.rows_per_step(phase.start + t) for t in range(warm)) + \
             (phase.steps - warm) * cfg.batch_size * self.micro_per_step
 
-    def _steps_for_tokens(self, cfg: Config, tokens: int) -> int:
+    def _steps_for_tokens(self, cfg: Config, tokens: int, where: str) -> int:
         """Steps to read `tokens` token slots, batch warmup included: a row counts its source's row width, so a
         step's expected slots are its rows times the mean width under the phase's weights."""
-        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, ""), strict=True))
+        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, where), strict=True))
         t, done = cfg.training, 0
         for step in range(t.batch_size_warmup_steps):
             rows = max(1, t.batch_size_start + (t.batch_size - t.batch_size_start) * step // t.batch_size_warmup_steps)
@@ -140,21 +146,81 @@ class Plan:
         data = cfg.data
         if data.sources is None:
             return (1.0,)
-        raw = {}
-        for name, src in data.sources.items():
-            source = self.sources[self.names.index(name)]
-            raw[name] = source.token_slots ** data.temperature if data.temperature is not None else (src.weight or 1.0)
-        total = sum(raw.values())
-        return tuple(raw.get(n, 0.0) / total for n in self.names)
+        shares = mix_shares(data, self.sources, where or "data.sources")
+        return tuple(shares.get(n, 0.0) for n in self.names)
+
+    def _check_masking(self, phase: Phase) -> None:
+        """Refuse a phase whose micro-batches are expected to select fewer than one token for prediction: most
+        would predict nothing and the run would train at loss 0. Counted generously (every row full, all but <s>
+        and </s> selectable), at the phase's smallest micro-batch and lowest mask rate (its start or its end)."""
+        data = phase.config.data
+        selectable = data.batch_tokens or sum(w * max(s.width - 2, 0) for s, w in zip(self.sources, phase.weights,
+                                                                                    strict=True))
+        if not selectable:  # rows of <s></s> alone: the shards' own check names the file
+            return
+        for step in (phase.start, phase.end - 1):
+            rows = 1 if data.batch_tokens else self.micro_rows(step)
+            expected = self.mask_rate(step) * rows * selectable
+            if expected < 1:
+                key = "mask_probability_end" if step != phase.start and data.mask_probability_end else \
+                    "mask_probability"
+                size = f"{data.batch_tokens} tokens" if data.batch_tokens else \
+                    f"{rows} row{'s' * (rows != 1)} of up to {selectable + 2:.0f} tokens"
+                where = f"phases[{phase.index}] ({phase.name})" if phase.name else "the config"
+                raise UserError(f"{where}: data.{key} {getattr(data, key):g} selects about {expected:.2g} tokens "
+                                f"per micro-batch ({size}), fewer than 1, so most steps would predict nothing and "
+                                f"train at loss 0; raise data.{key} (0.15 is RoBERTa's) or the batch.")
+
+    def rows_read(self) -> list[float]:
+        """The rows the run is expected to read of each source (in the sources' order), over all ranks."""
+        read = [0.0] * len(self.sources)
+        for p in self.phases:
+            rows = self.phase_rows(p)
+            for i, w in enumerate(p.weights):
+                read[i] += rows * w
+        return read
+
+    def warnings(self, max_tokens: int) -> list[str]:
+        """What in the plan runs but makes no sense, one sentence each: a source read over and over, and rows far
+        shorter than the `max_tokens` a row of the model may have."""
+        lines = []
+        for s, rows in zip(self.sources, self.rows_read(), strict=True):
+            if rows > MANY_EPOCHS * s.rows:
+                key, fix = ("data.data_dir", "add data or shorten the run") if s.name == SINGLE else \
+                    (f"source {s.name}", "add data, shorten the run or lower the source's weight")
+                lines.append(f"{key} is read about {rows / s.rows:,.0f} times over ({rows:,.0f} rows of its "
+                             f"{s.rows:,}), and past ~{MANY_EPOCHS} epochs repeated rows add next to nothing "
+                             f"(Muennighoff et al. 2023); {fix}.")
+        short = self._short_rows(max_tokens)
+        if short:
+            widest, phases = short
+            who = ("the run reads" if not self.config.phases else f"phase {phases[0].name} reads" if len(phases) == 1
+                   else f"phases {', '.join(p.name for p in phases)} read")
+            later = ", and no later phase reads longer ones" if self.config.phases else ""
+            lines.append(f"{who} rows of at most {widest} tokens, under a quarter of the {max_tokens:,} a row of this "
+                         f"model may have (model.max_position_embeddings){later}: the model never trains on longer "
+                         "rows; feed it longer rows (pretokenize --seq_len) or lower model.max_position_embeddings.")
+        return lines
+
+    def _short_rows(self, max_tokens: int) -> tuple[int, list[Phase]] | None:
+        """The widest row and the phases from the first that, with every phase after it, reads only rows under a
+        quarter of `max_tokens` (a short-context stage before a longer one is a curriculum, not a mistake)."""
+        tail: list[Phase] = []
+        widest = 0
+        for p in reversed(self.phases):
+            width = max(s.width for s, w in zip(self.sources, p.weights, strict=True) if w)
+            if 4 * width >= max_tokens:
+                break
+            tail.insert(0, p)
+            widest = max(widest, width)
+        return (widest, tail) if tail else None
 
     def describe(self) -> list[str]:
         """The plan in lines: each phase's steps, tokens, mix and schedule; each source's size and epochs read."""
-        lines, read = [], [0.0] * len(self.sources)
+        lines, read = [], self.rows_read()
         for p in self.phases:
             rows = self.phase_rows(p)
             slots = sum(rows * w * s.width for w, s in zip(p.weights, self.sources, strict=True))
-            for i, w in enumerate(p.weights):
-                read[i] += rows * w
             t, d = p.config.training, p.config.data
             mix = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self.names, p.weights, strict=True) if w) \
                 if len(self.sources) > 1 or self.names != [SINGLE] else "one source"

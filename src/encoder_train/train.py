@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from encoder_train import checkpoint, devices, distributed
+from encoder_train import checkpoint, devices, distributed, preflight
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.checkpointing import Saver, find_resume
 from encoder_train.config import Config, dump_yaml
@@ -149,6 +149,7 @@ class Run:
 
 def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sources: set[str] = frozenset()) -> Run:
     config, tokenizer, dims, init_weights = resolve_model(config, world)
+    preflight.check_can_run(config)
     spec = mask_spec(tokenizer, config)
     plan = Plan(config, scan_sources(config.data, dims.max_tokens), world.world_size)
     config = with_plan_length(config, plan)
@@ -184,6 +185,8 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     run = Run(config, world, state, plan, stream, val_shards, ckpt_dir)
     enter_phase(run, plan.phase_at(state.step), announce=False)
     describe(run)
+    for line in preflight.warnings(config, dims, tokenizer.get_vocab_size(), plan):
+        run.say(f"warning: {line}")
     return run
 
 
@@ -280,6 +283,7 @@ def rows_per_step(run: Run) -> int:
 
 def _dry_run(config: Config, world: World) -> TrainResult:
     config, tokenizer, dims, _ = resolve_model(config, world)
+    preflight.check_can_run(config)
     estimate = devices.training_memory(dims, world, config.training.data_parallel, config.training.optimizer)
     plan = None
     if config.data.data_dir or config.data.sources:
@@ -296,6 +300,8 @@ def _dry_run(config: Config, world: World) -> TrainResult:
               + (config.data.data_dir or f"{len(plan.sources)} sources"))
         print(f"plan: {plan.total_steps:,} steps over {world.world_size} process"
               f"{'es' * (world.world_size != 1)}\n  " + "\n  ".join(plan.describe()))
+    for line in preflight.warnings(config, dims, tokenizer.get_vocab_size(), plan):
+        print(f"warning: {line}")
     print("dry run: nothing was trained or written.")
     return TrainResult(0, 0, None, None)
 

@@ -20,6 +20,7 @@ order and masks do not depend on a source name (checkpoints of such runs resume 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -123,6 +124,44 @@ class Fixed:
 
     def batch(self, g: int) -> tuple[list[int], float]:
         return [self.rows], self.mask_rate
+
+
+def mix_shares(data: DataConfig, sources: list[Source], where: str) -> dict[str, float]:
+    """The share of rows each of data.sources gets (`sources`: the run's, scanned), summing to 1: from the
+    sources' weights, or from their sizes in token slots to the power data.temperature. A share that rounds to 0 (a
+    weight 1e-300 beside 1e300) is refused: that source would never be read."""
+    named = data.sources or {}
+    sized = {s.name: s for s in sources}
+    if data.temperature is not None:
+        weights = temperature_weights([sized[n].token_slots for n in named], data.temperature)
+    else:
+        weights = [src.weight or 1.0 for src in named.values()]
+    shares = dict(zip(named, normalise(weights), strict=True))
+    for name, share in shares.items():
+        if share == 0.0:
+            why = (f"data.temperature {data.temperature:g} on sources of {sized[name].token_slots:,} and up to "
+                   f"{max(sized[n].token_slots for n in named):,} token slots" if data.temperature is not None
+                   else f"its weight {named[name].weight:g} beside {max(weights):g}")
+            raise UserError(f"{where}: the share of source {name} rounds to 0 ({why}), so it would never be read; "
+                            "raise its weight, lower the temperature, or leave the source out.")
+    return shares
+
+
+def normalise(weights: Sequence[float]) -> list[float]:
+    """Positive finite weights -> shares summing to 1. Each is divided by the largest before they are added:
+    the plain sum of weights near the float limit (1e308 + 1e308) is inf, which would make every share 0."""
+    top = max(weights)
+    scaled = [w / top for w in weights]  # each in [0, 1], the largest 1: their sum is at most len(weights)
+    total = sum(scaled)
+    return [w / total for w in scaled]
+
+
+def temperature_weights(sizes: Sequence[int], temperature: float) -> list[float]:
+    """size ** temperature relative to the largest size's, in log space: (s / s_max) ** t = exp(t (ln s - ln s_max)),
+    each in [0, 1] for any finite t > 0. The plain power overflows a float (2,880 ** 100; a corpus of 1e12 tokens
+    at t ~ 26). An empty source weighs 0."""
+    top = math.log(max(max(sizes), 1))
+    return [math.exp(temperature * (math.log(s) - top)) if s > 0 else 0.0 for s in sizes]
 
 
 def draw_counts(weights: Sequence[float], rows: int, seed: int, g: int) -> list[int]:
