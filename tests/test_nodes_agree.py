@@ -3,6 +3,7 @@ world size or batch_size), and nodes started with different configs or data are 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,10 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from conftest import make_shards, make_tokenizer
+from encoder_train.agreement import what_must_agree
 from encoder_train.config import load_config
 from encoder_train.data.mixture import scan_sources
+from encoder_train.data.shards import scan_shards
+from encoder_train.distributed import disagreement
 from encoder_train.phases import Plan
+from encoder_train.tokenizer import load_tokenizer
+from test_distributed import CONFIG
 from test_recipes import recipe, records, run
 
 # Sources of the recipe helper: web rows of 32 slots at weight 3, code rows of 48 at weight 1: a row's expected
@@ -70,10 +78,9 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens
     assert rows == 8 * 4 + 3 * 8  # 8 steps of 4 rows, then 3 of 8
 
 
-def torchrun(*args: str, check: bool = True, nproc: int = 2) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                        *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=300)
+def torchrun(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -100,3 +107,131 @@ def test_a_two_process_run_resumed_by_one_keeps_its_plan_and_says_what_changed(t
     out = capsys.readouterr().out
     assert "each step now takes a different number of rows (8 rows -> 4 rows)" in out
     assert phases_by_step(tmp_path / "ckpt") == ["a"] * 3 + ["b"] * 7
+
+
+# ---- nodes started alike ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict[str, Path]:
+    """A config, a tokenizer, shards, the same shards in another folder (another mount), and other shards."""
+    root = tmp_path_factory.mktemp("agree")
+    data = make_shards(root / "data")
+    copy = root / "mounted-elsewhere"
+    shutil.copytree(data, copy)
+    config = root / "config.yaml"
+    config.write_text(CONFIG.replace("BATCH", "8").replace("DROPOUT", "0.1").replace("PARALLEL", "ddp"))
+    return {"data": data, "copy": copy, "other": make_shards(root / "other", files=2), "config": config,
+            "tok": make_tokenizer(root / "tok.json")}
+
+
+def agreed(inputs, folder: Path | None = None, restart: frozenset = frozenset(), **sections) -> dict[str, str]:
+    """what_must_agree of the inputs' config with `sections` merged in, reading the shards in `folder`."""
+    raw = yaml.safe_load(inputs["config"].read_text())
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["data"] = {"data_dir": str(folder or inputs["data"]), "tokenizer_filepath": str(inputs["tok"]), **raw["data"]}
+    path = inputs["config"].parent / f"variant-{len(sections)}-{hash(repr(sections))}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = load_config(path)
+    val = scan_shards(config.data.val_data_dir, 128) if config.data.val_data_dir else None
+    tokenizer = load_tokenizer(str(inputs["tok"]))
+    return what_must_agree(config, scan_sources(config.data, 128), val, tokenizer, set(restart))
+
+
+def test_what_may_differ_between_nodes_does_not_count(inputs):
+    """Per-node things: the data at another path with the same files, the loader's workers, the checkpoint folder."""
+    assert agreed(inputs) == agreed(inputs, inputs["copy"]) == agreed(
+        inputs, inputs["copy"], data={"num_workers": 3, "prefetch_batches": 7},
+        checkpoint={"checkpoint_dir": "/elsewhere"})
+
+
+@pytest.mark.parametrize("change, first, values", [
+    ({"training": {"batch_size": 4}}, "training.batch_size", ("8", "4")),
+    ({"training": {"stop_at": 5}}, "training.stop_at", ("not set", "5")),
+    ({"model": {"hidden_size": 64, "num_heads": 4}}, "model.hidden_size", ("32", "64")),
+    ({"data_dir": "other"}, "the data of --data_dir", ("3 shards, 192 rows", "2 shards, 128 rows")),
+    ({"restart": frozenset({"data_dir"})}, "--restart_source", ("none", "data_dir")),
+])
+def test_the_first_difference_is_named_with_each_value_rank_and_host(inputs, change, first, values):
+    kwargs = dict(change)
+    if "data_dir" in kwargs:
+        kwargs = {"folder": inputs[kwargs.pop("data_dir")]}
+    same, other = agreed(inputs), agreed(inputs, **kwargs)
+    assert same != other
+    message = disagreement([(same, "node-a"), (same, "node-a"), (other, "node-b"), (other, "node-b")])
+    assert message.startswith("the processes of this run were started with different settings or data: "
+                              f"{first} is {values[0]}")
+    assert f" on rank 0 (host node-a) but {values[1]}" in message and " on ranks 2, 3 (host node-b)" in message
+    assert message.endswith("start every node with the same config, flags and data (only the folders' paths may "
+                            "differ between nodes).")
+    assert "\n" not in message
+
+
+def test_other_sources_are_named_before_their_settings(inputs, tmp_path):
+    web, code = make_shards(tmp_path / "web"), make_shards(tmp_path / "code", files=1)
+    two = agreed(inputs, data={"data_dir": None, "sources": {"web": {"data_dir": str(web)},
+                                                             "code": {"data_dir": str(code)}}})
+    one = agreed(inputs, data={"data_dir": None, "sources": {"web": {"data_dir": str(code)}}})
+    message = disagreement([(two, "a"), (one, "b")])
+    assert "the list of sources is code, web on rank 0 (host a) but web on rank 1 (host b) (also " in message, message
+    assert "the data of data.sources.web.data_dir" in message
+
+
+def launch_two(inputs, tmp_path: Path, rank1: list[str], config: Path | None = None) -> subprocess.CompletedProcess:
+    """One torchrun of 2 processes whose rank 1 gets `rank1` appended to its command line (the last flag wins): two
+    processes started differently, as two nodes would be. `config`: a file with data.sources, in place of the
+    inputs' config and --data_dir."""
+    wrapper = tmp_path / "rank1_differs.py"
+    wrapper.write_text("import json, os, sys\nfrom encoder_train.cli import main\n"
+                       "extra = json.loads(os.environ['RANK1_ARGS']) if os.environ['RANK'] == '1' else []\n"
+                       "sys.exit(main(sys.argv[1:] + extra))\n")
+    data = ["--config_file", str(config)] if config else ["--config_file", str(inputs["config"]), "--data_dir",
+                                                            str(inputs["data"])]
+    return torchrun(str(wrapper), "train", *data, "--tokenizer_filepath", str(inputs["tok"]), "--checkpoint_dir",
+                    str(tmp_path / "ckpt"), "--max_steps", "2", check=False, RANK1_ARGS=json.dumps(rank1))
+
+
+def assert_refused(r: subprocess.CompletedProcess, words: str, ckpt: Path) -> None:
+    """Every rank exits 2 with the one sentence, no traceback, no abort; nothing is written."""
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if "encoder-train: error:" in line]
+    assert sorted(line[:9] for line in lines) == ["[rank 0] ", "[rank 1] "], r.stderr[-3000:]
+    assert all(words in line and "start every node with the same config" in line for line in lines), lines
+    assert "exitcode: 2" in r.stderr and "SIGABRT" not in r.stderr and "EnforceNotMet" not in r.stderr
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr  # only torchrun's own
+    assert not list(ckpt.glob("checkpoint_*"))
+
+
+def test_a_process_started_with_another_batch_size_is_refused(inputs, tmp_path):
+    r = launch_two(inputs, tmp_path, ["--batch_size", "4"])
+    assert_refused(r, "training.batch_size is 8 on rank 0 (host ", tmp_path / "ckpt")
+    assert "but 4 on rank 1 (host " in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank1, words", [
+    (["--data_dir", "OTHER"], "the data of --data_dir is 3 shards, 192 rows of up to 32 tokens"),
+    (["--config_file", "WIDE"], "model.hidden_size is 32 on rank 0"),
+    (["--set", "training.stop_at=1"], "training.stop_at is not set on rank 0"),
+    (["--config_file", "ONE_SOURCE"], "the list of sources is code, web on rank 0 (host "),
+])
+def test_processes_started_with_other_data_shape_stop_or_sources_are_refused(inputs, tmp_path, rank1, words):
+    raw = yaml.safe_load(inputs["config"].read_text())
+    files = {name: tmp_path / f"{name}.yaml" for name in ("WIDE", "TWO_SOURCES", "ONE_SOURCE")}
+    files["WIDE"].write_text(yaml.safe_dump({**raw, "model": {**raw["model"], "hidden_size": 64}}))
+    web, code = {"data_dir": str(inputs["data"])}, {"data_dir": str(inputs["other"])}
+    files["TWO_SOURCES"].write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "sources": {"web": web,
+                                                                                               "code": code}}}))
+    files["ONE_SOURCE"].write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "sources": {"web": web}}}))
+    names = {"OTHER": inputs["other"], **files}
+    sources = files["TWO_SOURCES"] if "ONE_SOURCE" in rank1 else None  # both read sources, rank 1 one fewer
+    r = launch_two(inputs, tmp_path, [str(names.get(a, a)) for a in rank1], sources)
+    assert_refused(r, words, tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+def test_processes_reading_the_same_files_at_other_paths_train(inputs, tmp_path):
+    r = launch_two(inputs, tmp_path, ["--data_dir", str(inputs["copy"]), "--set", "data.num_workers=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "checkpoint_00000002.pt").exists()
