@@ -20,6 +20,7 @@ from encoder_train.config import load_config
 from encoder_train.data.mixture import scan_sources
 from encoder_train.data.shards import scan_shards
 from encoder_train.distributed import disagreement
+from encoder_train.errors import UserError
 from encoder_train.phases import Plan
 from encoder_train.tokenizer import load_tokenizer
 from test_distributed import CONFIG
@@ -60,6 +61,11 @@ def test_phase_lengths_in_tokens_hold_across_a_resume_with_other_rows_per_step(t
     later = Plan(config, sources, 2, one.progress(8))
     assert [(p.start, p.steps) for p in later.phases] == [(0, 6), (6, 5)]  # 2 x 144 done, 864 left at 288
     assert Plan(config, sources, 1, one.progress(8)).phases[1].steps == 8  # the same rows: the same plan
+    # Resumed after step 1 (72 slots) at 16 processes: 72 + 2 x 16 x 36 >= 684 would end a after 2 steps, inside
+    # its 3-step batch warmup: it lasts through the warmup.
+    assert Plan(config, sources, 16, one.progress(1)).phases[0].steps == 3
+    with pytest.raises(UserError, match="mangled plan"):
+        Plan(config, sources, 1, {"phases": [{"name": "a", "steps": "x"}]})
 
 
 def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens(tmp_path, capsys):

@@ -18,7 +18,8 @@ phase, the steps and the expected token slots done in it (`progress`). A run res
 (another world size, batch_size or accumulation) keeps the phases already done as they ran, trains the remaining
 slots of the phase in progress at its own rows per step, and turns later phases into steps at those rows. The
 phase in progress then has another length in steps, and its schedules (learning rate, batch and mask warmups)
-stretch or shrink to it from the resumed step on, as when a phase is lengthened.
+stretch or shrink to it from the resumed step on, as when a phase is lengthened (it still lasts through its
+warmups).
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ class Plan:
             where = f"phases[{i}] ({p.name})"
             cfg = config.phase_config(i)
             done = saved.get((i, p.name), Done()) if p.tokens else Done()
-            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, done)
-            cfg = config.phase_config(i, steps)
             warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
+            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, done)
+            if done.steps:  # resumed with more rows per step, a phase still lasts through its warmups
+                steps = max(steps, warm)
+            cfg = config.phase_config(i, steps)
             if warm > steps:
                 raise UserError(f"{where} lasts {steps} steps ({p.tokens:,} tokens) but warms up over {warm}; "
                                 "shorten the warmup or lengthen the phase.")
@@ -244,5 +247,9 @@ def _saved_progress(progress: dict | None) -> dict[tuple[int, str], Done]:
     """A checkpoint's record by (phase index, name): a phase renamed or moved since counts as not begun."""
     if not progress:  # a fresh run, or a checkpoint written before plans were stored
         return {}
-    return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["steps"]) >= int(p["length"]))
-            for i, p in enumerate(progress["phases"])}
+    try:
+        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["steps"]) >= int(p["length"]))
+                for i, p in enumerate(progress["phases"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint to resume from holds a mangled plan ({type(e).__name__}: {e}), so the "
+                        "phases' progress is unknown; resume from an earlier checkpoint.") from None
