@@ -78,6 +78,8 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens
     out = capsys.readouterr()
     assert phases_by_step(tmp_path / "ckpt") == ["a"] * 6 + ["b"] * 5
     assert "step 11: phase b complete" in out.err
+    assert ("phases given in tokens read their tokens at this run's rows per step: phase b now lasts 5 steps "
+            "(planned: 8); the run now lasts 11 steps.") in out.out
     last = torch.load(tmp_path / "ckpt/checkpoint_00000011.pt", weights_only=True)
     assert last["plan"]["phases"][1] == {"name": "b", "steps": 5, "length": 5, "slots": 8 * 144.0}
     rows = sum(last["data"]["stream"]["rows"].values())
@@ -106,12 +108,13 @@ def test_a_two_process_run_resumed_by_one_keeps_its_plan_and_says_what_changed(t
     assert run(path, "--load_checkpoint", "latest", "--checkpoint_dir", str(kept), "--batch_size", "8") == 0
     out = capsys.readouterr().out
     assert "resuming 2 processes' run with 1" in out and "each step still takes 8 rows" in out
-    assert "different number of rows" not in out
+    assert "different number of rows" not in out and "phases given in tokens" not in out  # the plan is the same
     assert phases_by_step(kept) == ["a"] * 3 + ["b"] * 4
 
     assert run(path, "--load_checkpoint", "latest") == 0
     out = capsys.readouterr().out
     assert "each step now takes a different number of rows (8 rows -> 4 rows)" in out
+    assert "phase b now lasts 7 steps (planned: 4); the run now lasts 10 steps." in out
     assert phases_by_step(tmp_path / "ckpt") == ["a"] * 3 + ["b"] * 7
 
 

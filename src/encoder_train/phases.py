@@ -177,6 +177,18 @@ class Plan:
             phases.append({"name": p.name, "steps": steps, "length": p.steps, "slots": self._slots(p, before, steps)})
         return {"phases": phases, "step_reads": self.step_reads(step)}
 
+    def resized(self, progress: dict | None) -> str | None:
+        """Say which phases given in tokens last another number of steps than in the plan of the checkpoint that
+        `progress` comes from (resumed with other rows per step), or None."""
+        saved = {(i, p["name"]): int(p["length"]) for i, p in enumerate((progress or {}).get("phases", []))}
+        resized = [f"phase {p.name} now lasts {p.steps:,} steps (planned: {saved[p.index, p.name]:,})"
+                   for p in self.phases if p.name and self.config.phases[p.index].tokens
+                   and saved.get((p.index, p.name), p.steps) != p.steps]
+        if not resized:
+            return None
+        return (f"phases given in tokens read their tokens at this run's rows per step: {', '.join(resized)}; the "
+                f"run now lasts {self.total_steps:,} steps.")
+
     def _slots(self, phase: Phase, before: Done, steps: int) -> float:
         """Expected token slots of the phase's first `steps` steps, those before a resume as they were counted."""
         if steps <= before.steps:

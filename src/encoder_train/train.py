@@ -175,6 +175,8 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
         init_weights = saved.get("model")
         plan = Plan(plan.config, plan.sources, world.world_size, saved.get("plan"))  # lengths in tokens hold
         config = with_plan_length(config, plan)
+        if resized := plan.resized(saved.get("plan")):
+            say(resized)
     elif init_weights is not None:
         say(f"starting from the weights in {config.model.init_from_hf}")
     state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp, plan)
