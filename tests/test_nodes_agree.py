@@ -177,6 +177,13 @@ def test_the_first_difference_is_named_with_each_value_rank_and_host(inputs, cha
     assert "\n" not in message
 
 
+def test_a_source_read_from_another_mount_agrees(inputs, tmp_path):
+    """A source's folders are per node, whatever its name (dots included)."""
+    def sources(folder: Path) -> dict:
+        return {"data_dir": None, "sources": {"en.wiki": {"data_dir": str(folder), "val_data_dir": str(folder)}}}
+    assert agreed(inputs, data=sources(inputs["data"])) == agreed(inputs, data=sources(inputs["copy"]))
+
+
 def test_other_sources_are_named_before_their_settings(inputs, tmp_path):
     web, code = make_shards(tmp_path / "web"), make_shards(tmp_path / "code", files=1)
     two = agreed(inputs, data={"data_dir": None, "sources": {"web": {"data_dir": str(web)},

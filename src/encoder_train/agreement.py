@@ -33,8 +33,10 @@ SOURCE_FOLDERS = ("data_dir", "val_data_dir")
 def what_must_agree(config: Config, sources: list[Source], val_shards: list[ShardInfo] | None, tokenizer: Tokenizer,
                     restart_sources: set[str]) -> dict[str, str]:
     """{what: value} of everything every process must share, values short enough for a message."""
+    per_node = PER_NODE | {f"data.sources.{name}.{folder}" for name in config.data.sources or {}
+                           for folder in SOURCE_FOLDERS}
     values = {"the list of sources": ", ".join(s.name for s in sources)}  # first: other sources differ in many keys
-    values |= {key: repr(value) for key, value in _flat(config.to_dict()) if not _per_node(key)}
+    values |= {key: repr(value) for key, value in _flat(config.to_dict()) if key not in per_node}
     values["--restart_source"] = ", ".join(sorted(restart_sources)) or "none"
     values["the tokenizer"] = (f"{tokenizer.get_vocab_size()} tokens (digest "
                                f"{hashlib.blake2b(tokenizer.to_str().encode(), digest_size=6).hexdigest()})")
@@ -55,11 +57,6 @@ def _flat(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     if isinstance(value, list) and value:
         return [kv for i, v in enumerate(value) for kv in _flat(v, f"{prefix}[{i}]")]
     return [(prefix, value)]
-
-
-def _per_node(key: str) -> bool:
-    parts = key.split(".")
-    return key in PER_NODE or (parts[:2] == ["data", "sources"] and len(parts) == 4 and parts[3] in SOURCE_FOLDERS)
 
 
 def _flag(source: str, folder: str) -> str:
