@@ -22,6 +22,7 @@ from encoder_train.data.shards import scan_shards
 from encoder_train.distributed import disagreement
 from encoder_train.errors import UserError
 from encoder_train.phases import Plan
+from encoder_train.state import world_size_note
 from encoder_train.tokenizer import load_tokenizer
 from test_distributed import CONFIG
 from test_recipes import recipe, records, run
@@ -84,6 +85,20 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens
     assert last["plan"]["phases"][1] == {"name": "b", "steps": 5, "length": 5, "slots": 8 * 144.0}
     rows = sum(last["data"]["stream"]["rows"].values())
     assert rows == 8 * 4 + 3 * 8  # 8 steps of 4 rows, then 3 of 8
+
+
+def test_the_world_size_note_speaks_of_rows_only_when_a_step_reads_other_rows():
+    two = [{"torch": None}] * 2  # a checkpoint of 2 processes has 2 RNG states
+    kept = world_size_note({"rng": two, "plan": {"step_reads": "8 rows"}}, 1, "8 rows")
+    assert kept.startswith("resuming 2 processes' run with 1: the data continues from the same row and each step "
+                           "still takes 8 rows, but dropout is reseeded")
+    halved = world_size_note({"rng": two, "plan": {"step_reads": "8 rows"}}, 1, "4 rows")
+    assert "each step now takes a different number of rows (8 rows -> 4 rows)" in halved
+    # A checkpoint written before the plan was stored: its config's global batch.
+    old = {"rng": two, "config": {"training": {"batch_size": 4, "gradient_accumulation_steps": 1}, "data": {}}}
+    assert "still takes 8 rows" in world_size_note(old, 1, "8 rows")
+    budget = {"rng": two, "config": {"training": {"gradient_accumulation_steps": 2}, "data": {"batch_tokens": 64}}}
+    assert "(256 token slots -> 128 token slots)" in world_size_note(budget, 1, "128 token slots")
 
 
 def torchrun(*args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
