@@ -69,6 +69,23 @@ def test_phase_lengths_in_tokens_hold_across_a_resume_with_other_rows_per_step(t
         Plan(config, sources, 1, {"phases": [{"name": "a", "steps": "x"}]})
 
 
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_resume_at_the_same_rows_per_step_keeps_the_plan_at_every_step(tmp_path, world_size):
+    """Weights 7 and 3 make a row's expected slots 0.7 x 32 + 0.3 x 48 = 36.8, which floating point does not hold
+    exactly, and 2,208 slots are 15 steps of 147.2: summing the slots done anew on resume would end a phase a step
+    away from where the uninterrupted run ends it. A resume at the rows it began with keeps its length."""
+    path = recipe(tmp_path, phases=[
+        {"name": "a", "tokens": 2208, "training": {"batch_size_start": 1, "batch_size_warmup_steps": 3}},
+        {"name": "b", "tokens": 736}], data={"sources": {"web": {"data_dir": str(tmp_path / "web"), "weight": 7},
+                                                         "code": {"data_dir": str(tmp_path / "code"), "weight": 3}}})
+    config = load_config(path)
+    sources = scan_sources(config.data, 128)
+    plan = Plan(config, sources, world_size)
+    lengths = [(p.start, p.steps) for p in plan.phases]
+    for step in range(plan.total_steps + 1):
+        assert [(p.start, p.steps) for p in Plan(config, sources, world_size, plan.progress(step)).phases] == lengths
+
+
 def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens(tmp_path, capsys):
     """Phases of 6 x 144 and 8 x 144 slots at 4 rows a step: 14 steps. Stopped 2 steps into phase b and resumed at 8
     rows a step (288 slots), b's remaining 864 slots take 3 steps: the run ends after 6 + 5 = 11, phase b complete

@@ -55,7 +55,12 @@ class Done:
 
     steps: int = 0
     slots: float = 0.0
-    complete: bool = False  # it had ended: it keeps the steps it ran
+    length: int = 0  # its length in the plan then (0: not begun)
+
+    @property
+    def complete(self) -> bool:
+        """It had ended: it keeps the steps it ran."""
+        return self.length > 0 and self.steps >= self.length
 
 
 class Plan:
@@ -150,10 +155,16 @@ class Plan:
         """Steps to read `tokens` token slots, batch warmup included, of which `done` (a resumed phase's) were read:
         a row counts its source's row width, so a step's expected slots are its rows times the mean width under the
         phase's weights. A phase whose slots are all read ends where it stands."""
+        if done.complete:
+            return done.steps
+        if done.steps:
+            planned = self._steps_for_tokens(cfg, tokens, Done())
+            if planned == done.length:  # at the rows per step it began with, or any that end it at the same step:
+                return planned  # the length it had (summing the slots anew could miss by a rounding, and a step)
+            if done.slots >= tokens:  # lengthened less than it has read, or shortened: it ends here
+                return done.steps
         width = self._width(self._weights(cfg, ""))
         t, slots = cfg.training, done.slots
-        if done.complete or slots >= tokens:
-            return max(1, done.steps)
         for step in range(done.steps, t.batch_size_warmup_steps):
             slots += _warmup_rows(t, step) * self.micro_per_step * width
             if slots >= tokens:
@@ -260,7 +271,7 @@ def _saved_progress(progress: dict | None) -> dict[tuple[int, str], Done]:
     if not progress:  # a fresh run, or a checkpoint written before plans were stored
         return {}
     try:
-        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["steps"]) >= int(p["length"]))
+        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["length"]))
                 for i, p in enumerate(progress["phases"])}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"the checkpoint to resume from holds a mangled plan ({type(e).__name__}: {e}), so the "
