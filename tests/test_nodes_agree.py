@@ -51,7 +51,8 @@ def test_phase_lengths_in_tokens_hold_across_a_resume_with_other_rows_per_step(t
     sources = scan_sources(config.data, 128)
     one = Plan(config, sources, 1)
     assert [(p.start, p.steps) for p in one.phases] == [(0, 6), (6, 8)]
-    assert one.progress(2)["phases"][0] == {"name": "a", "steps": 2, "length": 6, "slots": 144.0}
+    assert one.progress(2)["phases"][0] == {"name": "a", "steps": 2, "length": 6, "slots": 144.0,
+                                            "rate": [1, 36.0, 4, 2, 3]}  # micro-batches, width, rows
 
     two = Plan(config, sources, 2, one.progress(2))
     assert [(p.start, p.steps) for p in two.phases] == [(0, 5), (5, 4)]  # b: 1152 slots at 288 a step
@@ -99,7 +100,8 @@ def test_a_resume_with_another_batch_size_trains_the_rest_of_the_phase_in_tokens
     assert ("phases given in tokens read their tokens at this run's rows per step: phase b now lasts 5 steps "
             "(planned: 8); the run now lasts 11 steps.") in out.out
     last = torch.load(tmp_path / "ckpt/checkpoint_00000011.pt", weights_only=True)
-    assert last["plan"]["phases"][1] == {"name": "b", "steps": 5, "length": 5, "slots": 8 * 144.0}
+    assert last["plan"]["phases"][1] == {"name": "b", "steps": 5, "length": 5, "slots": 8 * 144.0,
+                                         "rate": [1, 36.0, 8, 1, 0]}
     rows = sum(last["data"]["stream"]["rows"].values())
     assert rows == 8 * 4 + 3 * 8  # 8 steps of 4 rows, then 3 of 8
 

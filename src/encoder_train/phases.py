@@ -56,6 +56,7 @@ class Done:
     steps: int = 0
     slots: float = 0.0
     length: int = 0  # its length in the plan then (0: not begun)
+    rate: tuple = ()  # what its slots per step followed from then (Plan._rate)
 
     @property
     def complete(self) -> bool:
@@ -157,12 +158,10 @@ class Plan:
         phase's weights. A phase whose slots are all read ends where it stands."""
         if done.complete:
             return done.steps
-        if done.steps:
-            planned = self._steps_for_tokens(cfg, tokens, Done())
-            if planned == done.length:  # at the rows per step it began with, or any that end it at the same step:
-                return planned  # the length it had (summing the slots anew could miss by a rounding, and a step)
-            if done.slots >= tokens:  # lengthened less than it has read, or shortened: it ends here
-                return done.steps
+        if done.steps and done.rate == self._rate(cfg):  # the rows per step it began with: the uninterrupted plan
+            return max(done.steps, self._steps_for_tokens(cfg, tokens, Done()))  # (slots summed anew could round off)
+        if done.slots >= tokens:  # shortened to less than it has read: it ends here
+            return max(1, done.steps)
         width = self._width(self._weights(cfg, ""))
         t, slots = cfg.training, done.slots
         for step in range(done.steps, t.batch_size_warmup_steps):
@@ -171,6 +170,13 @@ class Plan:
                 return step + 1
         per_step = t.batch_size * self.micro_per_step * width
         return max(done.steps, t.batch_size_warmup_steps) + math.ceil((tokens - slots) / per_step)
+
+    def _rate(self, cfg: Config) -> tuple:
+        """What a phase's expected slots per step follow from: micro-batches per step, a row's expected slots, and
+        the rows per micro-batch (batch_size, and its warmup's start and steps)."""
+        t = cfg.training
+        return (self.micro_per_step, self._width(self._weights(cfg, "")), t.batch_size, t.batch_size_start,
+                t.batch_size_warmup_steps)
 
     def _width(self, weights: tuple[float, ...]) -> float:
         """A row's expected token slots under `weights`: the mean of the sources' row widths."""
@@ -185,7 +191,8 @@ class Plan:
         phases = []
         for p, before in zip(self.phases, self._done, strict=True):
             steps = min(max(step - p.start, 0), p.steps)
-            phases.append({"name": p.name, "steps": steps, "length": p.steps, "slots": self._slots(p, before, steps)})
+            phases.append({"name": p.name, "steps": steps, "length": p.steps, "slots": self._slots(p, before, steps),
+                           "rate": list(self._rate(p.config))})
         return {"phases": phases, "step_reads": self.step_reads(step)}
 
     def resized(self, progress: dict | None) -> str | None:
@@ -271,7 +278,7 @@ def _saved_progress(progress: dict | None) -> dict[tuple[int, str], Done]:
     if not progress:  # a fresh run, or a checkpoint written before plans were stored
         return {}
     try:
-        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["length"]))
+        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["length"]), tuple(p["rate"]))
                 for i, p in enumerate(progress["phases"])}
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"the checkpoint to resume from holds a mangled plan ({type(e).__name__}: {e}), so the "
