@@ -19,7 +19,8 @@ phase, the steps and the expected token slots done in it (`progress`). A run res
 slots of the phase in progress at its own rows per step, and turns later phases into steps at those rows. The
 phase in progress then has another length in steps, and its schedules (learning rate, batch and mask warmups)
 stretch or shrink to it from the resumed step on, as when a phase is lengthened (it still lasts through its
-warmups).
+warmups). Resumed at the rows per step it began with (what `_rate` lists), a phase is exactly what the
+uninterrupted plan makes it, so that an ordinary resume keeps every step.
 """
 
 from __future__ import annotations
