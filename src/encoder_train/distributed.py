@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import secrets
 import socket
@@ -178,9 +179,7 @@ def check_shared_folder(directory: str | Path, world: World) -> None:
             groups.setdefault((host, path), []).append(rank)
 
     def who(ranks: list[int], host: str, path: str) -> str:
-        shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
-            else ", ".join(map(str, ranks))
-        return (f"rank{'s' * (len(ranks) > 1)} {shown} (host {host}"
+        return (f"{_ranks(ranks)} (host {host}"
                 + (f", --checkpoint_dir {path})" if path != votes[0][2] or ranks == [0] else ")"))
 
     raise UserError(
@@ -189,3 +188,46 @@ def check_shared_folder(directory: str | Path, world: World) -> None:
         f"{who([0], *votes[0][1:])} wrote there, so a resume would silently diverge; pass a --checkpoint_dir on a "
         "file system every node mounts at the same path (NFS, Lustre, GPFS), not a node-local disk such as /tmp."
     )
+
+
+def _ranks(ranks: list[int]) -> str:
+    """`rank 3`, `ranks 8-15` or `ranks 1, 5`."""
+    shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 2 and ranks == list(range(ranks[0], ranks[-1] + 1)) \
+        else ", ".join(map(str, ranks))
+    return f"rank{'s' * (len(ranks) > 1)} {shown}"
+
+
+def check_agree(values: dict[str, str], world: World) -> None:
+    """Stop every rank with one sentence unless all ranks hold the same `values` ({what: value}, agreement.py's).
+    Call it on every rank before any other collective of the run: the ranks exchange a 16-byte digest, of any size
+    of `values`, and only on a mismatch the values themselves, so nothing here can abort or hang on a difference."""
+    if not world.distributed:
+        return
+    digest = hashlib.blake2b(repr(list(values.items())).encode(), digest_size=16).hexdigest()
+    if len(set(gather_objects(digest, world))) == 1:
+        return
+    raise UserError(disagreement(gather_objects((values, socket.gethostname()), world)))
+
+
+def disagreement(gathered: list[tuple[dict[str, str], str]]) -> str:
+    """The sentence for ranks that differ from rank 0: `gathered` is every rank's (values, host), in rank order. It
+    names the first value that differs (in rank 0's order), where it has which value, and the next that differ."""
+    ref, host0 = gathered[0]
+    keys = dict.fromkeys([*ref, *(k for values, _ in gathered[1:] for k in values)])
+    differ = [k for k in keys if any(values.get(k) != ref.get(k) for values, _ in gathered[1:])]
+    first = differ[0]
+    where: dict[tuple[str | None, str], list[int]] = {}  # the ranks that differ, by their value and host
+    for rank, (values, host) in enumerate(gathered):
+        if values.get(first) != ref.get(first):
+            where.setdefault((values.get(first), host), []).append(rank)
+    shown = [f"{_shown(value)} on {_ranks(ranks)} (host {host})" for (value, host), ranks in where.items()]
+    if len(shown) > 3:
+        shown = [*shown[:3], f"other values on {len(shown) - 3} more hosts"]
+    also = f" (also {', '.join(differ[1:4])}{' and more' if len(differ) > 4 else ''})" if len(differ) > 1 else ""
+    return (f"the processes of this run were started with different settings or data: {first} is "
+            f"{_shown(ref.get(first))} on rank 0 (host {host0}) but {', '.join(shown)}{also}; start every node with "
+            "the same config, flags and data (only the folders' paths may differ between nodes).")
+
+
+def _shown(value: str | None) -> str:
+    return "absent" if value is None else "not set" if value == "None" else value

@@ -9,8 +9,18 @@ phase's overrides. From (step) the plan answers everything that changes during a
     lr_factor(step)    the learning rate over the top-level peak (each phase has its own warmup and decay)
     batch(g)           micro-batch g's rows per source and mask rate (data/mixture.py reads this)
 
-Every answer is a pure function of the config, the sources' sizes and the world size: a resumed run, any
-worker and any rank compute the same plan without talking to each other.
+Every answer is a pure function of the config, the sources' sizes, the world size and, on resume, the progress the
+checkpoint stored: a resumed run, any worker and any rank compute the same plan without talking to each other.
+
+A phase given in `tokens` is turned into steps at the rows per step of the run that starts it. What the user asked
+for is the tokens, so the plan that holds across resumes is kept in token slots: a checkpoint stores, for each
+phase, the steps and the expected token slots done in it (`progress`). A run resumed with other rows per step
+(another world size, batch_size or accumulation) keeps the phases already done as they ran, trains the remaining
+slots of the phase in progress at its own rows per step, and turns later phases into steps at those rows. The
+phase in progress then has another length in steps, and its schedules (learning rate, batch and mask warmups)
+stretch or shrink to it from the resumed step on, as when a phase is lengthened (it still lasts through its
+warmups). Resumed at the rows per step it began with (what `_rate` lists), a phase is exactly what the
+uninterrupted plan makes it, so that an ordinary resume keeps every step.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import bisect
 import math
 from dataclasses import dataclass
 
-from encoder_train.config import Config
+from encoder_train.config import Config, TrainingConfig
 from encoder_train.data.mixture import SINGLE, Source, draw_counts, mix_shares
 from encoder_train.errors import UserError
 from encoder_train.optim import lr_factor
@@ -43,27 +53,51 @@ class Phase:
         return self.start + self.steps
 
 
+@dataclass(frozen=True)
+class Done:
+    """What a phase had done when a checkpoint was written: steps, and the token slots they read (expected, as
+    a length in tokens counts them)."""
+
+    steps: int = 0
+    slots: float = 0.0
+    length: int = 0  # its length in the plan then (0: not begun)
+    rate: tuple = ()  # what its slots per step followed from then (Plan._rate)
+
+    @property
+    def complete(self) -> bool:
+        """It had ended: it keeps the steps it ran."""
+        return self.length > 0 and self.steps >= self.length
+
+
 class Plan:
-    def __init__(self, config: Config, sources: list[Source], world_size: int):
+    def __init__(self, config: Config, sources: list[Source], world_size: int, progress: dict | None = None):
+        """`progress`: a checkpoint's record (`Plan.progress`), when resuming: the lengths in tokens hold."""
         self.config, self.sources, self.world_size = config, sources, world_size
         self.names = [s.name for s in sources]
         self.seed = config.training.seed
         self.accumulation = config.training.gradient_accumulation_steps
         self.micro_per_step = self.accumulation * world_size  # global micro-batches per optimizer step
         self.phases: list[Phase] = []
+        self._done: list[Done] = []  # per phase: what it had done at the checkpoint this run resumed from
         start = 0
         if not config.phases:
             self.phases.append(Phase(0, "", 0, config.training.max_steps, config, self._weights(config, "")))
+            self._done.append(Done())
+        saved = _saved_progress(progress)
         for i, p in enumerate(config.phases):
             where = f"phases[{i}] ({p.name})"
             cfg = config.phase_config(i)
-            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, where)
-            cfg = config.phase_config(i, steps)
+            done = saved.get((i, p.name), Done()) if p.tokens else Done()
             warm = max(cfg.training.warmup_steps, cfg.training.batch_size_warmup_steps)
+            steps = p.steps or self._steps_for_tokens(cfg, p.tokens, done, where)
+            if done.steps:  # resumed with more rows per step, a phase still lasts through its warmups
+                steps = max(steps, warm)
+            cfg = config.phase_config(i, steps)
             if warm > steps:
                 raise UserError(f"{where} lasts {steps} steps ({p.tokens:,} tokens) but warms up over {warm}; "
                                 "shorten the warmup or lengthen the phase.")
             self.phases.append(Phase(i, p.name, start, steps, cfg, self._weights(cfg, where)))
+            self._done.append(done)
             start += steps
         self._starts = [p.start for p in self.phases]
         self.total_steps = self.phases[-1].end
@@ -89,10 +123,7 @@ class Plan:
     def micro_rows(self, step: int) -> int:
         phase = self.phase_at(step)
         t, cfg = step - phase.start, phase.config.training
-        if t < cfg.batch_size_warmup_steps:  # linear from batch_size_start, whole rows
-            return max(1, cfg.batch_size_start + (cfg.batch_size - cfg.batch_size_start) * t
-                       // cfg.batch_size_warmup_steps)
-        return cfg.batch_size
+        return _warmup_rows(cfg, t) if t < cfg.batch_size_warmup_steps else cfg.batch_size
 
     def mask_rate(self, step: int) -> float:
         phase = self.phase_at(step)
@@ -128,18 +159,78 @@ class Plan:
         return sum(self.rows_per_step(phase.start + t) for t in range(warm)) + \
             (phase.steps - warm) * cfg.batch_size * self.micro_per_step
 
-    def _steps_for_tokens(self, cfg: Config, tokens: int, where: str) -> int:
-        """Steps to read `tokens` token slots, batch warmup included: a row counts its source's row width, so a
-        step's expected slots are its rows times the mean width under the phase's weights."""
-        width = sum(s.width * w for s, w in zip(self.sources, self._weights(cfg, where), strict=True))
-        t, done = cfg.training, 0
-        for step in range(t.batch_size_warmup_steps):
-            rows = max(1, t.batch_size_start + (t.batch_size - t.batch_size_start) * step // t.batch_size_warmup_steps)
-            done += rows * self.micro_per_step * width
-            if done >= tokens:
+    def _steps_for_tokens(self, cfg: Config, tokens: int, done: Done, where: str) -> int:
+        """Steps to read `tokens` token slots, batch warmup included, of which `done` (a resumed phase's) were read:
+        a row counts its source's row width, so a step's expected slots are its rows times the mean width under the
+        phase's weights. A phase whose slots are all read ends where it stands."""
+        if done.complete:
+            return done.steps
+        if done.steps and done.rate == self._rate(cfg):  # the rows per step it began with: the uninterrupted plan
+            # (the slots summed anew from a saved count could round off by a step)
+            return max(done.steps, self._steps_for_tokens(cfg, tokens, Done(), where))
+        if done.slots >= tokens:  # shortened to less than it has read: it ends here
+            return max(1, done.steps)
+        width = self._width(self._weights(cfg, where))
+        t, slots = cfg.training, done.slots
+        for step in range(done.steps, t.batch_size_warmup_steps):
+            slots += _warmup_rows(t, step) * self.micro_per_step * width
+            if slots >= tokens:
                 return step + 1
         per_step = t.batch_size * self.micro_per_step * width
-        return t.batch_size_warmup_steps + math.ceil((tokens - done) / per_step)
+        return max(done.steps, t.batch_size_warmup_steps) + math.ceil((tokens - slots) / per_step)
+
+    def _rate(self, cfg: Config) -> tuple:
+        """What a phase's expected slots per step follow from: micro-batches per step, a row's expected slots, and
+        the rows per micro-batch (batch_size, and its warmup's start and steps)."""
+        t = cfg.training
+        return (self.micro_per_step, self._width(self._weights(cfg, "")), t.batch_size, t.batch_size_start,
+                t.batch_size_warmup_steps)
+
+    def _width(self, weights: tuple[float, ...]) -> float:
+        """A row's expected token slots under `weights`: the mean of the sources' row widths."""
+        return sum(s.width * w for s, w in zip(self.sources, weights, strict=True))
+
+    # ---- what a checkpoint stores ----
+
+    def progress(self, step: int) -> dict:
+        """Each phase's steps and expected token slots done by 0-based `step` (the steps taken): what a resumed run
+        needs to keep the phases' lengths in tokens (see the module). Also what one step reads, for the resume's
+        message. Builtins only (a weights_only checkpoint holds it)."""
+        phases = []
+        for p, before in zip(self.phases, self._done, strict=True):
+            steps = min(max(step - p.start, 0), p.steps)
+            phases.append({"name": p.name, "steps": steps, "length": p.steps, "slots": self._slots(p, before, steps),
+                           "rate": list(self._rate(p.config))})
+        return {"phases": phases, "step_reads": self.step_reads(step)}
+
+    def resized(self, progress: dict | None) -> str | None:
+        """Say which phases given in tokens last another number of steps than in the plan of the checkpoint that
+        `progress` comes from (resumed with other rows per step), or None."""
+        saved = {(i, p["name"]): int(p["length"]) for i, p in enumerate((progress or {}).get("phases", []))}
+        resized = [f"phase {p.name} now lasts {p.steps:,} steps (planned: {saved[p.index, p.name]:,})"
+                   for p in self.phases if p.name and self.config.phases[p.index].tokens
+                   and saved.get((p.index, p.name), p.steps) != p.steps]
+        if not resized:
+            return None
+        return (f"phases given in tokens read their tokens at this run's rows per step: {', '.join(resized)}; the "
+                f"run now lasts {self.total_steps:,} steps.")
+
+    def _slots(self, phase: Phase, before: Done, steps: int) -> float:
+        """Expected token slots of the phase's first `steps` steps, those before a resume as they were counted."""
+        if steps <= before.steps:
+            return before.slots if steps == before.steps else 0.0
+        width, t = self._width(phase.weights), phase.config.training
+        warm = min(t.batch_size_warmup_steps, steps)
+        slots = before.slots + sum(_warmup_rows(t, k) * self.micro_per_step * width for k in range(before.steps, warm))
+        return slots + (steps - max(before.steps, warm)) * t.batch_size * self.micro_per_step * width
+
+    def step_reads(self, step: int) -> str:
+        """What the update of 0-based `step` reads over all ranks, in words: rows, or token slots for token-budget
+        batches."""
+        budget = self.phase_at(step).config.data.batch_tokens
+        if budget is not None:
+            return f"{budget * self.micro_per_step:,} token slots"
+        return f"{self.rows_per_step(step):,} rows"
 
     def _weights(self, cfg: Config, where: str) -> tuple[float, ...]:
         """The phase's weight of every source of the run, normalised; sources the phase does not read get 0."""
@@ -242,3 +333,21 @@ class Plan:
                          f"({s.token_slots:,} token slots); the run reads about {rows:,.0f} rows = "
                          f"{rows / s.rows:.2f} epochs")
         return lines
+
+
+def _warmup_rows(training: TrainingConfig, t: int) -> int:
+    """Rows per micro-batch at step t of a batch-size warmup: linear from batch_size_start, whole rows."""
+    return max(1, training.batch_size_start + (training.batch_size - training.batch_size_start) * t
+               // training.batch_size_warmup_steps)
+
+
+def _saved_progress(progress: dict | None) -> dict[tuple[int, str], Done]:
+    """A checkpoint's record by (phase index, name): a phase renamed or moved since counts as not begun."""
+    if not progress:  # a fresh run, or a checkpoint written before plans were stored
+        return {}
+    try:
+        return {(i, p["name"]): Done(int(p["steps"]), float(p["slots"]), int(p["length"]), tuple(p["rate"]))
+                for i, p in enumerate(progress["phases"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint to resume from holds a mangled plan ({type(e).__name__}: {e}), so the "
+                        "phases' progress is unknown; resume from an earlier checkpoint.") from None

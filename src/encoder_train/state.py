@@ -9,6 +9,8 @@ A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True
     step, tokens_seen                 optimizer steps taken, real tokens seen
     data                              the data stream's position (data/stream.py): rows and tokens per source,
                                       each source's fingerprint, the world size
+    plan                              each phase's steps and token slots done (phases.Plan.progress), and
+                                      what a step reads: a resume keeps the phases' lengths in tokens
     rng                               one {torch, cuda} generator state per rank
     dims                              the model's shape (`ModelDims`)
     tokenizer                         {json, mask_spec}: evaluate, fill-mask and export need no other file
@@ -150,6 +152,7 @@ class TrainState:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "data": self.stream.state_dict(),
+            "plan": self.stream.plan.progress(self.step),
             "rng": distributed.gather_objects(rng, self.world),  # one entry per rank
             "dims": dataclasses.asdict(self.dims),
             "tokenizer": {"json": self.tokenizer.to_str(), "mask_spec": dataclasses.asdict(self.spec)},
@@ -184,9 +187,7 @@ class TrainState:
                 torch.cuda.set_rng_state(saved["rng"][world.rank]["cuda"])
         else:
             torch.manual_seed(derive_seed(seed, "dropout", world.rank, self.step))
-            say(f"resuming {saved_world} processes' run with {world.world_size}: the data continues from the same "
-                f"row, but each step now takes a different number of rows and dropout is reseeded, so the run "
-                "differs from one that kept its world size.")
+            say(world_size_note(saved, world.world_size, self.stream.plan.step_reads(self.step)))
         self.wandb_run_id = self.config.wandb.run_id or saved.get("wandb_run_id")
         changed = changed_settings(saved.get("config", {}), self.config)
         if changed:
@@ -201,6 +202,29 @@ class TrainState:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def world_size_note(saved: dict[str, Any], world_size: int, reads: str) -> str:
+    """Say what resuming with another number of processes changes: dropout (each rank has its own random stream),
+    and the rows of a step only where the global batch changed (`reads`: what this run's next step reads)."""
+    before = len(saved["rng"])
+    was = saved.get("plan", {}).get("step_reads") or _step_reads(saved.get("config", {}), before)
+    head = f"resuming {before} processes' run with {world_size}: the data continues from the same row"
+    tail = "dropout is reseeded, so the run differs from one that kept its world size."
+    if was == reads:
+        return f"{head} and each step still takes {reads}, but {tail}"
+    unit = reads.split(" ", 1)[1]
+    return f"{head}, but each step now takes a different number of {unit} ({was} -> {reads}) and {tail}"
+
+
+def _step_reads(config: dict[str, Any], world_size: int) -> str:
+    """What a step of a checkpoint's run read, from its config (checkpoints written before the plan was stored):
+    the global batch of its top-level settings, in the words of phases.Plan.step_reads."""
+    training, budget = config.get("training", {}), config.get("data", {}).get("batch_tokens")
+    per_process = training.get("gradient_accumulation_steps", 1) * world_size
+    if budget is not None:
+        return f"{budget * per_process:,} token slots"
+    return f"{training.get('batch_size', 0) * per_process:,} rows"
 
 
 def host_copy(obj: Any) -> Any:

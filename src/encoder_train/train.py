@@ -23,6 +23,7 @@ import torch
 from tokenizers import Tokenizer
 
 from encoder_train import checkpoint, devices, distributed, preflight
+from encoder_train.agreement import what_must_agree
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.checkpointing import Saver, find_resume
 from encoder_train.config import Config, dump_yaml
@@ -155,6 +156,8 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     config = with_plan_length(config, plan)
     val_shards = (scan_shards(config.data.val_data_dir, dims.max_tokens, "--val_data_dir")
                   if config.data.val_data_dir else None)
+    # Before any other collective: nodes started with other settings or data stop here, in one sentence.
+    distributed.check_agree(what_must_agree(config, plan.sources, val_shards, tokenizer, restart_sources), world)
     ckpt_dir = Path(config.checkpoint.checkpoint_dir)
     say = print if world.is_main else (lambda *a, **k: None)  # noqa: E731
     if world.is_main:
@@ -171,6 +174,10 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     if saved is not None:
         check_resumable(saved, fsdp, dims, resumed_from, config.training.optimizer)
         init_weights = saved.get("model")
+        plan = Plan(plan.config, plan.sources, world.world_size, saved.get("plan"))  # lengths in tokens hold
+        config = with_plan_length(config, plan)
+        if resized := plan.resized(saved.get("plan")):
+            say(resized)
     elif init_weights is not None:
         say(f"starting from the weights in {config.model.init_from_hf}")
     state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp, plan)
