@@ -180,3 +180,126 @@ def test_every_zstd_frame_layout_reads_whole(tmp_path):
     (tmp_path / "cut.txt.zst").write_bytes(b"".join(parts[:2]) + skippable[:7])  # cut inside a skippable frame
     with pytest.raises(UserError, match="cut short"):
         list(iter_texts([tmp_path / "cut.txt.zst"]))
+
+
+# ---- URLs where paths are taken, and the secrets in them ---------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYSECRET"
+URL = f"s3://AKIAEXAMPLEKEY:{SECRET}@bucket/ck"
+SHOWN = "s3://***@bucket/ck"
+
+
+def shows_no_secret(text: str) -> bool:
+    """Not the secret, nor a piece of it (a message cut short must not show half of one)."""
+    return not any(SECRET[i : i + 8] in text for i in range(len(SECRET) - 7)) and "AKIAEXAMPLEKEY" not in text
+
+
+# Every flag that takes a path, by subcommand: `local` refuses a URL, `data` (a data folder) reads one.
+LOCAL = {
+    "train": ["--config_file", "--config_dir", "--tokenizer_filepath", "--checkpoint_dir", "--init_from_hf",
+              "--load_checkpoint"],
+    "evaluate": ["--checkpoint"],
+    "fill-mask": ["--checkpoint", "--tokenizer_filepath"],
+    "tokenizer": ["--input", "--output"],
+    "pretokenize": ["--input", "--tokenizer_filepath", "--output_dir", "--config_file"],
+    "demo": ["--workdir"],
+    "export": ["--checkpoint", "--output_dir"],
+    "consolidate": ["--checkpoint", "--output"],
+    "finetune": ["--checkpoint", "--init_from_hf", "--train_file", "--validation_file", "--test_file", "--output_dir"],
+    "glue": ["--checkpoint", "--init_from_hf", "--data_dir", "--output_dir"],
+    "export-classifier": ["--checkpoint", "--output_dir"],
+}
+DATA = {"train": ["--data_dir", "--val_data_dir"], "evaluate": ["--data_dir"]}
+FLAGS = [(c, f, kind) for kind, table in (("local", LOCAL), ("data", DATA)) for c, fs in table.items() for f in fs]
+PATH_NAMES = ("_dir", "_file", "_filepath", "checkpoint", "input", "output", "workdir", "init_from_hf")
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    from encoder_train.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own errors exit from inside parse_args
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def test_the_table_holds_every_path_flag():
+    """A new flag whose name says it takes a path must be in the table above (and so be checked)."""
+    from encoder_train.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    found = {(name, action.option_strings[0]) for name, parser in sub.choices.items() for action in parser._actions
+             if action.option_strings and action.dest.endswith(PATH_NAMES)}
+    assert found == {(c, f) for c, f, _ in FLAGS}
+
+
+@pytest.mark.parametrize(("command", "flag", "kind"), FLAGS, ids=[f"{c}{f}" for c, f, _ in FLAGS])
+def test_a_url_where_a_path_is_taken_is_refused_without_its_secret(tmp_path, monkeypatch, capsys, command, flag,
+                                                                   kind):
+    monkeypatch.chdir(tmp_path)
+    rc, out = run_cli([command, flag, URL], capsys)
+    line = one_sentence(out)
+    assert rc == 2 and SHOWN in line and shows_no_secret(out), out
+    assert ("is a URL, but this takes a local path" if kind == "local" else "carries credentials in its URL") in line
+    assert list(tmp_path.iterdir()) == []  # no folder named `s3:`
+
+
+@pytest.mark.parametrize("flag", ["--checkpoint_dir", "--tokenizer_filepath", "--load_checkpoint", "--init_from_hf"])
+def test_a_plain_url_where_a_path_is_taken_is_refused(tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    rc, out = run_cli(["train", "--config_file", "tiny.yaml", flag, "gs://bucket/x"], capsys)
+    assert rc == 2 and "gs://bucket/x is a URL, but this takes a local path" in one_sentence(out)
+    rc, out = run_cli(["train", "--config_file", "tiny.yaml", flag, "file:///srv/x"], capsys)
+    assert rc == 2 and "write it as /srv/x" in one_sentence(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+CONFIG_CASES = {
+    "checkpoint": ({"checkpoint": {"checkpoint_dir": URL}}, "checkpoint.checkpoint_dir", "is a URL"),
+    "resume": ({"checkpoint": {"load_checkpoint": URL}}, "checkpoint.load_checkpoint", "is a URL"),
+    "tokenizer": ({"data": {"tokenizer_filepath": URL}}, "data.tokenizer_filepath", "is a URL"),
+    "init": ({"model": {"init_from_hf": URL}}, "model.init_from_hf", "is a URL"),
+    "data": ({"data": {"data_dir": URL}}, "data.data_dir", "credentials in its URL"),
+    "in_a_list": ({"data": {"data_dir": [URL]}}, "data.data_dir", "valid string"),
+    "long_in_a_list": ({"data": {"data_dir": [URL.replace("bucket", "b" * 80)]}}, "data.data_dir", "valid string"),
+    "source": ({"data": {"sources": {"web": {"data_dir": "s3://b/x", "val_data_dir": URL}}}},
+               "data.sources.web.val_data_dir", "credentials in its URL"),
+    "query": ({"data": {"val_data_dir": f"https://host/val?X-Amz-Signature={SECRET}&X-Amz-Date=1"}},
+              "data.val_data_dir", "X-Amz-Signature=***&X-Amz-Date=1"),
+    "token": ({"data": {"data_dir": f"hf://datasets/org/x?token={SECRET}"}}, "data.data_dir", "token=***"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_a_url_in_the_config_file_is_refused_without_its_secret(tmp_path, monkeypatch, capsys, case):
+    import yaml
+
+    body, key, words = CONFIG_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(body))
+    rc, out = run_cli(["train", "--config_file", "c.yaml"], capsys)
+    line = one_sentence(out)
+    assert rc == 2 and key in line and words in line and shows_no_secret(out), out
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_a_url_set_with_set_is_refused_without_its_secret(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, out = run_cli(["train", "--config_file", "tiny.yaml", "--set", f"checkpoint.checkpoint_dir={URL}"], capsys)
+    assert rc == 2 and SHOWN in one_sentence(out) and shows_no_secret(out)
+
+
+def test_redact_hides_credentials_and_keeps_paths():
+    from encoder_train.urls import redact
+
+    assert redact(f"data file {URL}/x.pt, and 's3://KEY@b/y'") == f"data file {SHOWN}/x.pt, and 's3://***@b/y'"
+    assert redact("https://h/x?token=abc&page=2&api_key=k;sig=s") == "https://h/x?token=***&page=2&api_key=***;sig=***"
+    for kept in ("s3://bucket/a@b.pt", "s3://bucket/k:v/x.pt", "/data/user@host:8/x", "gs://b/x?page=2"):
+        assert redact(kept) == kept
+    error = UserError(f"cannot read {URL}")
+    assert str(error) == f"cannot read {SHOWN}"
+    import pickle  # a loader worker's error crosses to the training process pickled
+
+    assert str(pickle.loads(pickle.dumps(error))) == f"cannot read {SHOWN}"

@@ -9,8 +9,8 @@ shards is data/shards.py's; the store only moves bytes.
 - `s3://`, `gs://`, `hf://` and any other protocol fsspec knows are read with ranged requests through the
   protocol's library (`s3fs`, `gcsfs`, `huggingface_hub`: optional extras). Credentials come from the library's
   own environment and files (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws for S3;
-  GOOGLE_APPLICATION_CREDENTIALS for GCS; HF_TOKEN for the Hub); a URL carrying `user:secret@` is refused, so a
-  secret never reaches the printed or stored config.
+  GOOGLE_APPLICATION_CREDENTIALS for GCS; HF_TOKEN for the Hub); a URL carrying `user:secret@` or a token in its
+  query is refused (urls.py), so a secret never reaches the printed or stored config.
 
 A request that fails for a reason that may pass (a dropped connection, a timeout, throttling, a server error) is
 tried again with exponential backoff, at most `TRIES` times within `ENCODER_TRAIN_RETRY_SECONDS` (default 60);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from encoder_train.errors import UserError, require
+from encoder_train.urls import has_credentials, is_url, protocol_of, redact
 
 RETRY_SECONDS_ENV = "ENCODER_TRAIN_RETRY_SECONDS"
 RETRY_SECONDS = 60.0  # default total time one request keeps being retried
@@ -50,10 +50,6 @@ CREDENTIALS = {  # what a refused request should make the user check, by protoco
     "hf": "HF_TOKEN or `hf auth login`",
 }
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# user@host, or user:secret@ (a secret may hold slashes, as AWS secret keys do)
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@|[^@\s]*:[^@\s]*@)")
-
 T = TypeVar("T")
 
 _fs_lock = threading.Lock()
@@ -61,18 +57,9 @@ if hasattr(os, "register_at_fork"):  # a lock held by another thread at a fork w
     os.register_at_fork(after_in_child=lambda: globals().__setitem__("_fs_lock", threading.Lock()))
 
 
-def is_url(location: str | Path | None) -> bool:
-    """Whether a data folder is given as a URL (`s3://...`, `file://...`) rather than a path."""
-    return isinstance(location, str) and _URL.match(location) is not None
-
-
 def is_remote(location: str | Path | None) -> bool:
     """A URL read through fsspec (not `file://`, which is a local folder)."""
     return is_url(location) and protocol_of(location) != "file"
-
-
-def protocol_of(url: str) -> str:
-    return _URL.match(url).group(1).lower()
 
 
 def local_path(location: str | Path) -> str:
@@ -82,13 +69,14 @@ def local_path(location: str | Path) -> str:
 
 
 def check_url(location: str | None, key: str, source: str) -> None:
-    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`): the config is printed, stored in
-    every checkpoint and sent to trackers. The message does not repeat the URL, so the secret goes nowhere."""
-    if location and is_url(location) and _USERINFO.match(location):
+    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`, `?token=...`): the config is
+    printed, stored in every checkpoint and sent to trackers. The message shows the URL with them as `***`."""
+    if location and is_url(location) and has_credentials(location):
         proto = protocol_of(location)
         where = CREDENTIALS.get(proto, "the storage library's own environment variables or files")
-        raise UserError(f"{source}: {key} carries credentials in its URL (user:secret@); remove them from the URL and "
-                        f"give them through {where} instead, so that they never reach logs or checkpoints.")
+        raise UserError(f"{source}: {key} {redact(location)} carries credentials in its URL (user:secret@ or a token "
+                        f"in its query); remove them from the URL and give them through {where} instead, so that "
+                        "they never reach logs or checkpoints.")
 
 
 def canonical(location: str | Path) -> str:
@@ -145,7 +133,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 def _reason(e: BaseException) -> str:
     """An error as a short clause for a sentence, without anything that looks like credentials."""
     text = " ".join(line.strip() for line in str(e).strip().splitlines())
-    text = re.sub(r"(://)(?:[^/@\s]*@|[^@\s]*:[^@\s]*@)", r"\1", text)  # user:secret@ in a URL
+    text = redact(text)  # user:secret@ or ?token= in a URL
     text = text.rstrip(". ")
     if len(text) > 160:
         text = text[:157] + "..."
