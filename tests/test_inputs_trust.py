@@ -303,3 +303,29 @@ def test_redact_hides_credentials_and_keeps_paths():
     import pickle  # a loader worker's error crosses to the training process pickled
 
     assert str(pickle.loads(pickle.dumps(error))) == f"cannot read {SHOWN}"
+
+
+# ---- settings and places that were tracebacks --------------------------------------------------------------------
+
+
+def test_an_unreachable_hub_is_retried_then_one_sentence(tmp_path):
+    """huggingface_hub's own client (httpx2 in hub 1.x and later, requests before) wraps the refused connection in
+    its library's error class: it is retried as any network error is, then named in one sentence."""
+    import os
+    import subprocess
+
+    from conftest import make_tokenizer
+    from test_object_storage import free_port
+
+    pytest.importorskip("huggingface_hub")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "ENCODER_TRAIN_RETRY_SECONDS": "1",
+           "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)
+    url = "hf://datasets/someone/corpus/train"
+    done = subprocess.run(["encoder-train", "train", "--config_file", "tiny.yaml", "--data_dir", url,
+                           "--tokenizer_filepath", str(make_tokenizer(tmp_path / "tok.json")),
+                           "--checkpoint_dir", str(tmp_path / "ckpt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    line = one_sentence(done.stderr)
+    assert done.returncode == 2 and f"data folder {url} could not be read" in line, done.stderr[-3000:]
+    assert "ENCODER_TRAIN_RETRY_SECONDS" in line

@@ -121,13 +121,35 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     """Errors that may pass: the OS's (connection refused or reset, timeouts), and the network libraries' own."""
     kinds: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
     for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError"),
-                         ("requests", "RequestException"), ("httpx", "HTTPError"),
+                         ("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError"),
                          ("google.auth.exceptions", "TransportError")):
         try:
             kinds.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):
             pass
     return tuple(kinds)
+
+
+# HTTP answers that may pass: a timeout, throttling, a server error. Any other status is the request's fault.
+RETRY_STATUS = {408, 429, *range(500, 600)}
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of an error that carries its response (requests', httpx's, huggingface_hub's), else None."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _may_pass(e: BaseException) -> bool:
+    """Whether an error, or one it was raised from, may pass: a library wraps the OS's refused connection in its own
+    class (huggingface_hub's client, httpx2, raises httpx2.ConnectError from ConnectionRefusedError)."""
+    for _ in range(8):  # a chain is a few links long; a cycle must not hang
+        if e is None:
+            return False
+        if isinstance(e, _transient_errors()) or _http_status(e) in RETRY_STATUS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _reason(e: BaseException) -> str:
@@ -331,7 +353,11 @@ class RemoteStore:
                 if names & BAD_REQUEST:
                     raise UserError(f"{what} cannot be read: the store's library refused the request "
                                     f"({_reason(e)}); check the URL given to {self.flag}.") from None
-                if not isinstance(e, _transient_errors()):
+                status = _http_status(e)
+                if status is not None and status not in RETRY_STATUS:
+                    raise UserError(f"{what} cannot be read: the store answered HTTP {status} ({_reason(e)}); check "
+                                    f"the URL given to {self.flag} and {self._credentials()}.") from None
+                if not _may_pass(e):
                     raise
                 last = e
                 elapsed = time.monotonic() - began
