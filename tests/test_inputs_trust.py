@@ -329,3 +329,64 @@ def test_an_unreachable_hub_is_retried_then_one_sentence(tmp_path):
     line = one_sentence(done.stderr)
     assert done.returncode == 2 and f"data folder {url} could not be read" in line, done.stderr[-3000:]
     assert "ENCODER_TRAIN_RETRY_SECONDS" in line
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-1", "lots", "0x10"])
+@pytest.mark.parametrize("variable", ["ENCODER_TRAIN_REMOTE_CACHE_MB", "ENCODER_TRAIN_RETRY_SECONDS"])
+def test_a_storage_setting_that_is_not_a_finite_number_is_one_sentence(monkeypatch, variable, value):
+    from encoder_train.data.shards import cache_budget
+    from encoder_train.data.store import retry_seconds
+
+    monkeypatch.setenv(variable, value)
+    read = cache_budget if variable.endswith("_MB") else retry_seconds
+    with pytest.raises(UserError, match=rf"^{variable}='{value}' is not a finite number of \w+ >= 0; set e\.g\. "):
+        read()
+
+
+def test_storage_settings_that_are_numbers_are_read(monkeypatch):
+    from encoder_train.data.shards import cache_budget
+    from encoder_train.data.store import retry_seconds
+
+    monkeypatch.setenv("ENCODER_TRAIN_REMOTE_CACHE_MB", " 1.5 ")
+    monkeypatch.setenv("ENCODER_TRAIN_RETRY_SECONDS", "0")
+    assert (cache_budget(), retry_seconds()) == (3 << 19, 0.0)
+    monkeypatch.setenv("ENCODER_TRAIN_REMOTE_CACHE_MB", "")
+    assert cache_budget() == 512 << 20
+
+
+@pytest.mark.parametrize(("sink", "folder"), [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_a_dangling_link_where_a_sink_writes_is_one_sentence(tmp_path, monkeypatch, sink, folder):
+    from encoder_train.tracking import Tracker, TrackerSettings
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    (tmp_path / folder).symlink_to(tmp_path / "unmounted" / "disk")
+    settings = TrackerSettings(log_interval=1, **{sink: True})
+    with pytest.raises(UserError, match=rf"--{sink} writes into \S*{folder}, a symbolic link to \S*unmounted/disk, "
+                                        "which does not exist; create that folder, remove the link"):
+        Tracker(directory=tmp_path, total_steps=3, start_step=0, fresh=True, settings=settings)
+    assert (tmp_path / folder).is_symlink() and not (tmp_path / "unmounted").exists()  # nothing made or removed
+
+
+def test_consolidate_makes_the_folder_of_its_output(tmp_path, capsys):
+    from conftest import make_shards, make_tokenizer
+    from encoder_train import checkpoint
+    from encoder_train.cli import main
+
+    make_shards(tmp_path / "data", files=1, rows=16, width=16)
+    (tmp_path / "c.yaml").write_text(
+        "model: {hidden_size: 16, num_layers: 1, num_heads: 2, intermediate_size: 32, max_position_embeddings: 40}\n"
+        "data: {num_workers: 0}\n"
+        "training: {batch_size: 4, max_steps: 2, warmup_steps: 1, precision: fp32}\n"
+        "checkpoint: {format: sharded}\n")
+    assert main(["train", "--config_file", str(tmp_path / "c.yaml"), "--data_dir", str(tmp_path / "data"),
+                 "--tokenizer_filepath", str(make_tokenizer(tmp_path / "tok.json")),
+                 "--checkpoint_dir", str(tmp_path / "ckpt")]) == 0
+    folder = tmp_path / "ckpt" / "checkpoint_00000002"
+    out = tmp_path / "new" / "deeper" / "step2.pt"
+    assert main(["consolidate", "--checkpoint", str(folder), "--output", str(out)]) == 0
+    assert checkpoint.load(out)["step"] == 2
+    (tmp_path / "afile").write_text("x")
+    capsys.readouterr()
+    assert main(["consolidate", "--checkpoint", str(folder), "--output", str(tmp_path / "afile" / "x.pt")]) == 2
+    line = one_sentence(capsys.readouterr().err)
+    assert "--output" in line and "cannot be created" in line and "afile" in line

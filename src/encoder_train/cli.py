@@ -388,10 +388,15 @@ def run_consolidate(args: argparse.Namespace) -> int:
     if not (source.is_dir() and (source / checkpoint.MARKER).exists()):
         raise UserError(f"--checkpoint {source} is not a sharded checkpoint folder (one with {checkpoint.MARKER}); "
                         "pass a checkpoint_XXXXXXXX/ folder that `train` wrote.")
-    if output.exists():
+    if output.exists() or output.is_symlink():
         raise UserError(f"--output {output} exists; pass a new file name (nothing is overwritten).")
     state = checkpoint.load(source, flag="--checkpoint")
     del state["sharded_checkpoint"]
+    try:  # the folder of --output is made as `train` makes --checkpoint_dir
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {output} cannot be written: its folder {output.parent} cannot be created "
+                        f"({e.strerror}); pass a file in a folder that exists or can be made.") from None
     written = checkpoint.save_as(state, output)
     print(f"wrote {written}: step {state['step']}, {len(state['model'])} model tensors, from {source}")
     return 0

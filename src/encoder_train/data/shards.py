@@ -45,6 +45,7 @@ import torch
 from encoder_train.data.store import (  # find_shards: the local listing, imported from here by tools and tests
     LocalFile,
     RemoteStore,
+    env_number,
     find_shards,
     open_store,
     retry_seconds,
@@ -403,15 +404,7 @@ def fetch_pool() -> ThreadPoolExecutor:
 
 def cache_budget() -> int:
     """Bytes of remote blocks a BlockCache keeps: ENCODER_TRAIN_REMOTE_CACHE_MB, else CACHE_MB."""
-    raw = os.environ.get(CACHE_MB_ENV, "").strip()
-    try:
-        mb = float(raw) if raw else float(CACHE_MB)
-    except ValueError:
-        mb = -1.0
-    if not mb >= 0:
-        raise UserError(f"{CACHE_MB_ENV}={raw!r} is not a number of megabytes >= 0; set e.g. {CACHE_MB_ENV}=512, "
-                        "or unset it.")
-    return int(mb * (1 << 20))
+    return int(env_number(CACHE_MB_ENV, CACHE_MB, "megabytes") * (1 << 20))
 
 
 class BlockCache:

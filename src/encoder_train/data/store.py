@@ -21,6 +21,7 @@ UserError naming the object.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 import time
@@ -96,18 +97,24 @@ def relative(path: str, root: str) -> str:
     return str(p.relative_to(r)) if p.is_relative_to(r) else path
 
 
-def retry_seconds() -> float:
-    raw = os.environ.get(RETRY_SECONDS_ENV, "").strip()
+def env_number(name: str, default: float, unit: str) -> float:
+    """A finite number >= 0 from the environment variable `name` (`default` when unset or blank); anything else
+    (text, a negative number, inf, nan) is one sentence naming the variable."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return RETRY_SECONDS
+        return default
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UserError(f"{RETRY_SECONDS_ENV}={raw!r} is not a number of seconds >= 0; set e.g. "
-                        f"{RETRY_SECONDS_ENV}=60, or unset it.")
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name}={raw!r} is not a finite number of {unit} >= 0; set e.g. {name}={default:g}, or "
+                        "unset it.")
     return value
+
+
+def retry_seconds() -> float:
+    return env_number(RETRY_SECONDS_ENV, RETRY_SECONDS, "seconds")
 
 
 # Errors of the network libraries that retrying cannot fix, by class name (their modules are optional).
