@@ -333,7 +333,7 @@ def _first_non_utf8_line(path: Path) -> int:
     with open(path, "rb") as raw:
         try:
             lines = _decompressed(path, raw)
-            # At most 4 bytes a character: a line past MAX_LINE_CHARS is refused before this is ever asked.
+            # Bounded like the text's lines: at most 4 bytes a character, a longer line is read in pieces.
             for number, line in enumerate(iter(lambda: lines.readline(4 * MAX_LINE_CHARS + 1), b""), start=1):
                 try:
                     line.decode("utf-8")
