@@ -145,8 +145,11 @@ def train(capsys, cfg: Path, ckpt: Path, *extra) -> tuple[int, str]:
     tok = ckpt.parent / "tok.json"
     if not tok.exists():
         make_tokenizer(tok)
-    rc = main(["train", "--config_file", str(cfg), "--tokenizer_filepath", str(tok), "--checkpoint_dir", str(ckpt),
-               *map(str, extra)])
+    try:
+        rc = main(["train", "--config_file", str(cfg), "--tokenizer_filepath", str(tok), "--checkpoint_dir", str(ckpt),
+                   *map(str, extra)])
+    except SystemExit as e:  # a flag's value refused by argparse (a URL with credentials), from inside parse_args
+        rc = e.code
     out = capsys.readouterr()
     return rc, out.out + out.err
 

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 
 from encoder_train.config import BUNDLED_CONFIG_DIR, FLAG_TO_KEY, flag_for, load_config, parse_set, resolve_config_path
 from encoder_train.errors import UserError
+from encoder_train.urls import local_only, redact, with_credentials
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, with usage mistakes reported like every other user error: one line, exit code 2."""
 
     def error(self, message: str, prog: str | None = None) -> None:  # type: ignore[override]
-        self.exit(2, f"encoder-train: error: {message}; see `{prog or self.prog} --help`.\n")
+        # An argument may be a URL with credentials (an unknown flag's value too): never repeat them.
+        self.exit(2, f"encoder-train: error: {redact(message)}; see `{prog or self.prog} --help`.\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
         parsed, extra = self.parse_known_args(args, namespace)
@@ -39,6 +41,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def local_path(text: str) -> str:
+    """A flag's local file or folder: a URL is refused (`--checkpoint_dir s3://...` would write a folder `s3:`)."""
+    why = local_only(text)
+    if why:
+        raise argparse.ArgumentTypeError(f"{redact(text)} {why}")
+    return text
+
+
+def data_location(text: str) -> str:
+    """A data folder: a path or a URL (data/store.py), without credentials in it."""
+    why = with_credentials(text)
+    if why:
+        raise argparse.ArgumentTypeError(f"{redact(text)} {why}")
+    return text
+
+
 def plural(count: int, noun: str) -> str:
     """'1 shard', '2 shards'."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
@@ -52,25 +70,26 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "YAML config, which overrides the schema's defaults.",
     )
     # Every flag defaults to None: only flags the user typed override the YAML file.
-    p.add_argument("--config_file", required=True,
+    p.add_argument("--config_file", type=local_path, required=True,
                    help="YAML config: a file name in --config_dir, or a path (bundled: "
                    + ", ".join(sorted(p.name for p in BUNDLED_CONFIG_DIR.glob("*.yaml"))) + ")")
-    p.add_argument("--config_dir", default=None,
+    p.add_argument("--config_dir", type=local_path, default=None,
                    help="folder holding --config_file (default: the configs bundled with encoder-train)")
-    p.add_argument("--data_dir", default=None,
+    p.add_argument("--data_dir", type=data_location, default=None,
                    help="folder (or s3://, gs://, hf:// URL) of training .pt shards, searched recursively")
-    p.add_argument("--tokenizer_filepath", default=None, help="Hugging Face tokenizers JSON file (tokenizer.json)")
-    p.add_argument("--val_data_dir", default=None,
+    p.add_argument("--tokenizer_filepath", type=local_path, default=None,
+                   help="Hugging Face tokenizers JSON file (tokenizer.json)")
+    p.add_argument("--val_data_dir", type=data_location, default=None,
                    help="folder (or URL) of held-out .pt shards, evaluated every training.eval_every steps and at "
                         "the end")
-    p.add_argument("--checkpoint_dir", default=None,
+    p.add_argument("--checkpoint_dir", type=local_path, default=None,
                    help="folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ "
                    "folders) and metrics.jsonl (default: ./checkpoints)")
-    p.add_argument("--init_from_hf", default=None,
+    p.add_argument("--init_from_hf", type=local_path, default=None,
                    help="start from a local Hugging Face RoBERTa or ModernBERT masked-LM folder (weights, config.json, "
                    "tokenizer); "
                    "the YAML's training section still applies")
-    p.add_argument("--load_checkpoint", default=None,
+    p.add_argument("--load_checkpoint", type=local_path, default=None,
                    help="checkpoint file or sharded checkpoint folder to resume from, or 'latest' for the newest in "
                    "--checkpoint_dir")
     p.add_argument("--checkpoint_every", type=positive_int, default=None,
@@ -137,9 +156,9 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a checkpoint on .pt shards with a fixed, seeded mask (numbers compare across runs "
         "and checkpoints). Prints one JSON line: loss, accuracy, perplexity, tokens (predicted), real_tokens, rows.",
     )
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", type=local_path, required=True,
                    help="checkpoint file (or sharded checkpoint folder) written by `encoder-train train`")
-    p.add_argument("--data_dir", required=True,
+    p.add_argument("--data_dir", type=data_location, required=True,
                    help="folder (or s3://, gs://, hf:// URL) of held-out .pt shards, searched recursively")
     p.add_argument("--batch_size", type=positive_int, default=32, help="rows per batch (default 32)")
     p.add_argument("--max_batches", type=positive_int, default=None, help="stop after this many batches")
@@ -163,9 +182,9 @@ def add_fill_mask_parser(sub: argparse._SubParsersAction) -> None:
         help="the most likely tokens for each <mask> in a text",
         description="Print the top-k tokens, with probabilities, for each <mask> in TEXT.",
     )
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", type=local_path, required=True,
                    help="checkpoint file (or sharded checkpoint folder) written by `encoder-train train`")
-    p.add_argument("--tokenizer_filepath", default=None,
+    p.add_argument("--tokenizer_filepath", type=local_path, default=None,
                    help="tokenizer.json with the same vocabulary as the checkpoint's (default: the tokenizer "
                    "stored in the checkpoint)")
     p.add_argument("--top_k", type=positive_int, default=5,
@@ -198,7 +217,7 @@ def run_fill_mask(args: argparse.Namespace) -> int:
 
 def add_input_flags(p: argparse.ArgumentParser) -> None:
     """The text both `tokenizer` and `pretokenize` read: the files, and the field that holds the text."""
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+    p.add_argument("--input", type=local_path, nargs="+", required=True, metavar="PATH",
                    help="text, .jsonl or .parquet files; .gz and .zst (e.g. x.jsonl.zst) are decompressed as read "
                    "(.parquet needs the parquet extra, .zst the zstd extra)")
     p.add_argument("--text_field", default="text", metavar="NAME",
@@ -215,7 +234,7 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         "streaming. The output loads with tokenizers.Tokenizer.from_file.",
     )
     add_input_flags(p)
-    p.add_argument("--output", default="tokenizer.json",
+    p.add_argument("--output", type=local_path, default="tokenizer.json",
                    help="where to write the tokenizer (default tokenizer.json; refused when it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--vocab_size", type=positive_int, default=50265,
@@ -248,15 +267,15 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
         "--text_field names another) and .gz or .zst files of text or .jsonl, streaming.",
     )
     add_input_flags(p)
-    p.add_argument("--tokenizer_filepath", required=True, help="tokenizer.json to tokenize with")
-    p.add_argument("--output_dir", required=True, help="folder for train/ and val/ shards")
+    p.add_argument("--tokenizer_filepath", type=local_path, required=True, help="tokenizer.json to tokenize with")
+    p.add_argument("--output_dir", type=local_path, required=True, help="folder for train/ and val/ shards")
     p.add_argument("--seq_len", type=positive_int, default=512,
                    help="tokens per row including <s> and </s> (default 512; the model needs "
                    "max_position_embeddings >= seq_len + 2)")
     p.add_argument("--rows_per_shard", type=positive_int, default=8192, help="rows per .pt file (default 8192)")
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="share of rows held out in OUTPUT_DIR/val (default 0.01; 0 holds out none)")
-    p.add_argument("--config_file", default=None,
+    p.add_argument("--config_file", type=local_path, default=None,
                    help="optional config: refuse a --seq_len longer than its model's positions")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards already in --output_dir (they stay until the new ones are all written)")
@@ -302,7 +321,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         "frequencies alone, then fine-tune both on a docstring classification task. Running it again resumes where "
         "it stopped.",
     )
-    p.add_argument("--workdir", default="runs/demo", help="folder for every artefact (default runs/demo)")
+    p.add_argument("--workdir", type=local_path, default="runs/demo",
+                   help="folder for every artefact (default runs/demo)")
     p.add_argument("--max_steps", type=positive_int, default=None, help="override demo.yaml's training.max_steps")
     p.add_argument("--corpus_bytes", type=positive_int, default=None, help="cap the corpus at this many bytes")
     p.set_defaults(func=run_demo)
@@ -333,8 +353,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_export_flags(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     """The flags both exports take: the checkpoint, the folder to write, and whether to replace an earlier one."""
-    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
-    p.add_argument("--output_dir", required=True, help="folder to write (refused when it holds files)")
+    p.add_argument("--checkpoint", type=local_path, required=True, help=checkpoint_help)
+    p.add_argument("--output_dir", type=local_path, required=True, help="folder to write (refused when it holds files)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output_dir")
 
 
@@ -355,8 +375,8 @@ def add_consolidate_parser(sub: argparse._SubParsersAction) -> None:
         "with checkpoint.format: sharded) into one checkpoint_XXXXXXXX.pt file, in this process alone (no torchrun): "
         "the same training state, verified, which every command reads and `train --load_checkpoint` resumes.",
     )
-    p.add_argument("--checkpoint", required=True, help="the sharded checkpoint folder")
-    p.add_argument("--output", required=True, help="the file to write (refused when it exists)")
+    p.add_argument("--checkpoint", type=local_path, required=True, help="the sharded checkpoint folder")
+    p.add_argument("--output", type=local_path, required=True, help="the file to write (refused when it exists)")
     p.set_defaults(func=run_consolidate)
 
 
@@ -369,10 +389,15 @@ def run_consolidate(args: argparse.Namespace) -> int:
     if not (source.is_dir() and (source / checkpoint.MARKER).exists()):
         raise UserError(f"--checkpoint {source} is not a sharded checkpoint folder (one with {checkpoint.MARKER}); "
                         "pass a checkpoint_XXXXXXXX/ folder that `train` wrote.")
-    if output.exists():
+    if output.exists() or output.is_symlink():
         raise UserError(f"--output {output} exists; pass a new file name (nothing is overwritten).")
     state = checkpoint.load(source, flag="--checkpoint")
     del state["sharded_checkpoint"]
+    try:  # the folder of --output is made as `train` makes --checkpoint_dir
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output {output} cannot be written: its folder {output.parent} cannot be created "
+                        f"({e.strerror}); pass a file in a folder that exists or can be made.") from None
     written = checkpoint.save_as(state, output)
     print(f"wrote {written}: step {state['step']}, {len(state['model'])} model tensors, from {source}")
     return 0
@@ -380,8 +405,9 @@ def run_consolidate(args: argparse.Namespace) -> int:
 
 def add_finetune_source_flags(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint file written by `encoder-train train` (or by finetune)")
-    source.add_argument("--init_from_hf", default=None,
+    source.add_argument("--checkpoint", type=local_path,
+                        help="checkpoint file written by `encoder-train train` (or by finetune)")
+    source.add_argument("--init_from_hf", type=local_path, default=None,
                         help="a local Hugging Face masked-LM folder instead (an `encoder-train export`, or a released "
                         "RoBERTa-style model)")
 
@@ -430,10 +456,10 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
         "line as one JSON object.",
     )
     add_finetune_source_flags(p)
-    p.add_argument("--train_file", required=True, help=".tsv (with a header), .csv or .jsonl")
-    p.add_argument("--validation_file", required=True, nargs="+",
+    p.add_argument("--train_file", type=local_path, required=True, help=".tsv (with a header), .csv or .jsonl")
+    p.add_argument("--validation_file", type=local_path, required=True, nargs="+",
                    help="one file or more (MNLI: dev_matched.tsv dev_mismatched.tsv); the first chooses the epoch")
-    p.add_argument("--test_file", default=None,
+    p.add_argument("--test_file", type=local_path, default=None,
                    help="predicted with the best epoch into predictions_NAME.tsv (scored too if it has labels)")
     p.add_argument("--task", default=None,
                    help="a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): its columns, labels, "
@@ -448,7 +474,7 @@ def add_finetune_parser(sub: argparse._SubParsersAction) -> None:
                    choices=["accuracy", "f1", "macro_f1", "matthews", "pearson", "spearman"],
                    help="scores to report (default: the GLUE task's; else accuracy, or pearson spearman for "
                    "regression); the first file's mean of them chooses the best epoch")
-    p.add_argument("--output_dir", default=None, help="default runs/finetune/TASK")
+    p.add_argument("--output_dir", type=local_path, default=None, help="default runs/finetune/TASK")
     add_finetune_setting_flags(p)
     p.set_defaults(func=run_finetune)
 
@@ -483,9 +509,9 @@ def add_glue_parser(sub: argparse._SubParsersAction) -> None:
         "Nothing is downloaded.",
     )
     add_finetune_source_flags(p)
-    p.add_argument("--data_dir", required=True, help="the folder of GLUE's download")
+    p.add_argument("--data_dir", type=local_path, required=True, help="the folder of GLUE's download")
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK", help="only these tasks (default: all found)")
-    p.add_argument("--output_dir", default="runs/glue", help="one folder per task (default runs/glue)")
+    p.add_argument("--output_dir", type=local_path, default="runs/glue", help="one folder per task (default runs/glue)")
     add_finetune_setting_flags(p)
     p.set_defaults(func=run_glue)
 

@@ -38,6 +38,7 @@ from pydantic import (
 
 from encoder_train.data.store import check_url, is_remote, local_path
 from encoder_train.errors import UserError
+from encoder_train.urls import local_only, redact
 
 # Bundled configs: `--config_file base.yaml` works from any folder.
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -54,6 +55,17 @@ def _not_a_bool(value: Any) -> Any:
 Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool), Field(allow_inf_nan=False)]
 Bool = Annotated[bool, Strict()]
+
+
+def _local_only(value: str) -> str:
+    why = local_only(value)
+    if why:
+        raise ValueError(f"it {why}")
+    return value
+
+
+# A file or folder read or written on this machine: a URL is refused, where it would become a local folder `s3:`.
+LocalPath = Annotated[str, AfterValidator(_local_only)]
 
 
 class Section(BaseModel):
@@ -92,7 +104,7 @@ class ModelConfig(Section):
     family: Literal["roberta", "modernbert"] = "roberta"
     """Sets the architecture's defaults in one word (`modernbert`: rotary positions, GeGLU, no biases, pre-LN,
     local/global attention, 8,192 positions); each key below still overrides it."""
-    init_from_hf: str | None = None
+    init_from_hf: LocalPath | None = None
     """Local Hugging Face RoBERTa or ModernBERT masked-LM folder to start from (flag --init_from_hf); its config.json
     and tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
     vocab_size: Int | None = Field(default=None, ge=8)
@@ -197,7 +209,7 @@ class DataConfig(Section):
     temperature: Float | None = Field(default=None, gt=0.0)
     """With sources: weights proportional to each source's size in tokens to this power (1: by size, 0.3: flatter,
     as mmBERT and XLM-R sample languages), in place of each source's weight."""
-    tokenizer_filepath: str | None = None
+    tokenizer_filepath: LocalPath | None = None
     """Hugging Face `tokenizers` JSON file (flag --tokenizer_filepath)."""
     val_data_dir: str | None = None
     """Held-out `.pt` shards, evaluated every `training.eval_every` steps and at the end (flag --val_data_dir)."""
@@ -290,14 +302,14 @@ class TrainingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    checkpoint_dir: str = "checkpoints"
+    checkpoint_dir: LocalPath = "checkpoints"
     """Folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ folders) and
     metrics.jsonl (flag --checkpoint_dir)."""
     checkpoint_every: Int = Field(default=1000, ge=1)
     """Optimizer steps between checkpoints; one is also written at the end (flag --checkpoint_every)."""
     max_checkpoints: Int = Field(default=3, ge=1)
     """How many of the newest checkpoints to keep (flag --max_checkpoints)."""
-    load_checkpoint: str | None = None
+    load_checkpoint: LocalPath | None = None
     """Checkpoint file (or sharded folder) to resume from, or `latest` for the newest in checkpoint_dir (flag
     --load_checkpoint)."""
     format: Literal["auto", "single", "sharded"] = "auto"
@@ -907,7 +919,7 @@ def _message(err: Any) -> str:
 
 def _short(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: a message must stay one readable sentence."""
-    text = value if isinstance(value, str) and limit > 60 else repr(value)
+    text = redact(value if isinstance(value, str) and limit > 60 else repr(value))  # before the cut: no half secret
     return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 

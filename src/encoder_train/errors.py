@@ -5,11 +5,19 @@ and what to do. The CLI prints it to stderr and exits with code 2, without a tra
 exception is our bug and keeps its traceback.
 """
 
+from encoder_train.urls import redact
+
 
 class UserError(Exception):
-    """A mistake the user can fix: bad file, bad config value, mismatched checkpoint, ..."""
+    """A mistake the user can fix: bad file, bad config value, mismatched checkpoint, ...
+
+    Its message never shows a secret: credentials in any URL it quotes are replaced by `***` (urls.redact), so no
+    message, log line or tracker record repeats one, whichever value it names."""
 
     exit_code = 2
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(redact(str(message)))
 
 
 def install_hint(extra: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from encoder_train.data.zstd import ZstdReader
 from encoder_train.errors import UserError, require
 
 # Each role, with the token strings that may fill it (RoBERTa's first, then BERT's).
@@ -97,6 +98,12 @@ def special_tokens(tokenizer: Tokenizer, path: str | Path = "the tokenizer") -> 
 # A paragraph longer than this is cut at a line boundary into several documents, so that one file
 # without blank lines never has to fit in memory at once.
 MAX_DOCUMENT_CHARS = 1 << 20
+
+# A line longer than this (characters, without its line ending) stops the run, naming it: every line is held
+# whole once (a .jsonl object is parsed whole), so this bounds what one read holds, where a 1.2 MB .zst of one
+# 12 GB line would otherwise be read until memory runs out. No document needs it: a 64 M-character book is
+# 30,000 pages, and plain text may break such a document into lines.
+MAX_LINE_CHARS = 1 << 26
 
 # Progress is reported every this many lines: asking the file for its position costs a system call.
 PROGRESS_EVERY_LINES = 256
@@ -277,8 +284,14 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
         text = io.TextIOWrapper(_decompressed(path, raw), encoding="utf-8-sig", newline=None)
         number = reported = 0
         try:
-            for number, line in enumerate(text, start=1):
-                yield number, line.removesuffix("\n")
+            for number, line in enumerate(_bounded_lines(text), start=1):
+                line = line.removesuffix("\n")
+                if len(line) > MAX_LINE_CHARS:
+                    raise UserError(
+                        f"{path} line {number} is longer than {MAX_LINE_CHARS:,} characters (the most one line may "
+                        "hold); break it into lines, or split its document into several."
+                    )
+                yield number, line
                 if progress is not None and number % PROGRESS_EVERY_LINES == 0:
                     progress(raw.tell() - reported)  # bytes on disk: compressed ones for .gz and .zst
                     reported = raw.tell()
@@ -296,12 +309,21 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
             progress(raw.tell() - reported)
 
 
+def _bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
+    """Lines of `text`, each read up to MAX_LINE_CHARS + 1 characters: a longer line is returned cut there (the
+    caller refuses it) instead of being gathered whole."""
+    while line := text.readline(MAX_LINE_CHARS + 1):
+        yield line
+        if len(line.removesuffix("\n")) > MAX_LINE_CHARS:
+            return
+
+
 def _decompressed(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
     """The bytes of `raw`, gunzipped for `*.gz` and decompressed for `*.zst`, as they are read."""
     if _is_gzip(path):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if _is_zstd(path):
-        return io.BufferedReader(_ZstdReader(raw, _zstandard(path)))
+        return io.BufferedReader(ZstdReader(raw, _zstandard(path)))
     return raw
 
 
@@ -310,7 +332,9 @@ def _first_non_utf8_line(path: Path) -> int:
     number = 0
     with open(path, "rb") as raw:
         try:
-            for number, line in enumerate(_decompressed(path, raw), start=1):
+            lines = _decompressed(path, raw)
+            # Bounded like the text's lines: at most 4 bytes a character, a longer line is read in pieces.
+            for number, line in enumerate(iter(lambda: lines.readline(4 * MAX_LINE_CHARS + 1), b""), start=1):
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError:
@@ -330,63 +354,9 @@ def _is_zstd(path: Path) -> bool:
     return path.name.lower().endswith(".zst")
 
 
-# Compressed bytes of a .zst handed to the decompressor at a time. Text inflates them 3 to 10 times, so a read
-# holds well under a megabyte, whatever the file's size.
-ZSTD_READ_BYTES = 1 << 16
-
-
 def _zstandard(path: Path) -> ModuleType:
     """The zstandard package, or a UserError naming the extra that installs it."""
     return require("zstandard", "zstd", f"the Zstandard input {path}")
-
-
-class _ZstdReader(io.RawIOBase):
-    """A .zst stream decompressed as it is read, frame after frame (`zstd` writes one, `pzstd` and
-    `zstd -T` several), for `io.BufferedReader` and lines on top.
-
-    Built on `decompressobj` rather than `ZstdDecompressor().stream_reader`, because the stream reader ends
-    a file cut inside a frame (a download that stopped) silently, as if it were complete; here that raises
-    EOFError, and a damaged frame OSError, which `_numbered_lines` words for a person.
-    """
-
-    def __init__(self, raw: io.BufferedReader, zstandard: ModuleType) -> None:
-        super().__init__()
-        self.raw, self.zstandard = raw, zstandard
-        self.decompressor = zstandard.ZstdDecompressor()
-        self.frame = self.decompressor.decompressobj()
-        self.in_frame = False  # bytes of a frame were fed, and its end was not seen yet
-        self.pending = memoryview(b"")  # decompressed bytes not yet read
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        while not self.pending:
-            chunk = self.raw.read(ZSTD_READ_BYTES)
-            if not chunk:
-                if self.in_frame:
-                    raise EOFError("the file ends inside a Zstandard frame: it was cut short")
-                return 0
-            self.pending = memoryview(self._decompress(chunk))
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def _decompress(self, data: bytes) -> bytes:
-        """The output of `data`; a frame's end starts a new frame with the bytes after it."""
-        out = []
-        while data:
-            try:
-                out.append(self.frame.decompress(data))
-            except self.zstandard.ZstdError as e:
-                raise OSError(str(e)) from None
-            self.in_frame = not self.frame.eof
-            if self.in_frame:
-                break
-            data = self.frame.unused_data
-            self.frame = self.decompressor.decompressobj()
-        return b"".join(out)
 
 
 # Rows of a Parquet column converted to Python strings at a time: a batch of documents in memory, whatever the

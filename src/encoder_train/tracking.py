@@ -51,11 +51,17 @@ class TrackerSettings:
 
 
 def check_sink_folders(directory: Path, settings: TrackerSettings) -> None:
-    """Refuse, before training starts, a sink's folder that is taken by a file (the sink would fail at start)."""
+    """Refuse, before training starts, a sink's folder that is taken by a file or by a symbolic link to nothing (the
+    sink would fail at start: it cannot create a folder where the link is)."""
     for enabled, name, flag in ((settings.tensorboard, "tensorboard", "--tensorboard"),
                                 (settings.wandb and not os.environ.get("WANDB_DIR"), "wandb", "--wandb")):
         folder = directory / name
-        if enabled and folder.exists() and not folder.is_dir():
+        if not enabled:
+            continue
+        if folder.is_symlink() and not folder.exists():
+            raise UserError(f"{flag} writes into {folder}, a symbolic link to {os.readlink(folder)}, which does not "
+                            "exist; create that folder, remove the link, or pass another --checkpoint_dir.")
+        if folder.exists() and not folder.is_dir():
             raise UserError(f"{flag} writes into {folder}, which is a file; move that file away, or pass another "
                             "--checkpoint_dir.")
 

@@ -45,6 +45,7 @@ import torch
 from encoder_train.data.store import (  # find_shards: the local listing, imported from here by tools and tests
     LocalFile,
     RemoteStore,
+    env_number,
     find_shards,
     open_store,
     retry_seconds,
@@ -145,6 +146,7 @@ def check_header(path: str | Path, t: torch.Tensor, max_tokens: int, *, where: A
             f"re-tokenize with --seq_len {max_tokens} or raise model.max_position_embeddings."
         )
     itemsize = t.element_size()
+    check_stored_ids(path, t)
     if where is _LOCAL:
         where = _stored_bytes(path)
     if where is None or t.stride(1) != 1:
@@ -154,6 +156,22 @@ def check_header(path: str | Path, t: torch.Tensor, max_tokens: int, *, where: A
     if end > size or t.stride(0) < 0:
         raise UserError(f"data file {path} is truncated or corrupt (its ids end past its data); re-create it.")
     return ShardInfo(str(path), rows, width, t.dtype, start + t.storage_offset() * itemsize, t.stride(0), store)
+
+
+def check_stored_ids(path: str | Path, t: torch.Tensor) -> None:
+    """Refuse a tensor whose shape claims more ids than its file stores. torch.save writes a view's storage, not
+    its shape: `x.expand(10**12, w)` (row stride 0), `as_strided` with overlapping rows, or a broadcast column is
+    a few bytes on disk whose [rows, width] would be terabytes once rows are counted, ordered and read. Only the
+    header is asked (shape, storage size), so nothing is allocated for the claimed rows."""
+    claimed = t.numel() * t.element_size()
+    stored = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    if claimed > stored:
+        rows, width = t.shape
+        raise UserError(
+            f"data file {path} claims {rows:,} rows of {width} tokens ({claimed:,} bytes) but stores only "
+            f"{max(stored, 0):,} bytes of ids (it was saved from an expanded or overlapping view, whose rows repeat "
+            "the same ids); re-create it with `encoder-train pretokenize`, or save a tensor that holds each row."
+        )
 
 
 def _stored_bytes(path: str | Path | io.RawIOBase) -> tuple[int, int] | None:
@@ -386,15 +404,7 @@ def fetch_pool() -> ThreadPoolExecutor:
 
 def cache_budget() -> int:
     """Bytes of remote blocks a BlockCache keeps: ENCODER_TRAIN_REMOTE_CACHE_MB, else CACHE_MB."""
-    raw = os.environ.get(CACHE_MB_ENV, "").strip()
-    try:
-        mb = float(raw) if raw else float(CACHE_MB)
-    except ValueError:
-        mb = -1.0
-    if not mb >= 0:
-        raise UserError(f"{CACHE_MB_ENV}={raw!r} is not a number of megabytes >= 0; set e.g. {CACHE_MB_ENV}=512, "
-                        "or unset it.")
-    return int(mb * (1 << 20))
+    return int(env_number(CACHE_MB_ENV, CACHE_MB, "megabytes") * (1 << 20))
 
 
 class BlockCache:

@@ -9,8 +9,8 @@ shards is data/shards.py's; the store only moves bytes.
 - `s3://`, `gs://`, `hf://` and any other protocol fsspec knows are read with ranged requests through the
   protocol's library (`s3fs`, `gcsfs`, `huggingface_hub`: optional extras). Credentials come from the library's
   own environment and files (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ~/.aws for S3;
-  GOOGLE_APPLICATION_CREDENTIALS for GCS; HF_TOKEN for the Hub); a URL carrying `user:secret@` is refused, so a
-  secret never reaches the printed or stored config.
+  GOOGLE_APPLICATION_CREDENTIALS for GCS; HF_TOKEN for the Hub); a URL carrying `user:secret@` or a token in its
+  query is refused (urls.py), so a secret never reaches the printed or stored config.
 
 A request that fails for a reason that may pass (a dropped connection, a timeout, throttling, a server error) is
 tried again with exponential backoff, at most `TRIES` times within `ENCODER_TRAIN_RETRY_SECONDS` (default 60);
@@ -21,8 +21,8 @@ UserError naming the object.
 from __future__ import annotations
 
 import functools
+import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from encoder_train.errors import UserError, require
+from encoder_train.urls import has_credentials, is_url, protocol_of, redact
 
 RETRY_SECONDS_ENV = "ENCODER_TRAIN_RETRY_SECONDS"
 RETRY_SECONDS = 60.0  # default total time one request keeps being retried
@@ -50,10 +51,6 @@ CREDENTIALS = {  # what a refused request should make the user check, by protoco
     "hf": "HF_TOKEN or `hf auth login`",
 }
 
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-# user@host, or user:secret@ (a secret may hold slashes, as AWS secret keys do)
-_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*@|[^@\s]*:[^@\s]*@)")
-
 T = TypeVar("T")
 
 _fs_lock = threading.Lock()
@@ -61,18 +58,9 @@ if hasattr(os, "register_at_fork"):  # a lock held by another thread at a fork w
     os.register_at_fork(after_in_child=lambda: globals().__setitem__("_fs_lock", threading.Lock()))
 
 
-def is_url(location: str | Path | None) -> bool:
-    """Whether a data folder is given as a URL (`s3://...`, `file://...`) rather than a path."""
-    return isinstance(location, str) and _URL.match(location) is not None
-
-
 def is_remote(location: str | Path | None) -> bool:
     """A URL read through fsspec (not `file://`, which is a local folder)."""
     return is_url(location) and protocol_of(location) != "file"
-
-
-def protocol_of(url: str) -> str:
-    return _URL.match(url).group(1).lower()
 
 
 def local_path(location: str | Path) -> str:
@@ -82,13 +70,14 @@ def local_path(location: str | Path) -> str:
 
 
 def check_url(location: str | None, key: str, source: str) -> None:
-    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`): the config is printed, stored in
-    every checkpoint and sent to trackers. The message does not repeat the URL, so the secret goes nowhere."""
-    if location and is_url(location) and _USERINFO.match(location):
+    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`, `?token=...`): the config is
+    printed, stored in every checkpoint and sent to trackers. The message shows the URL with them as `***`."""
+    if location and is_url(location) and has_credentials(location):
         proto = protocol_of(location)
         where = CREDENTIALS.get(proto, "the storage library's own environment variables or files")
-        raise UserError(f"{source}: {key} carries credentials in its URL (user:secret@); remove them from the URL and "
-                        f"give them through {where} instead, so that they never reach logs or checkpoints.")
+        raise UserError(f"{source}: {key} {redact(location)} carries credentials in its URL (user:secret@ or a token "
+                        f"in its query); remove them from the URL and give them through {where} instead, so that "
+                        "they never reach logs or checkpoints.")
 
 
 def canonical(location: str | Path) -> str:
@@ -108,18 +97,24 @@ def relative(path: str, root: str) -> str:
     return str(p.relative_to(r)) if p.is_relative_to(r) else path
 
 
-def retry_seconds() -> float:
-    raw = os.environ.get(RETRY_SECONDS_ENV, "").strip()
+def env_number(name: str, default: float, unit: str) -> float:
+    """A finite number >= 0 from the environment variable `name` (`default` when unset or blank); anything else
+    (text, a negative number, inf, nan) is one sentence naming the variable."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return RETRY_SECONDS
+        return default
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise UserError(f"{RETRY_SECONDS_ENV}={raw!r} is not a number of seconds >= 0; set e.g. "
-                        f"{RETRY_SECONDS_ENV}=60, or unset it.")
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{name}={raw!r} is not a finite number of {unit} >= 0; set e.g. {name}={default:g}, or "
+                        "unset it.")
     return value
+
+
+def retry_seconds() -> float:
+    return env_number(RETRY_SECONDS_ENV, RETRY_SECONDS, "seconds")
 
 
 # Errors of the network libraries that retrying cannot fix, by class name (their modules are optional).
@@ -133,7 +128,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     """Errors that may pass: the OS's (connection refused or reset, timeouts), and the network libraries' own."""
     kinds: list[type[BaseException]] = [OSError, TimeoutError, ConnectionError]
     for module, name in (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError"),
-                         ("requests", "RequestException"), ("httpx", "HTTPError"),
+                         ("requests", "RequestException"), ("httpx", "HTTPError"), ("httpx2", "HTTPError"),
                          ("google.auth.exceptions", "TransportError")):
         try:
             kinds.append(getattr(__import__(module, fromlist=[name]), name))
@@ -142,10 +137,32 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(kinds)
 
 
+# HTTP answers that may pass: a timeout, throttling, a server error. Any other status is the request's fault.
+RETRY_STATUS = {408, 429, *range(500, 600)}
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of an error that carries its response (requests', httpx's, huggingface_hub's), else None."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _may_pass(e: BaseException) -> bool:
+    """Whether an error, or one it was raised from, may pass: a library wraps the OS's refused connection in its own
+    class (huggingface_hub's client, httpx2, raises httpx2.ConnectError from ConnectionRefusedError)."""
+    for _ in range(8):  # a chain is a few links long; a cycle must not hang
+        if e is None:
+            return False
+        if isinstance(e, _transient_errors()) or _http_status(e) in RETRY_STATUS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _reason(e: BaseException) -> str:
     """An error as a short clause for a sentence, without anything that looks like credentials."""
     text = " ".join(line.strip() for line in str(e).strip().splitlines())
-    text = re.sub(r"(://)(?:[^/@\s]*@|[^@\s]*:[^@\s]*@)", r"\1", text)  # user:secret@ in a URL
+    text = redact(text)  # user:secret@ or ?token= in a URL
     text = text.rstrip(". ")
     if len(text) > 160:
         text = text[:157] + "..."
@@ -343,7 +360,11 @@ class RemoteStore:
                 if names & BAD_REQUEST:
                     raise UserError(f"{what} cannot be read: the store's library refused the request "
                                     f"({_reason(e)}); check the URL given to {self.flag}.") from None
-                if not isinstance(e, _transient_errors()):
+                status = _http_status(e)
+                if status is not None and status not in RETRY_STATUS:
+                    raise UserError(f"{what} cannot be read: the store answered HTTP {status} ({_reason(e)}); check "
+                                    f"the URL given to {self.flag} and {self._credentials()}.") from None
+                if not _may_pass(e):
                     raise
                 last = e
                 elapsed = time.monotonic() - began
