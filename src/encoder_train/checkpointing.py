@@ -243,16 +243,20 @@ class Saver:
     @contextlib.contextmanager
     def saved_on_failure(self, together: bool) -> Iterator[None]:
         """Run the block (a step's log and evaluation); if it fails, save the step that finished before it, then
-        stop with the error. `together`: the block is one every rank runs at this step, after which the ranks
-        vote (one small all-reduce), so that all save and stop when any failed."""
+        stop with the error. `together`: every rank runs the block at this step (the same condition on every rank),
+        after which the ranks vote (one small all-reduce), so that all save and stop when any failed. Under
+        torchrun a block that is not `together` (rank 0's logging alone) cannot save: the others are not there."""
         error: Exception | None = None
         try:
             yield
         except Exception as e:  # noqa: BLE001 - any stop after a finished step saves that step first
             error = e
         world = self.run.world
-        failed = distributed.sum_ints([int(error is not None)], world)[0] if together else int(error is not None)
-        if not failed:
+        if world.distributed and not together:
+            if error is not None:
+                raise error
+            return
+        if not distributed.sum_ints([int(error is not None)], world)[0]:
             return
         try:
             self.save_if_new()

@@ -382,9 +382,9 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
 
                 final = state.step == run.last_step
                 checks = state.step % cfg.log_interval == 0 or final  # the same steps on every rank
-                logs, evaluates = tracker.due(state.step) or final, state.step % cfg.eval_every == 0 or final
-                evaluates = evaluates or state.step in phase_ends
-                with saver.saved_on_failure(checks or logs or evaluates):  # a stop after this step keeps it
+                logs = tracker.due(state.step) or final  # rank 0's sinks alone
+                evaluates = state.step % cfg.eval_every == 0 or final or state.step in phase_ends
+                with saver.saved_on_failure(together=checks or evaluates):  # a stop after this step keeps it
                     if checks:
                         check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker)
                     if logs:
