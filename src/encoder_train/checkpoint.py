@@ -304,14 +304,14 @@ def load(path: str | Path, flag: str = "--load_checkpoint", weights: bool = True
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # random bytes ("Unsupported operand"), not a refused class ("global")
             raise Damaged(f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); "
-                            "resume from an earlier checkpoint instead.") from None
+                          "resume from an earlier checkpoint instead.") from None
         raise UserError(
             f"checkpoint {path} holds objects that safe (weights_only) loading refuses; it was not written "
             "by encoder-train and is not loaded."
         ) from None
     except PermissionError:
         raise Damaged(f"checkpoint {path} cannot be read (permission denied); make it readable or pass another "
-                        f"{flag}.") from None
+                      f"{flag}.") from None
     except Exception:  # noqa: BLE001 - random bytes or a cut file fail anywhere in the unpickler (IndexError, ...)
         raise Damaged(
             f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); resume from an earlier "
@@ -409,9 +409,7 @@ def load_sharded(path: Path, flag: str, weights: bool, contents: bool = True) ->
             raise Damaged(f"checkpoint {path}'s file {name} is {file.stat().st_size} bytes where {size} were "
                           "written (cut short or changed); restore it, or resume from an earlier checkpoint.")
     for name in files if contents else ():
-        if _sha256_or_none(path / name) != sums.get(name):
-            raise Damaged(f"checkpoint {path}'s file {name} does not match the checksum written with it (its bytes "
-                          "changed on disk, or it cannot be read); restore it, or resume from an earlier checkpoint.")
+        _check_content(path, name, sums[name])
     try:
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - as a single file's: any unpickling failure is damage
@@ -453,11 +451,16 @@ def _read_marker(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     return files, sums
 
 
-def _sha256_or_none(file: Path) -> str | None:
+def _check_content(path: Path, name: str, expected: str) -> None:
+    """One file of a sharded checkpoint against the SHA-256 written with it."""
     try:
-        return file_sha256(file)
-    except OSError:  # unreadable: as good as damaged, said in the same sentence
-        return None
+        found = file_sha256(path / name)
+    except OSError as e:
+        raise Damaged(f"checkpoint {path}'s file {name} cannot be read ({e.strerror}); make it readable, or resume "
+                      "from an earlier checkpoint.") from None
+    if found != expected:
+        raise Damaged(f"checkpoint {path}'s file {name} does not match the checksum written with it (its bytes "
+                      "changed on disk); restore it, or resume from an earlier checkpoint.")
 
 
 def read_shards(path: Path) -> dict[str, Any]:
@@ -468,16 +471,42 @@ def read_shards(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    class Planner(SafeBytes, _EmptyStateDictLoadPlanner):
+        pass
+
     whole: dict[str, Any] = {}
     try:
         # dcp.load keeps only the keys its argument has; an empty dict filled from the index needs the inner
         # loader, as torch's own dcp_to_torch_save does.
-        _load_state_dict(whole, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                         no_dist=True)
+        _load_state_dict(whole, storage_reader=FileSystemReader(str(path)), planner=Planner(), no_dist=True)
         return {"model": whole["model"], "optimizer": whole["optimizer"]}
     except DCP_ERRORS as e:  # DCP reports damaged or unreadable shards in many ways
         raise Damaged(f"checkpoint {path}'s shards do not load ({dcp_reason(e)}); its .metadata or a shard is "
                       "damaged or unreadable: resume from an earlier checkpoint.") from None
+
+
+class SafeBytes:
+    """A DCP load planner's mixin: the non-tensor items of a checkpoint (the optimizer's hyperparameters) are
+    unpickled with weights_only=True, as every checkpoint read here is (DCP's own planners do not)."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_load_planner() -> Any:
+    """DCP's default load planner, with `SafeBytes`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(SafeBytes, DefaultLoadPlanner):
+        pass
+
+    return Planner()
 
 
 def dcp_reason(e: BaseException) -> str:

@@ -133,7 +133,7 @@ class TrainState:
         try:
             with warnings.catch_warnings():  # alone: DCP warns that it assumes one process, which is what we mean
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(current, checkpoint_id=path, no_dist=alone)
+                dcp.load(current, checkpoint_id=path, no_dist=alone, planner=checkpoint.safe_load_planner())
         except checkpoint.DCP_ERRORS as e:  # a damaged, unreadable or foreign checkpoint fails in many ways
             reason = checkpoint.dcp_reason(e)
         if distributed.sum_ints([int(reason is not None)], self.world)[0]:
