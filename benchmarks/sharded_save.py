@@ -1,4 +1,5 @@
-"""How long does a checkpoint stop training under FSDP2? The gathered single file against sharded asynchronous saves.
+"""How long does a checkpoint stop training under FSDP2? The gathered single file against sharded asynchronous saves,
+and what the sharded checkpoint's content checksums cost on save and on load.
 
 Run under torchrun (gloo on the CPU, or NCCL on GPUs):
 
@@ -8,8 +9,11 @@ Run under torchrun (gloo on the CPU, or NCCL on GPUs):
 For each size: the model and AdamW state after one step, then each format's save as train.py makes it. `single`:
 every rank gathers the whole state (FSDP's full state dict) and copies it to host memory, then rank 0 writes it in
 a background thread (checkpointing.Saver). `sharded`: every rank copies its own shards to host memory and hands
-them to torch.distributed.checkpoint's async_save over a gloo group of its own. "Blocks training" is the time until
-the step may go on; "until written" adds the background write. Rank 0 prints a table.
+them to torch.distributed.checkpoint's async_save over a gloo group of its own. `sharded + checksums`: the same, then
+each rank hashes the files it wrote (SHA-256, in the background writer, as checkpointing.Saver does) and rank 0
+gathers the digests. "Blocks training" is the time until the step may go on; "until written" adds the background
+write (and hashing). Loading: every rank reads its shards into the model (DCP, as a resume does), without and with
+rank 0 first hashing every file against the marker (as `latest` verifies a checkpoint). Rank 0 prints the tables.
 """
 
 from __future__ import annotations
@@ -63,15 +67,35 @@ def time_single(model, opt, world, folder: Path) -> tuple[float, float]:
     return blocked, time.perf_counter() - t0
 
 
-def time_sharded(model, opt, world, folder: Path, group) -> tuple[float, float]:
+def time_sharded(model, opt, world, folder: Path, group, checksums: bool = False) -> tuple[float, float]:
     dist.barrier()
     t0 = time.perf_counter()
     shards = host_copy({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)})
     future = dcp.async_save(shards, checkpoint_id=str(folder / "sharded"), process_group=group)
     blocked = time.perf_counter() - t0
     future.result()
+    if checksums:  # each rank its own files, then the digests to rank 0 (rank 0 also hashes the index)
+        sums = {f.name: checkpoint.file_sha256(f) for f in checkpoint.shard_files(folder / "sharded", world.rank)}
+        every = [None] * world.world_size
+        dist.all_gather_object(every, sums, group=group)
+        if world.is_main:
+            checkpoint.file_sha256(folder / "sharded" / ".metadata")
     dist.barrier()
     return blocked, time.perf_counter() - t0
+
+
+def time_load(model, opt, world, folder: Path, checksums: bool) -> float:
+    """A resume's read of the sharded checkpoint in `folder`/sharded, with rank 0 first hashing every file."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    if checksums and world.is_main:
+        for f in sorted((folder / "sharded").iterdir()):
+            checkpoint.file_sha256(f)
+    dist.barrier()
+    current = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+    dcp.load(current, checkpoint_id=str(folder / "sharded"))
+    dist.barrier()
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -86,8 +110,8 @@ def main() -> None:
     for size in args.sizes:
         model, opt = trained_state(size, world)
         params = sum(p.numel() for p in MaskedLM(SIZES[size].model_dims(128)).parameters())
-        results = {}
-        for name in ("single", "sharded"):
+        results, loads = {}, {}
+        for name in ("single", "sharded", "sharded + checksums"):
             runs = []
             for _ in range(args.repeats):
                 with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
@@ -95,19 +119,28 @@ def main() -> None:
                     dist.broadcast_object_list(holder, src=0)  # one folder for all ranks (one host here)
                     folder = Path(holder[0])
                     runs.append(time_single(model, opt, world, folder) if name == "single"
-                                else time_sharded(model, opt, world, folder, group))
+                                else time_sharded(model, opt, world, folder, group, name != "sharded"))
+                    if name != "single":
+                        loads.setdefault(name, []).append(time_load(model, opt, world, folder, name != "sharded"))
                     dist.barrier()
             results[name] = min(runs)
-        rows.append((size, params, results))
+        rows.append((size, params, results, {k: min(v) for k, v in loads.items()}))
         del model, opt
     if world.is_main:
         print(f"machine: {cpu_name()}, {world.world_size} processes x {torch.get_num_threads()} threads, device "
               f"{world.device}, torch {torch.__version__}; FSDP2, AdamW state, fastest of {args.repeats}\n")
         print("| model | parameters | format | blocks training (s) | until written (s) |\n|---|---|---|---|---|")
-        for size, params, results in rows:
+        for size, params, results, _ in rows:
             for name, (blocked, total) in results.items():
                 print(f"| {size} | {params / 1e6:.1f}M | {name} | {blocked:.3f} | {total:.3f} |")
             print(f"| {size} | | sharded / single, blocking | {results['sharded'][0] / results['single'][0]:.2f}x | |")
+            print(f"| {size} | | checksums / without, until written | | "
+                  f"{results['sharded + checksums'][1] / results['sharded'][1]:.2f}x |")
+        print("\n| model | load (resume) | seconds |\n|---|---|---|")
+        for size, _, _, loads in rows:
+            for name, seconds in loads.items():
+                print(f"| {size} | {name} | {seconds:.3f} |")
+            print(f"| {size} | checksums / without | {loads['sharded + checksums'] / loads['sharded']:.2f}x |")
     distributed.close(world)
 
 

@@ -178,3 +178,29 @@ def test_one_process_sharded_saves_rotate_resume_exactly_and_sigterm_saves(strai
     train([sys.executable], straight, parts, *flags, "--set", "training.max_steps=150", "--checkpoint_every", "50",
           "--load_checkpoint", "latest")
     assert same(model(whole / "checkpoint_00000150"), model(parts / "checkpoint_00000150"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["bytes changed in place", "a shard cut short, its marker recomputed"])
+def test_every_rank_falls_back_together_past_damaged_shards(straight, tmp_path, damage):
+    """Under torchrun: rank 0 refuses the changed shard by its checksum, or every rank finds the resealed one does
+    not load; either way all ranks set it aside once and resume from step 5 together."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(straight / "straight", ckpt, ignore=shutil.ignore_patterns(".encoder-train.lock"))
+    bad = ckpt / "checkpoint_00000010"
+    shard = bad / "__1_0.distcp"
+    if damage == "bytes changed in place":
+        with open(shard, "r+b") as f:
+            f.seek(3000)
+            f.write(b"\x00" * 300)
+    else:
+        with open(shard, "r+b") as f:
+            f.truncate(shard.stat().st_size // 2)
+        marker = json.loads((bad / checkpoint.MARKER).read_text())
+        marker["files"]["__1_0.distcp"] = shard.stat().st_size
+        marker["sha256"]["__1_0.distcp"] = checkpoint.file_sha256(shard)
+        (bad / checkpoint.MARKER).write_text(json.dumps(marker))
+    r = train(TORCHRUN, straight, ckpt, "--load_checkpoint", "latest", "--set", "training.stop_at=7")
+    assert r.stdout.count("skipping checkpoint_00000010; set aside as") == 1 and "at step 5" in r.stdout
+    assert len(list(ckpt.glob("checkpoint_00000010.damaged-*"))) == 1
+    assert checkpoint.load(ckpt / "checkpoint_00000007", flag="--checkpoint")["step"] == 7

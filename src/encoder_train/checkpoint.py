@@ -4,9 +4,14 @@ Two formats. `single`: one file per checkpoint, `checkpoint_XXXXXXXX.pt` with th
 holding only tensors and builtins so that `torch.load(weights_only=True)` reads it. `sharded`: one folder,
 `checkpoint_XXXXXXXX/`, where every rank wrote its own shards of the model and optimizer with
 torch.distributed.checkpoint (DCP), beside `meta.pt` (the rest of the training state, as in a single file) and
-`COMPLETE.json` (every file's size), written last: the folder is written as `.checkpoint_XXXXXXXX.partial/` and
-renamed only once every rank has finished, so a folder with the checkpoint's name is always complete, and the
-sizes tell a shard lost or cut short afterwards. Every command reads both formats (`load`).
+`COMPLETE.json` (every file's size and SHA-256), written last: the folder is written as
+`.checkpoint_XXXXXXXX.partial/` and renamed only once every rank has finished, so a folder this program names is
+complete, and the sizes and checksums tell a shard lost, cut short or changed afterwards. Every command reads both
+formats (`load`), straight from the files (a colleague's read-only folder included).
+
+Nothing here deletes a checkpoint it did not verify or write complete: a damaged or unfinished one that a run
+finds where it needs the name is set aside (`set_aside`: renamed out of the checkpoint names, and said so), and
+rotation deletes only complete ones.
 
 For a single file: A file is written under a
 temporary name in the same folder, flushed, fsynced, then renamed: no partial file ever carries a
@@ -32,13 +37,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from encoder_train.errors import UserError
 
 NAME = re.compile(r"^checkpoint_(\d{8,})\.pt$")
 FOLDER = re.compile(r"^checkpoint_(\d{8,})$")
-TEMPORARY = re.compile(r"^\.checkpoint_\d{8,}(\.pt\..*\.tmp|\.partial|\.replaced)$")
+TEMPORARY = re.compile(r"^\.checkpoint_\d{8,}(\.pt\..*\.tmp|\.partial)$")
 MARKER, META = "COMPLETE.json", "meta.pt"  # in a sharded checkpoint's folder
+# What torch.distributed.checkpoint raises: its CheckpointException derives from BaseException, so a plain
+# `except Exception` misses it (and a damaged shard became a traceback).
+DCP_ERRORS = (Exception, CheckpointException)
+
+
+class Damaged(UserError):
+    """A checkpoint that does not load or verify (as opposed to one that loads but does not suit the run):
+    `latest` skips it and sets it aside."""
 
 
 def digest(obj: Any) -> str:
@@ -82,14 +96,37 @@ def partial_path(directory: str | Path, step: int) -> Path:
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every checkpoint in `directory`, files and sharded folders, oldest first."""
+    """(step, path) of every checkpoint in `directory`, files and sharded folders, oldest first. A folder without
+    its marker is listed too (a copy that lost it, a save of another program): it is no checkpoint to resume, but
+    it holds shards that nothing may silently delete, so `latest` names it and a fresh run refuses the folder."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := NAME.match(p.name)) and p.is_file()]
-    found += [(int(m.group(1)), p) for p in directory.iterdir()
-              if (m := FOLDER.match(p.name)) and p.is_dir() and (p / MARKER).exists()]
+    found += [(int(m.group(1)), p) for p in directory.iterdir() if (m := FOLDER.match(p.name)) and p.is_dir()]
     return sorted(found)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether this program wrote `path` complete: a file only ever gets a checkpoint's name by the rename that ends
+    its write, a folder only with its marker, written last."""
+    return path.is_file() or (path / MARKER).is_file()
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged or unfinished checkpoint out of the checkpoint names (`checkpoint_00000010.damaged-<time>`),
+    beside it: nothing lists, resumes or rotates it any more, and nothing is deleted. Returns the new path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():  # two in one second
+        aside, n = path.with_name(f"{path.name}.damaged-{stamp}-{n}"), n + 1
+    try:
+        os.replace(path, aside)
+    except OSError as e:
+        raise UserError(f"could not set aside the damaged checkpoint {path} ({e.strerror}); move it out of the "
+                        "checkpoint folder by hand, then run again.") from None
+    return aside
 
 
 def latest(directory: str | Path) -> Path | None:
@@ -156,7 +193,7 @@ def save_as(state: dict[str, Any], final: Path) -> Path:
     try:
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     except OSError as e:
-        raise _write_error(e, final, state) from None
+        raise write_error(e, final, size_of(state)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -168,38 +205,46 @@ def save_as(state: dict[str, Any], final: Path) -> Path:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError | RuntimeError):
-            raise _write_error(e, final, state) from None
+            raise write_error(e, final, size_of(state)) from None
         raise
     return final
 
 
-def _write_error(e: OSError | RuntimeError, final: Path, state: dict[str, Any]) -> Exception:
-    """A failed write as one sentence when the disk is full or the folder unwritable; else the error itself.
+def write_error(e: BaseException, final: Path, needed: int) -> BaseException:
+    """A failed write of `needed` bytes as one sentence when the disk is full or the folder unwritable; else the
+    error itself. DCP's CheckpointException is looked into: it wraps each rank's own error.
 
     torch.save reports a full disk as a RuntimeError from its zip writer, without an errno: a write that
     failed while the checkpoint needs more than the free space is taken to be a full disk."""
-    needed = _size_of(state)
-    free = shutil.disk_usage(final.parent).free  # the half-written file is gone: this is the space it can have
-    code = getattr(e, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT) or needed > free:
+    cause = _first_failure(e)
+    free = shutil.disk_usage(final.parent).free  # the half-written files are gone: this is the space they can have
+    code = getattr(cause, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (isinstance(cause, OSError | RuntimeError) and needed > free):
         return UserError(
             f"no space left to write checkpoint {final}: it needs about {needed / 1e6:,.1f} MB and "
             f"{free / 1e6:,.1f} MB are free on that disk; free some space and resume with --load_checkpoint latest "
             "(the previous checkpoints are kept)."
         )
-    if isinstance(e, OSError):
-        return UserError(f"could not write checkpoint {final} ({e.strerror}); the previous checkpoints are kept.")
+    if isinstance(cause, OSError):
+        return UserError(f"could not write checkpoint {final} ({cause.strerror}); the previous checkpoints are kept.")
     return e
 
 
-def _size_of(obj: Any) -> int:
-    """Bytes of tensor data in a checkpoint's state (its file is that plus a little structure)."""
+def _first_failure(e: BaseException) -> BaseException:
+    """The error inside a CheckpointException (the first failed rank's), else `e`."""
+    failures = getattr(e, "failures", None)
+    return next(iter(failures.values()))[0] if isinstance(e, CheckpointException) and failures else e
+
+
+def size_of(obj: Any) -> int:
+    """Bytes of tensor data in a checkpoint's state (its file is that plus a little structure); a DTensor counts
+    whole (its global shape), so a rank's shards give the size of the whole sharded checkpoint."""
     if isinstance(obj, torch.Tensor):
         return obj.nelement() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(_size_of(v) for v in obj.values())
+        return sum(size_of(v) for v in obj.values())
     if isinstance(obj, list | tuple):
-        return sum(_size_of(v) for v in obj)
+        return sum(size_of(v) for v in obj)
     return len(obj) if isinstance(obj, str | bytes) else 8
 
 
@@ -213,25 +258,34 @@ def _fsync_dir(directory: Path) -> None:
 
 def rotate(directory: str | Path, keep: int, kept_steps: frozenset[int] | set[int] = frozenset()) -> list[Path]:
     """Delete all but the `keep` newest checkpoints; returns what was deleted. Those of `kept_steps` (the ends of
-    phases) are outside the rotation: never deleted, and not counted among the `keep`."""
-    found = [(s, p) for s, p in list_checkpoints(directory) if s not in kept_steps]
-    doomed = [p for _, p in found[:-keep]] if keep > 0 else []
+    phases) are outside the rotation: never deleted, and not counted among the `keep`; a rotating checkpoint older
+    than a kept one is deleted too (a resume takes the newer kept one: it is dead weight). Only complete
+    checkpoints are deleted: a folder without its marker was not finished by this program and stays."""
+    if keep <= 0:
+        return []
+    complete = [(s, p) for s, p in list_checkpoints(directory) if is_complete(p)]
+    newest_kept = max((s for s, _ in complete if s in kept_steps), default=-1)
+    rotating = [(s, p) for s, p in complete if s not in kept_steps]
+    doomed = [p for i, (s, p) in enumerate(rotating) if i < len(rotating) - keep or s < newest_kept]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return doomed
 
 
-def load(path: str | Path, flag: str = "--load_checkpoint", weights: bool = True) -> dict[str, Any]:
+def load(path: str | Path, flag: str = "--load_checkpoint", weights: bool = True,
+         contents: bool = True) -> dict[str, Any]:
     """Read a checkpoint onto the CPU. Refuses pickles that would run code (weights_only).
 
     `flag` is the command-line flag that named `path` (train's --load_checkpoint, evaluate's --checkpoint,
     ...): the error messages tell the user what to pass to it. A sharded checkpoint is read whole (its shards
     joined) unless `weights` is False: a resume then loads the shards into the model it has built, each rank its
-    own (`state.TrainState.load_shards`), and the dict says where they are (`sharded_checkpoint`).
+    own (`state.TrainState.load_shards`), and the dict says where they are (`sharded_checkpoint`). Without
+    `contents`, a sharded checkpoint's shards are not hashed (another rank verified them already).
+    A checkpoint that does not load or verify raises `Damaged`.
     """
     path = Path(path)
-    if path.is_dir() and ((path / MARKER).exists() or (path / META).exists() or (path / ".metadata").exists()):
-        return load_sharded(path, flag, weights)
+    if path.is_dir() and (FOLDER.match(path.name) or any((path / n).exists() for n in (MARKER, META, ".metadata"))):
+        return load_sharded(path, flag, weights, contents)
     if path.is_dir():
         newest = latest(path)
         raise UserError(
@@ -249,48 +303,74 @@ def load(path: str | Path, flag: str = "--load_checkpoint", weights: bool = True
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # random bytes ("Unsupported operand"), not a refused class ("global")
-            raise UserError(f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); "
-                            "resume from an earlier checkpoint instead.") from None
+            raise Damaged(f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); "
+                          "resume from an earlier checkpoint instead.") from None
         raise UserError(
             f"checkpoint {path} holds objects that safe (weights_only) loading refuses; it was not written "
             "by encoder-train and is not loaded."
         ) from None
     except PermissionError:
-        raise UserError(f"checkpoint {path} cannot be read (permission denied); make it readable or pass another "
-                        f"{flag}.") from None
+        raise Damaged(f"checkpoint {path} cannot be read (permission denied); make it readable or pass another "
+                      f"{flag}.") from None
     except Exception:  # noqa: BLE001 - random bytes or a cut file fail anywhere in the unpickler (IndexError, ...)
-        raise UserError(
+        raise Damaged(
             f"checkpoint {path} is truncated or corrupt (it does not load as a checkpoint); resume from an earlier "
             "checkpoint instead."
         ) from None
     if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise UserError(f"checkpoint {path} is not an encoder-train checkpoint (no model and step inside).")
+        raise Damaged(f"checkpoint {path} is not an encoder-train checkpoint (no model and step inside).")
     if "checksum" not in state:
-        raise UserError(
+        raise Damaged(
             f"checkpoint {path} carries no checksum, so it cannot be verified: it was not written by this version "
             "of encoder-train (or was re-saved by hand); resume from a checkpoint this version wrote."
         )
     if state.pop("checksum") != digest(state):
-        raise UserError(
+        raise Damaged(
             f"checkpoint {path} fails verification (its content does not match its checksum); "
             "resume from an earlier checkpoint instead."
         )
     return state
 
 
-def load_latest_good(directory: str | Path, note=print, weights: bool = True) -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that loads and verifies; newer damaged ones are skipped, and said so."""
+def load_latest_good(directory: str | Path, note=print, weights: bool = True,
+                     aside: bool = False) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that loads and verifies; newer damaged or unfinished ones are skipped, and said so.
+    With `aside` (a run that holds the folder's lock), each skipped one is set aside: the run will need its name."""
     for _, path in reversed(list_checkpoints(directory)):
         try:
             return load(path, weights=weights), path
         except UserError as e:
-            note(f"skipping {path.name}: {e}")
+            note(skipped(path, e, aside))
     return None
 
 
-def finish_sharded(partial: Path, final: Path, meta: dict[str, Any]) -> Path:
-    """Rank 0, once every rank's shards of `partial` are written: the rest of the training state beside them, the
-    marker with every file's size, then the rename that makes the checkpoint. Returns its path."""
+def skipped(path: Path, error: Exception, aside: bool) -> str:
+    """The sentence for a checkpoint `latest` passes over, once it is set aside when `aside`."""
+    where = f"; set aside as {set_aside(path).name}" if aside else ""
+    return f"skipping {path.name}{where}: {error}"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (what `sha256sum` prints), read in 4 MiB blocks; hashlib lets go of the GIL
+    while it hashes, so a background writer hashing shards barely slows the training thread."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        block = bytearray(4 << 20)
+        view = memoryview(block)
+        while n := f.readinto(block):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def shard_files(folder: Path, rank: int) -> list[Path]:
+    """The files rank `rank` wrote into a sharded checkpoint's folder (DCP names them `__<rank>_<n>.distcp`)."""
+    return sorted(folder.glob(f"__{rank}_*.distcp"))
+
+
+def finish_sharded(partial: Path, final: Path, meta: dict[str, Any], sums: dict[str, str]) -> tuple[Path, Path | None]:
+    """Rank 0, once every rank's shards of `partial` are written and hashed (`sums`: file name -> SHA-256): the rest
+    of the training state beside them, the marker with every file's size and checksum, then the rename that makes
+    the checkpoint. Returns its path, and where a checkpoint that already had the name was set aside (or None)."""
     meta = {**meta, "checksum": digest(meta)}
     try:
         with open(partial / META, "wb") as f:
@@ -298,78 +378,142 @@ def finish_sharded(partial: Path, final: Path, meta: dict[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         files = {p.name: p.stat().st_size for p in sorted(partial.iterdir()) if p.is_file()}
+        sums = {name: sums.get(name) or file_sha256(partial / name) for name in files}  # .metadata, meta.pt
         for name in files:
             follow_umask(partial / name)
         with open(partial / MARKER, "w") as f:
-            json.dump({"step": meta["step"], "files": files}, f)
+            json.dump({"step": meta["step"], "files": files, "sha256": sums}, f)
             f.flush()
             os.fsync(f.fileno())
         follow_umask(partial / MARKER)
         os.chmod(partial, 0o777 & ~_umask())
-        if final.exists():  # a damaged checkpoint of this step, which `latest` skipped: replaced, never merged
-            aside = final.with_name(f".{final.name}.replaced")
-            os.replace(final, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+        aside = set_aside(final) if final.exists() else None  # never merged into, never deleted
         os.replace(partial, final)
         _fsync_dir(final.parent)
     except OSError as e:
-        raise _write_error(e, final, meta) from None
-    return final
+        raise write_error(e, final, size_of(meta)) from None
+    return final, aside
 
 
-def load_sharded(path: Path, flag: str, weights: bool) -> dict[str, Any]:
-    """A sharded checkpoint: verified (every file of the marker there, at its size; meta.pt's checksum), then its
-    training state, and with `weights` the model and optimizer joined from every rank's shards."""
-    try:
-        marker = json.loads((path / MARKER).read_text())
-        files = dict(marker["files"])
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} is an incomplete sharded checkpoint (no {MARKER}: its save did not "
-                        "finish); resume from an earlier checkpoint instead.") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"checkpoint {path} has a damaged {MARKER}; resume from an earlier checkpoint "
-                        "instead.") from None
+def load_sharded(path: Path, flag: str, weights: bool, contents: bool = True) -> dict[str, Any]:
+    """A sharded checkpoint: verified (every file of the marker there, at its size and, with `contents`, its
+    checksum; meta.pt's own checksum), then its training state, and with `weights` the model and optimizer joined
+    from every rank's shards."""
+    files, sums = _read_marker(path)
     for name, size in files.items():
         file = path / name
         if not file.is_file():
-            raise UserError(f"checkpoint {path} lacks {name}, which one of the ranks that wrote it saved (a file lost "
-                            "in a copy?); restore it, or resume from an earlier checkpoint.")
+            raise Damaged(f"checkpoint {path} lacks {name}, which one of the ranks that wrote it saved (a file lost "
+                          "in a copy?); restore it, or resume from an earlier checkpoint.")
         if file.stat().st_size != size:
-            raise UserError(f"checkpoint {path}'s file {name} is {file.stat().st_size} bytes where {size} were "
-                            "written (cut short or changed); restore it, or resume from an earlier checkpoint.")
+            raise Damaged(f"checkpoint {path}'s file {name} is {file.stat().st_size} bytes where {size} were "
+                          "written (cut short or changed); restore it, or resume from an earlier checkpoint.")
+    for name in files if contents else ():
+        _check_content(path, name, sums[name])
     try:
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - as a single file's: any unpickling failure is damage
-        raise UserError(f"checkpoint {path}'s {META} is truncated or corrupt; resume from an earlier checkpoint "
-                        "instead.") from None
+        raise Damaged(f"checkpoint {path}'s {META} is truncated or corrupt; resume from an earlier checkpoint "
+                      "instead.") from None
     if not isinstance(meta, dict) or meta.pop("checksum", None) != digest(meta):
-        raise UserError(f"checkpoint {path}'s {META} fails verification; resume from an earlier checkpoint instead.")
+        raise Damaged(f"checkpoint {path}'s {META} fails verification; resume from an earlier checkpoint instead.")
     try:  # the index of every rank's shards: cheap to read, and damage there would fail a resume much later
         from torch.distributed.checkpoint import FileSystemReader
 
         FileSystemReader(str(path)).read_metadata()
-    except Exception:  # noqa: BLE001 - unpickling damaged bytes fails in many ways
-        raise UserError(f"checkpoint {path}'s .metadata (the index of its shards) is damaged; resume from an "
-                        "earlier checkpoint instead.") from None
+    except DCP_ERRORS:  # unpickling damaged bytes fails in many ways
+        raise Damaged(f"checkpoint {path}'s .metadata (the index of its shards) is damaged; resume from an "
+                      "earlier checkpoint instead.") from None
     meta["sharded_checkpoint"] = str(path)
     if weights:
         meta |= read_shards(path)
     return meta
 
 
+def _read_marker(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """A sharded checkpoint's marker: {file: size} and {file: SHA-256}."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        files, sums = dict(marker["files"]), marker.get("sha256")
+    except FileNotFoundError:
+        raise Damaged(f"checkpoint {path} is an unfinished sharded checkpoint (no {MARKER}: its save did not "
+                      "finish, or a copy left the marker out); resume from an earlier checkpoint instead.") from None
+    except PermissionError:
+        raise Damaged(f"checkpoint {path}'s {MARKER} cannot be read (permission denied); make the folder "
+                      "readable, or resume from another checkpoint.") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise Damaged(f"checkpoint {path} has a damaged {MARKER}; resume from an earlier checkpoint "
+                      "instead.") from None
+    if not isinstance(sums, dict) or set(sums) != set(files):
+        raise Damaged(f"checkpoint {path}'s {MARKER} carries no checksum of each file, so its shards cannot be "
+                      "verified: it was not written by this version of encoder-train; resume from a checkpoint this "
+                      "version wrote.")
+    return files, sums
+
+
+def _check_content(path: Path, name: str, expected: str) -> None:
+    """One file of a sharded checkpoint against the SHA-256 written with it."""
+    try:
+        found = file_sha256(path / name)
+    except OSError as e:
+        raise Damaged(f"checkpoint {path}'s file {name} cannot be read ({e.strerror}); make it readable, or resume "
+                      "from an earlier checkpoint.") from None
+    if found != expected:
+        raise Damaged(f"checkpoint {path}'s file {name} does not match the checksum written with it (its bytes "
+                      "changed on disk); restore it, or resume from an earlier checkpoint.")
+
+
 def read_shards(path: Path) -> dict[str, Any]:
     """{model, optimizer} of a sharded checkpoint as whole tensors, in this process alone (no torchrun): what
-    evaluate, fill-mask, export, fine-tuning and `consolidate` need."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    evaluate, fill-mask, export, fine-tuning and `consolidate` need. Read straight from the shards into tensors
+    shaped from DCP's index (nothing is written, so a read-only folder reads)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".joining-") as tmp:
-        try:
-            dcp_to_torch_save(path, Path(tmp) / "whole.pt")
-            whole = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - DCP reports damaged metadata in many ways
-            raise UserError(f"checkpoint {path}'s shards do not load ({type(e).__name__}: {str(e).splitlines()[0]}"
-                            "); its .metadata or a shard is damaged: resume from an earlier checkpoint.") from None
-    return {"model": whole["model"], "optimizer": whole["optimizer"]}
+    class Planner(SafeBytes, _EmptyStateDictLoadPlanner):
+        pass
+
+    whole: dict[str, Any] = {}
+    try:
+        # dcp.load keeps only the keys its argument has; an empty dict filled from the index needs the inner
+        # loader, as torch's own dcp_to_torch_save does.
+        _load_state_dict(whole, storage_reader=FileSystemReader(str(path)), planner=Planner(), no_dist=True)
+        return {"model": whole["model"], "optimizer": whole["optimizer"]}
+    except DCP_ERRORS as e:  # DCP reports damaged or unreadable shards in many ways
+        raise Damaged(f"checkpoint {path}'s shards do not load ({dcp_reason(e)}); its .metadata or a shard is "
+                      "damaged or unreadable: resume from an earlier checkpoint.") from None
+
+
+class SafeBytes:
+    """A DCP load planner's mixin: the non-tensor items of a checkpoint (the optimizer's hyperparameters) are
+    unpickled with weights_only=True, as every checkpoint read here is (DCP's own planners do not)."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        from torch.distributed.checkpoint._traverse import set_element
+
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def safe_load_planner() -> Any:
+    """DCP's default load planner, with `SafeBytes`."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(SafeBytes, DefaultLoadPlanner):
+        pass
+
+    return Planner()
+
+
+def dcp_reason(e: BaseException) -> str:
+    """The first line of what went wrong inside DCP: a CheckpointException wraps each rank's own error."""
+    e = _first_failure(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class FolderLock:

@@ -6,20 +6,28 @@ memory at once; rank 0 writes it as one file in a background thread. `sharded` (
 several processes): every rank copies its own shards of the model and optimizer to host memory and hands them to
 torch.distributed.checkpoint's asynchronous save, which writes them in the background over a process group of its
 own (so that its collectives never interleave with training's); rank 0 then writes the rest of the state and the
-marker, and renames the folder, once every rank has finished. Either way one save is in flight at most: a save
-first waits for the previous one (and raises its error, a full disk say), its failure stops the run at the next
-step (the loop's per-step vote), and the run waits for the last save before it returns. A kill during a save
-leaves only a temporary file or `.partial` folder, removed at the next start.
+marker, and renames the folder, once every rank has finished; each rank hashes the files it wrote, in that same
+background thread, for the marker's checksums. Either way one save is in flight at most: a save first waits for
+the previous one (and raises its error, a full disk say, as one sentence), its failure stops the run at the next
+step (the loop's per-step vote), and the run waits for the last save before it returns. A failed save removes its
+`.partial` folder; a kill during a save leaves only a temporary file or `.partial` folder, removed at the next
+start. A checkpoint that already has the name a save needs (damaged, unfinished, put there by hand) is set aside,
+never replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encoder_train import checkpoint
+from encoder_train import checkpoint, distributed
 from encoder_train.config import Config
+from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.state import host_copy
 from encoder_train.tracking import Tracker
@@ -36,30 +44,53 @@ def checkpoint_format(config: Config, world_size: int) -> str:
     return chosen
 
 
-def find_resume(config: Config, say=print, weights: bool = True) -> tuple[dict[str, Any] | None, Path | None]:
+def find_resume(config: Config, say=print, weights: bool = True,
+                world: World | None = None) -> tuple[dict[str, Any] | None, Path | None]:
     """The checkpoint to resume from, if any, refusing anything that would overwrite newer checkpoints. A sharded
-    checkpoint comes without its tensors unless `weights` (the run loads its own shards into its model)."""
+    checkpoint comes without its tensors unless `weights` (the run loads its own shards into its model).
+
+    Under torchrun rank 0 chooses (verifying every file, setting aside the damaged ones `latest` skips) and the
+    other ranks read what it chose, so that all resume from the same checkpoint."""
+    world = world or World()
+    saved, chosen = None, (None, None)  # (path, error): what rank 0 tells the others
+    if world.is_main:
+        try:
+            saved, path = _choose(config, say, weights)
+            chosen = (str(path) if path else None, None)
+        except UserError as e:
+            chosen = (None, str(e))
+    path, error = distributed.gather_objects(chosen, world)[0]
+    if error is not None:
+        raise UserError(error)
+    if path is None or world.is_main:
+        return saved, path and Path(path)
+    return checkpoint.load(path, weights=weights, contents=False), Path(path)  # rank 0 hashed its files
+
+
+def _choose(config: Config, say, weights: bool) -> tuple[dict[str, Any] | None, Path | None]:
     directory = Path(config.checkpoint.checkpoint_dir)
     existing = checkpoint.list_checkpoints(directory)
     wanted = config.checkpoint.load_checkpoint
     if wanted is None:
         if existing:
+            unfinished = [p.name for _, p in existing if not checkpoint.is_complete(p)]
             raise UserError(
-                f"checkpoint folder {directory} already holds checkpoints up to step {existing[-1][0]}; "
-                "resume them with --load_checkpoint latest, or pass an empty --checkpoint_dir."
+                f"checkpoint folder {directory} already holds checkpoints up to step {existing[-1][0]}"
+                + (f" ({', '.join(unfinished)} without its {checkpoint.MARKER})" if unfinished else "")
+                + "; resume them with --load_checkpoint latest, or pass an empty --checkpoint_dir."
             )
         return None, None
     if wanted == "latest":
         if not existing:
             say(f"no checkpoint in {directory} yet; starting a fresh run.")
             return None, None
-        found = checkpoint.load_latest_good(directory, note=say, weights=weights)
+        found = checkpoint.load_latest_good(directory, note=say, weights=weights, aside=True)
         if found is None:
             raise UserError(
-                f"none of the {len(existing)} checkpoints in {directory} loads; pass a good one with "
-                "--load_checkpoint, or pass another --checkpoint_dir."
+                f"none of the {len(existing)} checkpoints in {directory} loads (each is set aside beside it); pass "
+                "a good one with --load_checkpoint, or pass another --checkpoint_dir."
             )
-        # Checkpoints newer than the good one are damaged: the run will write good ones in their place.
+        # Checkpoints newer than the good one were damaged and are set aside: the run writes good ones.
         return found
     path = Path(wanted)
     state = checkpoint.load(path, weights=weights)
@@ -70,6 +101,14 @@ def find_resume(config: Config, say=print, weights: bool = True) -> tuple[dict[s
             "which resuming would overwrite; resume with --load_checkpoint latest, or pass another --checkpoint_dir."
         )
     return state, path
+
+
+def skip_unloadable(path: Path, error: UserError, world: World, say=print) -> None:
+    """After the shards of `path` failed to load on some rank (every rank calls this): rank 0 sets it aside and says
+    so, so that `find_resume` moves on to the previous checkpoint."""
+    if world.is_main:
+        say(checkpoint.skipped(path, error, aside=True))
+    distributed.barrier(world)
 
 
 class Saver:
@@ -94,8 +133,10 @@ class Saver:
         self.wait()
         state, run = self.run.state, self.run
         step = state.step
+        if run.world.is_main:
+            self._clear_name(step)
         if self.format == "sharded":
-            target, args = self._write_sharded, (self._start_sharded(), host_copy(state.snapshot_rest()), step)
+            target, args = self._write_sharded, (*self._start_sharded(), host_copy(state.snapshot_rest()), step)
         else:
             target, args = self._write, (host_copy(state.snapshot()), step)
         self.saved_step = step
@@ -103,25 +144,73 @@ class Saver:
             self._writer = threading.Thread(target=target, args=args, name="checkpoint-writer")
             self._writer.start()
 
-    def _start_sharded(self) -> Any:
-        """Copy this rank's shards to host memory and start writing them; returns the save's future."""
+    def _clear_name(self, step: int) -> None:
+        """Set aside a checkpoint that already has the name of `step`'s (it is not one this run wrote: `latest`
+        would have resumed from it or set it aside), rather than replace it."""
+        directory = self.run.checkpoint_dir
+        for path in (checkpoint.checkpoint_path(directory, step), checkpoint.folder_path(directory, step)):
+            if path.exists():
+                aside = checkpoint.set_aside(path)
+                self.tracker.write(f"step {step}: {path.name} was already there, not written by this run; set aside "
+                                   f"as {aside.name}")
+
+    def _start_sharded(self) -> tuple[Any, int]:
+        """Copy this rank's shards to host memory and start writing them; returns the save's future and the
+        checkpoint's size in bytes (for a full disk's message)."""
         import torch.distributed.checkpoint as dcp
 
         partial = checkpoint.partial_path(self.run.checkpoint_dir, self.run.state.step)
-        return dcp.async_save(host_copy(self.run.state.shards()), checkpoint_id=str(partial),
-                              process_group=self._group, no_dist=not self.run.world.distributed)
+        shards = host_copy(self.run.state.shards())
+        future = dcp.async_save(shards, checkpoint_id=str(partial), process_group=self._group,
+                                no_dist=not self.run.world.distributed)
+        return future, checkpoint.size_of(shards)
 
-    def _write_sharded(self, future: Any, rest: dict[str, Any], step: int) -> None:
+    def _write_sharded(self, future: Any, size: int, rest: dict[str, Any], step: int) -> None:
+        directory, world = self.run.checkpoint_dir, self.run.world
+        partial, final = checkpoint.partial_path(directory, step), checkpoint.folder_path(directory, step)
         try:
-            future.result()  # on rank 0 this returns once every rank has written (DCP's metadata comes last)
-            if self.run.world.is_main:
-                directory = self.run.checkpoint_dir
-                path = checkpoint.finish_sharded(checkpoint.partial_path(directory, step),
-                                                 checkpoint.folder_path(directory, step), rest)
+            try:
+                future.result()  # on rank 0 this returns once every rank has written (DCP's metadata comes last)
+                sums = self._gather_sums(partial)
+            except checkpoint.DCP_ERRORS as e:  # every rank hears of any rank's failure: all are done writing
+                if world.is_main:
+                    shutil.rmtree(partial, ignore_errors=True)  # never a checkpoint: the rename had not happened
+                error = checkpoint.write_error(e, final, size + checkpoint.size_of(rest))
+                if not isinstance(error, UserError):  # DCP's CheckpointException would be a traceback
+                    error = UserError(f"could not write checkpoint {final} ({checkpoint.dcp_reason(e)}); the previous "
+                                      "checkpoints are kept.")
+                raise error from None
+            if world.is_main:
+                path, aside = checkpoint.finish_sharded(partial, final, rest, sums)
+                if aside is not None:
+                    self.tracker.write(f"step {step}: {final.name} was already there, not written by this run; set "
+                                       f"aside as {aside.name}")
                 self._rotated(path, step)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            if world.is_main and partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
             self._error = e
             self.failed = True
+
+    def _gather_sums(self, partial: Path) -> dict[str, str]:
+        """Every rank hashes the files it wrote (in parallel, each its own); rank 0 gets them all. A rank that
+        cannot read its files back fails the save on every rank."""
+        world = self.run.world
+        try:
+            mine: dict[str, str] | str = {f.name: checkpoint.file_sha256(f)
+                                          for f in checkpoint.shard_files(partial, world.rank)}
+        except OSError as e:
+            mine = f"rank {world.rank} could not read back {e.filename} ({e.strerror})"
+        every = [mine]
+        if self._group is not None:
+            import torch.distributed as dist
+
+            every = [None] * world.world_size
+            dist.all_gather_object(every, mine, group=self._group)
+        failed = [m for m in every if isinstance(m, str)]
+        if failed:
+            raise OSError(errno.EIO, "; ".join(failed))
+        return {name: digest for m in every for name, digest in m.items()}
 
     def _write(self, snap: dict[str, Any], step: int) -> None:
         try:
@@ -150,6 +239,35 @@ class Saver:
         if self.run.state.step > 0 and self.run.state.step != self.saved_step:
             self.save()
         self.wait()
+
+    @contextlib.contextmanager
+    def saved_on_failure(self, together: bool) -> Iterator[None]:
+        """Run the block (a step's log and evaluation); if it fails, save the step that finished before it, then
+        stop with the error. `together`: every rank runs the block at this step (the same condition on every rank),
+        after which the ranks vote (one small all-reduce), so that all save and stop when any failed. Under
+        torchrun a block that is not `together` (rank 0's logging alone) cannot save: the others are not there."""
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - any stop after a finished step saves that step first
+            error = e
+        world = self.run.world
+        if world.distributed and not together:
+            if error is not None:
+                raise error
+            return
+        if not distributed.sum_ints([int(error is not None)], world)[0]:
+            return
+        try:
+            self.save_if_new()
+        except Exception as e:  # noqa: BLE001 - the failure that stopped the run is the news; kept() says the rest
+            if error is None:
+                raise
+            self.tracker.write(f"step {self.run.state.step}: could not save it after the failure ({e})")
+        if error is None or isinstance(error, UserError):
+            reason = str(error) if error is not None else "another process's evaluation or logging failed"
+            raise UserError(f"{reason.rstrip('.')} ({self.kept()}).") from None
+        raise error
 
     def last_good(self) -> Path | None:
         return self.last_path or self.run.state.resumed_from

@@ -384,6 +384,8 @@ def run_consolidate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from encoder_train import checkpoint
+    from encoder_train.model import ModelDims
+    from encoder_train.state import check_weights_fit
 
     source, output = Path(args.checkpoint), Path(args.output)
     if not (source.is_dir() and (source / checkpoint.MARKER).exists()):
@@ -392,6 +394,7 @@ def run_consolidate(args: argparse.Namespace) -> int:
     if output.exists() or output.is_symlink():
         raise UserError(f"--output {output} exists; pass a new file name (nothing is overwritten).")
     state = checkpoint.load(source, flag="--checkpoint")
+    check_weights_fit(state["model"], ModelDims(**state["dims"]), source)  # what every reader of the file needs
     del state["sharded_checkpoint"]
     try:  # the folder of --output is made as `train` makes --checkpoint_dir
         output.parent.mkdir(parents=True, exist_ok=True)

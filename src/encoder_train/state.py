@@ -123,21 +123,25 @@ class TrainState:
 
     def load_shards(self, path: str) -> None:
         """Load a sharded checkpoint's model and optimizer into this run's, each rank its part: DCP reshards, so the
-        checkpoint may come from another number of processes, or from FSDP into one plain process."""
+        checkpoint may come from another number of processes, or from FSDP into one plain process. Every rank
+        calls it; when any rank's part fails to load, all raise `checkpoint.Damaged` (so they fall back together)."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         current = self.shards()
         alone = not (dist.is_available() and dist.is_initialized())
+        reason = None
         try:
             with warnings.catch_warnings():  # alone: DCP warns that it assumes one process, which is what we mean
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(current, checkpoint_id=path, no_dist=alone)
-        except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint fails in many ways inside DCP
-            raise UserError(f"checkpoint {path}'s shards do not load into this model ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); resume from an earlier checkpoint or "
-                            "with the config it was written with.") from None
+                dcp.load(current, checkpoint_id=path, no_dist=alone, planner=checkpoint.safe_load_planner())
+        except checkpoint.DCP_ERRORS as e:  # a damaged, unreadable or foreign checkpoint fails in many ways
+            reason = checkpoint.dcp_reason(e)
+        if distributed.sum_ints([int(reason is not None)], self.world)[0]:
+            raise checkpoint.Damaged(
+                f"checkpoint {path}'s shards do not load into this model ({reason or 'on another rank'}); resume "
+                "from an earlier checkpoint or with the config it was written with.")
         set_model_state_dict(self.model, current["model"])
         set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
 
@@ -334,6 +338,21 @@ def _load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sa
         optimizer.load_state_dict(saved)
 
 
+def check_weights_fit(weights: dict[str, Any], dims: ModelDims, path: str | Path) -> None:
+    """Refuse weights that are not the model the checkpoint's shape describes (the shards of another run under
+    this one's meta.pt, say), naming the first tensor that differs. Costs no memory: the model is built on the
+    meta device."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MaskedLM(dims).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    wrong = [f"{k} {found.get(k, 'missing')} where {shape} is expected" for k, shape in expected.items()
+             if found.get(k) != shape] + [f"{k}, which the model lacks" for k in found if k not in expected]
+    if wrong:
+        raise checkpoint.Damaged(f"checkpoint {path}'s weights are not the model its shape describes ({wrong[0]}"
+                                 f"{f' and {len(wrong) - 1} more' if len(wrong) > 1 else ''}); its files come from "
+                                 "more than one run: use another checkpoint.")
+
+
 # ---- a trained model, for use -----------------------------------------------------------------------------
 
 
@@ -357,6 +376,7 @@ def load_trained(path: str | Path, device: torch.device, flag: str = "--checkpoi
     except (KeyError, TypeError):
         raise UserError(f"checkpoint {path} lacks the model shape or tokenizer; it was not written by this "
                         "version of encoder-train.") from None
+    check_weights_fit(state["model"], dims, path)
     model = MaskedLM(dims)
     model.load_state_dict(state["model"])
     return Trained(model.to(device).eval(), tokenizer, spec, state)

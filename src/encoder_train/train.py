@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, devices, distributed, preflight
 from encoder_train.agreement import what_must_agree
 from encoder_train.batch import Batch, MaskSpec
-from encoder_train.checkpointing import Saver, find_resume
+from encoder_train.checkpointing import Saver, find_resume, skip_unloadable
 from encoder_train.config import Config, dump_yaml
 from encoder_train.data.mixture import Source, scan_sources
 from encoder_train.data.packing import packing_efficiency
@@ -169,22 +169,10 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
     distributed.check_shared_folder(ckpt_dir, world)  # every node must read and write the same folder
-    saved, resumed_from = find_resume(config, say, weights=False)  # a sharded checkpoint's tensors: below
-    fsdp = world.distributed and config.training.data_parallel == "fsdp"
-    if saved is not None:
-        check_resumable(saved, fsdp, dims, resumed_from, config.training.optimizer)
-        init_weights = saved.get("model")
-        plan = Plan(plan.config, plan.sources, world.world_size, saved.get("plan"))  # lengths in tokens hold
-        config = with_plan_length(config, plan)
-        if resized := plan.resized(saved.get("plan")):
-            say(resized)
-    elif init_weights is not None:
-        say(f"starting from the weights in {config.model.init_from_hf}")
-    state = build_state(config, world, dims, tokenizer, spec, init_weights, fsdp, plan)
+    state, saved, resumed_from, plan = resume_or_build(config, world, dims, tokenizer, spec, init_weights, plan, say)
+    config = with_plan_length(config, plan)
     stream = state.stream = DataStream(plan, spec, world)
     if saved is not None:
-        if "sharded_checkpoint" in saved:  # each rank loads its part of the shards, resharded to this run
-            state.load_shards(saved["sharded_checkpoint"])
         state.restore(saved, resumed_from, say)
         stream.restore(saved["data"], restart_sources, str(resumed_from), say)
     elif restart_sources:
@@ -195,6 +183,37 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
     for line in preflight.warnings(config, dims, tokenizer.get_vocab_size(), plan):
         run.say(f"warning: {line}")
     return run
+
+
+def resume_or_build(config: Config, world: World, dims: ModelDims, tokenizer: Tokenizer, spec: MaskSpec,
+                    init_weights: dict | None, fresh: Plan, say) -> tuple[TrainState, dict | None, Path | None, Plan]:
+    """The training state, with the weights of the checkpoint it resumes from (if any), that checkpoint's other
+    state, and the plan: `fresh`, or on resume the plan the checkpoint's progress keeps (phases in tokens keep
+    their tokens at other rows per step). With `latest`, a checkpoint whose shards fail to load on any rank is set
+    aside and the one before it tried, on every rank together."""
+    fsdp = world.distributed and config.training.data_parallel == "fsdp"
+    while True:
+        saved, resumed_from = find_resume(config, say, weights=False, world=world)  # sharded tensors: below
+        plan = fresh
+        if saved is not None:
+            check_resumable(saved, fsdp, dims, resumed_from, config.training.optimizer)
+            plan = Plan(fresh.config, fresh.sources, world.world_size, saved.get("plan"))
+        elif init_weights is not None:
+            say(f"starting from the weights in {config.model.init_from_hf}")
+        weights = init_weights if saved is None else saved.get("model")
+        state = build_state(with_plan_length(config, plan), world, dims, tokenizer, spec, weights, fsdp, plan)
+        if saved is None or "sharded_checkpoint" not in saved:
+            break
+        try:  # each rank loads its part of the shards, resharded to this run
+            state.load_shards(saved["sharded_checkpoint"])
+            break
+        except checkpoint.Damaged as e:
+            if config.checkpoint.load_checkpoint != "latest":
+                raise
+            skip_unloadable(resumed_from, e, world, say)
+    if saved is not None and (resized := plan.resized(saved.get("plan"))):
+        say(resized)
+    return state, saved, resumed_from, plan
 
 
 def resolve_model(config: Config, world: World) -> tuple[Config, Tokenizer, ModelDims, dict | None]:
@@ -378,14 +397,18 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 tracker.advance()
 
                 final = state.step == run.last_step
-                if state.step % cfg.log_interval == 0 or final:  # the same steps on every rank
-                    check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
-                if tracker.due(state.step) or final:
-                    record = window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
-                                         sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
-                    tracker.log(record | where_the_data_is(run, phase))
-                if state.step % cfg.eval_every == 0 or final or state.step in phase_ends:
-                    evaluate_held_out(run, phase, tracker, autocast)
+                checks = state.step % cfg.log_interval == 0 or final  # the same steps on every rank
+                logs = tracker.due(state.step) or final  # rank 0's sinks alone
+                evaluates = state.step % cfg.eval_every == 0 or final or state.step in phase_ends
+                with saver.saved_on_failure(together=checks or evaluates):  # a stop after this step keeps it
+                    if checks:
+                        check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker)
+                    if logs:
+                        record = window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
+                                             sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
+                        tracker.log(record | where_the_data_is(run, phase))
+                    if evaluates:
+                        evaluate_held_out(run, phase, tracker, autocast)
                 if state.step in phase_ends:
                     tracker.write(f"step {state.step}: phase {phase.name} complete; its checkpoint is kept")
                 if state.step % run.config.checkpoint.checkpoint_every == 0 or final or state.step in phase_ends:
@@ -489,18 +512,17 @@ def forward_backward(model: torch.nn.Module, micro: list[Batch], predicted: int,
     return step_loss
 
 
-def check_skipped(window: MetricsWindow, step: int, max_in_a_row: int, tracker: Tracker, saver: Saver) -> None:
+def check_skipped(window: MetricsWindow, step: int, max_in_a_row: int, tracker: Tracker) -> None:
     """Report updates skipped for a NaN/inf loss or gradient since the last check; stop the run when
-    `max_in_a_row` of them came in a row (the weights are those of the last good update)."""
+    `max_in_a_row` of them came in a row (the weights are those of the last good update, and the loop saves them)."""
     since = window.last_check
     skipped, worst, _ = window.read_skipped(step)
     if skipped:
         tracker.write(f"steps {since + 1}-{step}: the loss or gradient norm was not finite in {skipped} of them; "
                       f"update skipped each time ({worst} in a row at most)")
     if worst >= max_in_a_row:
-        saver.wait()
         raise UserError(
-            f"the loss or gradient norm was not finite for {worst} steps in a row by step {step}; the last good "
-            f"checkpoint is {saver.last_good() or 'none'}: lower training.learning_rate or raise "
-            "training.warmup_steps, then resume from it."
+            f"the loss or gradient norm was not finite for {worst} steps in a row by step {step}, so their updates "
+            "were skipped and the weights are those of the last finite step: lower training.learning_rate or raise "
+            "training.warmup_steps, then resume."
         )
