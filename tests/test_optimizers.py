@@ -245,5 +245,5 @@ def test_muon_with_fsdp_is_refused_at_config_time(tmp_path):
 
 def test_stable_adamw_without_its_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "optimi", None)  # what `import optimi` meets when not installed
-    with pytest.raises(UserError, match=r"stable_adamw needs the optimi package.*\[stable_adamw\]"):
+    with pytest.raises(UserError, match=r"stable_adamw needs the optimi package.*\[stable-adamw\]"):
         build_optimizer(MaskedLM(DIMS["roberta"]), TrainingConfig(optimizer="stable_adamw"), torch.device("cpu"))

