@@ -66,3 +66,44 @@ def test_the_s3_extra_brings_boto3_so_a_later_install_of_it_changes_nothing():
     requirements = declared_extras()["s3"]
     assert any(re.match(r"boto3\b", r) for r in requirements)
     assert any(re.fullmatch(r"s3fs>=2026\.9.*", r) for r in requirements)
+
+
+# ---- the logged learning rate ----------------------------------------------------------------------------------
+
+PHASED = {
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 130},
+    "data": {"num_workers": 0},
+    "training": {"batch_size": 4, "learning_rate": 1.0e-3, "precision": "fp32", "log_interval": 1, "eval_every": 1000},
+    "checkpoint": {"checkpoint_every": 1000, "max_checkpoints": 1},
+    # warmup: 0.5e-3, 1e-3, then 1e-3; the second phase at its own rate, 2e-3 from its first step
+    "phases": [{"name": "first", "steps": 3, "training": {"warmup_steps": 2, "schedule": "constant"}},
+               {"name": "second", "steps": 3, "training": {"learning_rate": 2.0e-3, "schedule": "constant"}}],
+}
+PLAN_LR = re.compile(r"phase (\w+): .*; lr ([\d.e+-]+) -> peak ([\d.e+-]+) -> ([\d.e+-]+)")
+
+
+def test_the_logged_lr_is_the_rate_the_step_used_as_the_dry_run_plan_shows(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from conftest import make_shards, make_tokenizer
+    from encoder_train.cli import main
+
+    cfg = tmp_path / "phased.yaml"
+    cfg.write_text(yaml.safe_dump(PHASED))
+    args = ["train", "--config_file", str(cfg), "--data_dir", str(make_shards(tmp_path / "data", rows=16)),
+            "--tokenizer_filepath", str(make_tokenizer(tmp_path / "tok.json")), "--checkpoint_dir",
+            str(tmp_path / "ckpt")]
+    assert main([*args, "--dry_run"]) == 0
+    plan = {name: [float(x) for x in rates] for name, *rates in PLAN_LR.findall(capsys.readouterr().out)}
+    assert main(args) == 0
+    lines = (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()
+    logged = {r["step"]: r["lr"] for r in map(json.loads, lines) if "lr" in r}
+    assert logged == pytest.approx({1: 0.5e-3, 2: 1e-3, 3: 1e-3, 4: 2e-3, 5: 2e-3, 6: 2e-3})
+    # the plan's first and last rate of each phase are the logged rates of its first and last step
+    assert list(plan) == ["first", "second"]
+    assert plan["first"] + plan["second"] == pytest.approx([0.5e-3, 1e-3, 1e-3, 2e-3, 2e-3, 2e-3])
+    assert [logged[1], logged[3], logged[4], logged[6]] == pytest.approx(
+        [plan["first"][0], plan["first"][2], plan["second"][0], plan["second"][2]])

@@ -368,7 +368,9 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 if state.step % cfg.log_interval == 0 or final:  # the same steps on every rank
                     check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker, saver)
                 if tracker.due(state.step) or final:
-                    record = window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
+                    # the rate this step's update used (the plan's); the scheduler already holds the next one's
+                    record = window.read(state.step, cfg.learning_rate * plan.lr_factor(state.step - 1),
+                                         state.tokens_seen,
                                          sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
                     tracker.log(record | where_the_data_is(run, phase))
                 if state.step % cfg.eval_every == 0 or final or state.step in phase_ends:
