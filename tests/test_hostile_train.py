@@ -126,6 +126,7 @@ def test_shards_truncated_while_training_end_in_a_sentence_with_the_last_step_sa
     assert proc.returncode == 2, f"exit {proc.returncode}: {err[-2000:]}"
     message = one_sentence(err)
     assert "data file" in message and ".pt" in message and "saved in" in message
+    assert message.endswith("then resume with the same command plus --load_checkpoint latest."), message
     saved = checkpoint.list_checkpoints(ckpt)
     assert saved and saved[-1][0] >= 5  # the finished steps were kept, though checkpoint_every is 1000
     assert checkpoint.load(saved[-1][1])["step"] == saved[-1][0]

@@ -61,10 +61,10 @@ def test_every_extra_named_in_docs_recipes_and_messages_is_a_declared_one():
 
 
 def test_the_s3_extra_brings_boto3_so_a_later_install_of_it_changes_nothing():
-    # boto3 installed after s3fs takes the newest botocore, past the one aiobotocore pins; in the extra, pip
-    # resolves them together.
+    # boto3 installed after s3fs takes the newest botocore, past the one aiobotocore pins; in the extra, bounded
+    # above, pip resolves them together without backtracking through every boto3 release.
     requirements = declared_extras()["s3"]
-    assert any(re.match(r"boto3\b", r) for r in requirements)
+    assert any(re.match(r"boto3\b.*<", r) for r in requirements)
     assert any(re.fullmatch(r"s3fs>=2026\.9.*", r) for r in requirements)
 
 
@@ -107,3 +107,37 @@ def test_the_logged_lr_is_the_rate_the_step_used_as_the_dry_run_plan_shows(tmp_p
     assert plan["first"] + plan["second"] == pytest.approx([0.5e-3, 1e-3, 1e-3, 2e-3, 2e-3, 2e-3])
     assert [logged[1], logged[3], logged[4], logged[6]] == pytest.approx(
         [plan["first"][0], plan["first"][2], plan["second"][0], plan["second"][2]])
+
+
+# ---- what a failure says to do next --------------------------------------------------------------------------
+
+
+def test_a_store_unreachable_at_start_up_says_what_to_fix_not_to_resume(tmp_path, capsys, monkeypatch):
+    # Nothing started (a start, a dry run): "then resume" would send the user looking for a checkpoint.
+    pytest.importorskip("s3fs", reason="the s3 extra (in dev)")
+    import socket
+
+    import yaml
+
+    from conftest import make_tokenizer
+    from encoder_train.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on: every connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    none = str(tmp_path / "none")
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "key",
+                        "AWS_SECRET_ACCESS_KEY": "secret", "AWS_EC2_METADATA_DISABLED": "true",
+                        "AWS_CONFIG_FILE": none, "AWS_SHARED_CREDENTIALS_FILE": none,
+                        "ENCODER_TRAIN_RETRY_SECONDS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": PHASED["model"], "training": {"max_steps": 2}}))
+    args = ["train", "--config_file", str(cfg), "--data_dir", "s3://bucket/web", "--tokenizer_filepath",
+            str(make_tokenizer(tmp_path / "t.json")), "--checkpoint_dir", str(tmp_path / "ckpt")]
+    for dry in ([], ["--dry_run"]):
+        assert main([*args, *dry]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "s3://bucket/web" in err and err.endswith("check the network and the store."), err
+        assert "resume" not in err and err.count("\n") == 0, err
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("*.pt"))
