@@ -141,3 +141,56 @@ def test_a_store_unreachable_at_start_up_says_what_to_fix_not_to_resume(tmp_path
         assert "s3://bucket/web" in err and err.endswith("check the network and the store."), err
         assert "resume" not in err and err.count("\n") == 0, err
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").glob("*.pt"))
+
+
+# ---- pretokenize: where its shards go, and what a failure leaves ----------------------------------------------
+
+
+def bad_jsonl(path: Path, good: int = 300) -> Path:
+    """`good` documents, then a line that is not JSON: pretokenize fails after writing shards."""
+    import json
+
+    path.write_text("".join(json.dumps({"text": f"w{5 + i % 100} w{6 + i % 90} w7 w8"}) + "\n" for i in range(good))
+                    + "not json\n")
+    return path
+
+
+def test_a_failed_pretokenize_removes_the_folders_it_made_and_no_other(tmp_path):
+    from conftest import make_tokenizer
+    from encoder_train.data.prepare import pretokenize
+    from encoder_train.errors import UserError
+
+    tok, bad = make_tokenizer(tmp_path / "tok.json"), bad_jsonl(tmp_path / "bad.jsonl")
+    run = dict(seq_len=16, rows_per_shard=5, batch_chars=200, progress=False)
+    with pytest.raises(UserError, match="not valid JSON"):  # a new folder, and its missing parents
+        pretokenize([bad], tok, tmp_path / "new" / "deeper" / "out", **run)
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    (mine / "train").mkdir(parents=True)
+    (mine / "train" / "notes.txt").write_text("keep me")
+    (mine / "empty").mkdir()
+    with pytest.raises(UserError, match="not valid JSON"):  # folders that were there stay, with what they hold
+        pretokenize([bad], tok, mine, **run)
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["empty", "train", "train/notes.txt"]
+
+
+def test_pretokenize_writes_a_recipe_source_folders_and_says_how_train_reads_them(tmp_path, capsys):
+    from conftest import make_tokenizer
+    from encoder_train.cli import main
+
+    text = tmp_path / "web.txt"
+    text.write_text("\n\n".join(f"w{5 + i % 100} w{9 + i % 50} w7 w8 w{20 + i % 30}" for i in range(200)) + "\n")
+    common = ["pretokenize", "--input", str(text), "--tokenizer_filepath", str(make_tokenizer(tmp_path / "t.json")),
+              "--output_dir", str(tmp_path / "shards"), "--seq_len", "16"]
+    assert main([*common, "--folders", "web", "web-val", "--val_fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    web, val = tmp_path / "shards" / "web", tmp_path / "shards" / "web-val"
+    assert list(web.glob("*.pt")) and list(val.glob("*.pt")) and not (tmp_path / "shards" / "train").exists()
+    assert f"{{data_dir: {web}, val_data_dir: {val}}}" in out and f"--data_dir {web} --val_data_dir {val}" in out
+    # A source without held-out rows (a recipe's code: {data_dir: shards/code}) gets no empty val folder.
+    assert main([*common, "--folders", "code", "code-val", "--val_fraction", "0"]) == 0
+    assert "no held-out rows" in capsys.readouterr().out
+    assert list((tmp_path / "shards" / "code").glob("*.pt")) and not (tmp_path / "shards" / "code-val").exists()
+    for folders, word in ((["web", "web"], "share the folder web"), (["a/b", "v"], "not one folder's name")):
+        assert main([*common, "--folders", *folders]) == 2
+        assert word in capsys.readouterr().err
