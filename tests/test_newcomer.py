@@ -194,3 +194,50 @@ def test_pretokenize_writes_a_recipe_source_folders_and_says_how_train_reads_the
     for folders, word in ((["web", "web"], "share the folder web"), (["a/b", "v"], "not one folder's name")):
         assert main([*common, "--folders", *folders]) == 2
         assert word in capsys.readouterr().err
+
+
+# ---- what a start prints, and the config it writes beside the checkpoints -------------------------------------
+
+
+def test_a_start_prints_a_summary_and_writes_the_resolved_config_beside_the_checkpoints(tmp_path, capsys):
+    import yaml
+
+    from conftest import make_shards, make_tokenizer
+    from encoder_train.cli import main
+    from encoder_train.config import load_config
+
+    cfg, ckpt = tmp_path / "run.yaml", tmp_path / "ckpt"
+    cfg.write_text(yaml.safe_dump({"model": PHASED["model"], "data": {"num_workers": 0},
+                                   "training": {"batch_size": 4, "max_steps": 2, "log_interval": 1}}))
+    args = ["train", "--config_file", str(cfg), "--data_dir", str(make_shards(tmp_path / "data", rows=16)),
+            "--tokenizer_filepath", str(make_tokenizer(tmp_path / "tok.json")), "--checkpoint_dir", str(ckpt),
+            "--progress", "lines"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    start = [line for line in out.splitlines() if not line.startswith(("step ", "done: "))]  # printed at start
+    assert f"resolved config: {ckpt / 'config.yaml'}" in start and len(start) <= 8, start
+    assert any(line.startswith("model: ") for line in start) and any(line.startswith("plan: 2 steps") for line in start)
+    assert "hidden_size:" not in out  # the config's 90-160 lines are in the file, not in the log
+    written = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert written["training"]["max_steps"] == 2 and written["model"]["hidden_size"] == 32
+    assert load_config(ckpt / "config.yaml").training.batch_size == 4  # it is a config `train` takes back
+
+    # A resume with other settings: the new config, and the one in force until then is kept.
+    assert main([*args, "--load_checkpoint", "latest", "--max_steps", "3"]) == 0
+    assert "(the one before, in force until step 2, is kept as config.until_step_00000002.yaml)" in \
+        capsys.readouterr().out
+    assert yaml.safe_load((ckpt / "config.yaml").read_text())["training"]["max_steps"] == 3
+    assert yaml.safe_load((ckpt / "config.until_step_00000002.yaml").read_text())["training"]["max_steps"] == 2
+
+
+def test_writing_the_config_never_overwrites_one_that_differs(tmp_path):
+    from encoder_train.config import Config
+    from encoder_train.train import write_config
+
+    one, two = Config(), Config.model_validate({"training": {"max_steps": 7}})
+    assert write_config(tmp_path, one, 0) == (tmp_path / "config.yaml", None)
+    assert write_config(tmp_path, one, 5) == (tmp_path / "config.yaml", None)  # the same: nothing kept
+    assert write_config(tmp_path, two, 5)[1] == tmp_path / "config.until_step_00000005.yaml"
+    assert write_config(tmp_path, one, 5)[1] == tmp_path / "config.until_step_00000005.1.yaml"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.until_step_00000005.1.yaml", "config.until_step_00000005.yaml", "config.yaml"]

@@ -250,7 +250,7 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_input_flags(p)
     p.add_argument("--tokenizer_filepath", required=True, help="tokenizer.json to tokenize with")
-    p.add_argument("--output_dir", required=True, help="folder for train/ and val/ shards (or --folders')")
+    p.add_argument("--output_dir", required=True, help="folder for the train/ and val/ shards (or the two --folders)")
     p.add_argument("--folders", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
                    help="the folders under --output_dir for the training and the held-out shards (default train "
                    "val); a source's data_dir and val_data_dir, e.g. --output_dir shards --folders web web-val")

@@ -24,12 +24,13 @@ there, then regenerate. -->
 
 A YAML file with up to six sections; every key is optional. The schema in `src/encoder_train/config.py` is the only
 place defaults live, and the order of precedence is fixed: schema defaults < the YAML file < command-line flags
-(`--learning_rate 1e-4`, or any key with `--set training.warmup_steps=100`). The resolved config is printed at
-start and stored in every checkpoint. An unknown key, a wrong type or an out-of-range value stops the run with one
-sentence naming the file and the key, and for a typo the nearest valid key (`run.yaml: unknown key
-training.learnin_rate; did you mean training.learning_rate? ...`). `src/encoder_train/configs/base.yaml` comments
-every field with RoBERTa's reasons; the bundled configs are tiny, demo, small, base, large, tiny-modernbert,
-modernbert-base and modernbert-large (`--config_file base.yaml` works from any folder).
+(`--learning_rate 1e-4`, or any key with `--set training.warmup_steps=100`). The resolved config is written to
+`CHECKPOINT_DIR/config.yaml` at start (`--dry_run` prints it) and stored in every checkpoint. An unknown key, a
+wrong type or an out-of-range value stops the run with one sentence naming the file and the key, and for a typo the
+nearest valid key (`run.yaml: unknown key training.learnin_rate; did you mean training.learning_rate? ...`).
+`src/encoder_train/configs/base.yaml` comments every field with RoBERTa's reasons; the bundled configs are tiny,
+demo, small, base, large, tiny-modernbert, modernbert-base and modernbert-large (`--config_file base.yaml` works
+from any folder).
 """
 
 SECTIONS = {

@@ -11,7 +11,9 @@ and checkpoints happen visibly at the bottom of the loop. What a checkpoint hold
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import signal
 import sys
 import threading
@@ -40,6 +42,9 @@ from encoder_train.state import TrainState, check_resumable, model_dims, model_s
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
+
+# The resolved config of the run, beside its checkpoints (describe writes it at start).
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -242,10 +247,15 @@ def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokeni
 
 
 def describe(run: Run) -> None:
-    """The resolved config, the model and the data, printed at start by rank 0."""
+    """What matters at start, printed by rank 0 in a few lines: where the resolved config was written, the model,
+    the data, the plan and where a resume starts (notes and warnings come as they arise). The config itself (90-160
+    lines, which buried the rest) goes to CHECKPOINT_DIR/config.yaml; `--dry_run` prints it."""
     cfg, state, world = run.config.training, run.state, run.world
     model = distributed.unwrap(state.model)
-    run.say("resolved config:\n" + dump_yaml(run.config).rstrip())
+    if world.is_main:
+        written, previous = write_config(run.checkpoint_dir, run.config, state.step)
+        run.say(f"resolved config: {written}" + (f" (the one before, in force until step {state.step}, is kept as "
+                                                 f"{previous.name})" if previous else ""))
     run.say(
         f"model: {model.num_parameters() / 1e6:.2f}M parameters "
         f"({model.num_parameters(True) / 1e6:.2f}M without embeddings), vocabulary {state.dims.vocab_size} "
@@ -265,12 +275,32 @@ def describe(run: Run) -> None:
         f"accumulation x {world.world_size} processes" + (f" ({cfg.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val)} rows" if val else "")
     )
-    if run.config.phases or data.sources:
-        run.say("plan:\n  " + "\n  ".join(run.plan.describe()))
+    run.say(f"plan: {run.plan.total_steps:,} steps\n  " + "\n  ".join(run.plan.describe()))
     if state.resumed_from is not None:
         run.say(f"resuming from {state.resumed_from} at step {state.step} "
                 f"(learning rate {state.scheduler.get_last_lr()[0]:.3e})")
     sys.stdout.flush()
+
+
+def write_config(folder: Path, config: Config, step: int) -> tuple[Path, Path | None]:
+    """Write the resolved config to FOLDER/config.yaml, atomically; returns it and where a different one that was
+    there (a resume with other settings, an earlier start) was kept: config.until_step_N.yaml, N the step this run
+    starts from. Nothing is overwritten: an existing file of that name gets a number."""
+    path, text = folder / CONFIG_FILE, dump_yaml(config)
+    previous = None
+    if path.exists():
+        if path.read_text() == text:
+            return path, None
+        previous = folder / f"config.until_step_{step:08d}.yaml"
+        for n in itertools.count(1):
+            if not previous.exists():
+                break
+            previous = folder / f"config.until_step_{step:08d}.{n}.yaml"
+        os.replace(path, previous)
+    staged = folder / f".{CONFIG_FILE}.tmp"
+    staged.write_text(text)
+    os.replace(staged, path)
+    return path, previous
 
 
 def rows_per_step(run: Run) -> int:
