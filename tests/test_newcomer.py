@@ -241,3 +241,24 @@ def test_writing_the_config_never_overwrites_one_that_differs(tmp_path):
     assert write_config(tmp_path, one, 5)[1] == tmp_path / "config.until_step_00000005.1.yaml"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "config.until_step_00000005.1.yaml", "config.until_step_00000005.yaml", "config.yaml"]
+
+
+# ---- benchmarks/speed.py's --work_dir --------------------------------------------------------------------------
+
+
+def test_speed_benchmark_makes_a_missing_work_dir_and_refuses_a_file_in_one_sentence(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers", reason="the bench extra (in dev)")
+
+    def speed(work: Path) -> subprocess.CompletedProcess:  # --sizes with none: no workload, the folder check only
+        return subprocess.run([sys.executable, "benchmarks/speed.py", "--sizes", "--work_dir", str(work)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+
+    made = speed(tmp_path / "new" / "deeper")
+    assert made.returncode == 0 and (tmp_path / "new" / "deeper").is_dir(), made.stderr[-2000:]
+    (tmp_path / "a-file").write_text("")
+    refused = speed(tmp_path / "a-file" / "work")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.count("\n") == 1 and f"--work_dir {tmp_path / 'a-file' / 'work'}" in refused.stderr
