@@ -41,6 +41,10 @@ def named_extras() -> dict[str, set[str]]:
         for group in found:
             for name in set(group.split(",")) - {PLACEHOLDER}:
                 named.setdefault(name.strip(), set()).add(str(path.relative_to(ROOT)))
+    from encoder_train.data.store import EXTRAS  # a URL's protocol -> (module, the extra its message names)
+
+    for _, extra in EXTRAS.values():
+        named.setdefault(extra, set()).add("encoder_train.data.store.EXTRAS")
     return named
 
 

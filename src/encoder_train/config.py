@@ -823,5 +823,5 @@ def resolved_vocab_size(model: ModelConfig, tokenizer_vocab: int, source: str) -
 
 
 def dump_yaml(config: Config) -> str:
-    """The resolved config as YAML, for printing at start."""
+    """The resolved config as YAML: CHECKPOINT_DIR/config.yaml at start, and what --dry_run prints."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
