@@ -74,9 +74,10 @@ def build_stable_adamw(groups: list[dict], cfg: TrainingConfig, device: torch.de
     for bf16 weights; ours are fp32).
 
     Kernels: on CUDA optimi picks its Triton kernels where Triton is installed; elsewhere we pass triton=False and
-    foreach=False (a loop over tensors). Left to optimi, a device without Triton kernels could still get them: it
-    decides per group from the parameters that have gradients, and all() of an empty list is True, so with PyPI's
-    torch (which brings triton) a CPU run failed at its first step ("0 active drivers")."""
+    foreach=False (a loop over tensors). Left to optimi, any device gets them wherever triton imports: at a group's
+    first step it asks whether all of the group's parameters suit Triton before it has listed them (torch-optimi
+    0.3: all() of an empty list is True), so with PyPI's torch (which brings triton) a CPU run failed at its first
+    step ("0 active drivers")."""
     optimi = require("optimi", "stable-adamw", "training.optimizer stable_adamw")
     on_cuda = device.type == "cuda"
     return optimi.StableAdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
