@@ -430,6 +430,7 @@ def _make_folders(folders: Sequence[Path]) -> list[Path]:
             for path in [p for p in (folder, *folder.parents) if not p.exists()][::-1]:
                 path.mkdir()
                 created.append(path)
+            folder.mkdir(exist_ok=True)  # there already: a folder passes, a file of that name is refused
         except OSError as e:
             _remove_empty(created)
             raise UserError(f"could not create {folder} ({e.strerror}); pass a writable --output_dir.") from None
