@@ -1,13 +1,28 @@
 """What a newcomer meets first: the extras that the docs, recipes and messages name install something with any pip,
-an optimizer built for the CPU never picks a GPU kernel, the logged learning rate is the one the plan shows, and a
-start prints a short summary (the whole config goes beside the checkpoints)."""
+the logged learning rate is the one the plan shows, a failure at start-up does not say to resume, pretokenize writes
+the folders a recipe reads and cleans up after a failure, a start prints a short summary (the whole config goes
+beside the checkpoints), and benchmarks/speed.py makes its --work_dir. (A CPU StableAdamW never picking Triton is
+tested in test_optimizers.py.)"""
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from conftest import make_shards, make_tokenizer
+from encoder_train.cli import main
+from encoder_train.config import Config, load_config
+from encoder_train.data.prepare import pretokenize
+from encoder_train.data.store import EXTRAS
+from encoder_train.errors import UserError
+from encoder_train.train import write_config
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,9 +56,7 @@ def named_extras() -> dict[str, set[str]]:
         for group in found:
             for name in set(group.split(",")) - {PLACEHOLDER}:
                 named.setdefault(name.strip(), set()).add(str(path.relative_to(ROOT)))
-    from encoder_train.data.store import EXTRAS  # a URL's protocol -> (module, the extra its message names)
-
-    for _, extra in EXTRAS.values():
+    for _, extra in EXTRAS.values():  # a URL's protocol -> (module, the extra its message names)
         named.setdefault(extra, set()).add("encoder_train.data.store.EXTRAS")
     return named
 
@@ -67,9 +80,10 @@ def test_every_extra_named_in_docs_recipes_and_messages_is_a_declared_one():
 def test_the_s3_extra_brings_boto3_so_a_later_install_of_it_changes_nothing():
     # boto3 installed after s3fs takes the newest botocore, past the one aiobotocore pins; in the extra, bounded
     # above, pip resolves them together without backtracking through every boto3 release.
-    requirements = declared_extras()["s3"]
-    assert any(re.match(r"boto3\b.*<", r) for r in requirements)
-    assert any(re.fullmatch(r"s3fs>=2026\.9.*", r) for r in requirements)
+    extras = declared_extras()
+    boto3 = {name: [r for r in reqs if re.match(r"boto3\b", r)] for name, reqs in extras.items()}
+    assert re.match(r"boto3\b.*<", boto3["s3"][0]) and any(re.fullmatch(r"s3fs>=2026\.9.*", r) for r in extras["s3"])
+    assert {name: b for name, b in boto3.items() if b and b != boto3["s3"]} == {}  # one bound wherever boto3 is
 
 
 # ---- the logged learning rate ----------------------------------------------------------------------------------
@@ -88,12 +102,6 @@ PLAN_LR = re.compile(r"phase (\w+): .*; lr ([\d.e+-]+) -> peak ([\d.e+-]+) -> ([
 
 
 def test_the_logged_lr_is_the_rate_the_step_used_as_the_dry_run_plan_shows(tmp_path, capsys):
-    import json
-
-    import yaml
-
-    from conftest import make_shards, make_tokenizer
-    from encoder_train.cli import main
 
     cfg = tmp_path / "phased.yaml"
     cfg.write_text(yaml.safe_dump(PHASED))
@@ -119,12 +127,6 @@ def test_the_logged_lr_is_the_rate_the_step_used_as_the_dry_run_plan_shows(tmp_p
 def test_a_store_unreachable_at_start_up_says_what_to_fix_not_to_resume(tmp_path, capsys, monkeypatch):
     # Nothing started (a start, a dry run): "then resume" would send the user looking for a checkpoint.
     pytest.importorskip("s3fs", reason="the s3 extra (in dev)")
-    import socket
-
-    import yaml
-
-    from conftest import make_tokenizer
-    from encoder_train.cli import main
 
     with socket.socket() as s:  # a port nothing listens on: every connection is refused
         s.bind(("127.0.0.1", 0))
@@ -152,17 +154,12 @@ def test_a_store_unreachable_at_start_up_says_what_to_fix_not_to_resume(tmp_path
 
 def bad_jsonl(path: Path, good: int = 300) -> Path:
     """`good` documents, then a line that is not JSON: pretokenize fails after writing shards."""
-    import json
-
     path.write_text("".join(json.dumps({"text": f"w{5 + i % 100} w{6 + i % 90} w7 w8"}) + "\n" for i in range(good))
                     + "not json\n")
     return path
 
 
 def test_a_failed_pretokenize_removes_the_folders_it_made_and_no_other(tmp_path):
-    from conftest import make_tokenizer
-    from encoder_train.data.prepare import pretokenize
-    from encoder_train.errors import UserError
 
     tok, bad = make_tokenizer(tmp_path / "tok.json"), bad_jsonl(tmp_path / "bad.jsonl")
     run = dict(seq_len=16, rows_per_shard=5, batch_chars=200, progress=False)
@@ -179,8 +176,6 @@ def test_a_failed_pretokenize_removes_the_folders_it_made_and_no_other(tmp_path)
 
 
 def test_pretokenize_writes_a_recipe_source_folders_and_says_how_train_reads_them(tmp_path, capsys):
-    from conftest import make_tokenizer
-    from encoder_train.cli import main
 
     text = tmp_path / "web.txt"
     text.write_text("\n\n".join(f"w{5 + i % 100} w{9 + i % 50} w7 w8 w{20 + i % 30}" for i in range(200)) + "\n")
@@ -204,11 +199,6 @@ def test_pretokenize_writes_a_recipe_source_folders_and_says_how_train_reads_the
 
 
 def test_a_start_prints_a_summary_and_writes_the_resolved_config_beside_the_checkpoints(tmp_path, capsys):
-    import yaml
-
-    from conftest import make_shards, make_tokenizer
-    from encoder_train.cli import main
-    from encoder_train.config import load_config
 
     cfg, ckpt = tmp_path / "run.yaml", tmp_path / "ckpt"
     cfg.write_text(yaml.safe_dump({"model": PHASED["model"], "data": {"num_workers": 0},
@@ -235,8 +225,6 @@ def test_a_start_prints_a_summary_and_writes_the_resolved_config_beside_the_chec
 
 
 def test_writing_the_config_never_overwrites_one_that_differs(tmp_path):
-    from encoder_train.config import Config
-    from encoder_train.train import write_config
 
     one, two = Config(), Config.model_validate({"training": {"max_steps": 7}})
     assert write_config(tmp_path, one, 0) == (tmp_path / "config.yaml", None)
@@ -251,9 +239,6 @@ def test_writing_the_config_never_overwrites_one_that_differs(tmp_path):
 
 
 def test_speed_benchmark_makes_a_missing_work_dir_and_refuses_a_file_in_one_sentence(tmp_path):
-    import subprocess
-    import sys
-
     pytest.importorskip("transformers", reason="the bench extra (in dev)")
 
     def speed(work: Path) -> subprocess.CompletedProcess:  # --sizes with none: no workload, the folder check only
