@@ -377,7 +377,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 if failed:  # stop as SIGTERM does: keep the finished steps, then say what broke (exit 2)
                     saver.save_if_new()
                     reason = str(data_error) if data_error else "another process's data could not be read"
-                    raise UserError(f"{reason.rstrip('.')} ({saver.kept()}); {then(resume_hint, saver)}")
+                    raise UserError(f"{reason.rstrip('.')} ({saver.kept()}); {how_to_go_on(resume_hint, saver)}")
                 step_loss = forward_backward(model, micro, predicted, world, autocast)
                 clip = phase.config.training.gradient_clip or float("inf")  # 0 disables clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -478,7 +478,7 @@ def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contex
     tracker.log_eval(record)
 
 
-def then(resume_hint: str, saver: Saver) -> str:
+def how_to_go_on(resume_hint: str, saver: Saver) -> str:
     """How to go on after a failed step, ending the sentence: resume where a step was saved, else start again.
     The data layer's messages say only what to fix, as they are raised at start-up (nothing to resume) too."""
     if saver.last_good() is None:
