@@ -88,8 +88,11 @@ import argparse
 import importlib.metadata
 import platform
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,16 +127,21 @@ def bench(
     work: Path, w: Workload, device: torch.device, rates: MatmulRates, repeats: int, hf_workers: int, verbose: bool
 ) -> Row:
     """Both sides on the same rows, `repeats` times each, alternating; each step's fastest run counts."""
-    tokenizer = write_tokenizer(work / f"tokenizer_{w.size.vocab}.json", w.size.vocab)
-    n_rows = w.total_steps * w.batch
-    data_dir = write_shard(work / f"data_{w.name}", make_rows(n_rows, w.seq_len, w.size.vocab, seed=SEED))
-    rows = rows_in_loader_order(data_dir, w.seq_len, n_rows)
-    rates.measure(w)
+    with progress(f"{w.name}: tokenizer and rows"):
+        tokenizer = write_tokenizer(work / f"tokenizer_{w.size.vocab}.json", w.size.vocab)
+        n_rows = w.total_steps * w.batch
+        data_dir = write_shard(work / f"data_{w.name}", make_rows(n_rows, w.seq_len, w.size.vocab, seed=SEED))
+        rows = rows_in_loader_order(data_dir, w.seq_len, n_rows)
+    with progress(f"{w.name}: matmul rates"):
+        rates.measure(w)
 
     ours_runs, hf_runs = [], []
     for r in range(repeats):
-        ours_runs.append(run_encoder_train(work / f"ours_{w.name}_{r}", data_dir, tokenizer, w, verbose)[0])
-        hf_runs.append(run_hf(work / f"hf_{w.name}_{r}", rows, tokenizer, w, device, hf_workers, verbose)[0])
+        # A side takes seconds (small) to minutes (base on a CPU): say what runs, so a quiet terminal is not a hang.
+        with progress(f"{w.name}: encoder-train, run {r + 1} of {repeats}, {w.warmup} + {w.steps} steps"):
+            ours_runs.append(run_encoder_train(work / f"ours_{w.name}_{r}", data_dir, tokenizer, w, verbose)[0])
+        with progress(f"{w.name}: HF Trainer, run {r + 1} of {repeats}, {w.warmup} + {w.steps} steps"):
+            hf_runs.append(run_hf(work / f"hf_{w.name}_{r}", rows, tokenizer, w, device, hf_workers, verbose)[0])
     print(
         f"  {w.name} s/step of each run: encoder-train "
         + " ".join(f"{t.seconds / w.steps:.3f}" for t in ours_runs)
@@ -154,6 +162,26 @@ def bench(
         raise RuntimeError("the two sides consumed different batches; the comparison would be void")
     padded = sum(len(b) * max(b) for b in batches)  # HF pads each batch to its longest row
     return Row(w, fastest(ours_runs), fastest(hf_runs), useful_flops(w.size, lengths), 1 - sum(lengths) / padded)
+
+
+@contextmanager
+def progress(what: str) -> Iterator[None]:
+    """`  what ...` when it starts and `done in N s` when it ends, flushed at once (a log file sees it too)."""
+    print(f"  {what} ...", end="", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f" done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def work_folder(path: Path) -> Path:
+    """--work_dir, made if missing (parents too); a path that cannot be a folder is one sentence and exit 2."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"speed.py: --work_dir {path} cannot be a folder here ({e.strerror}); pass a folder you can "
+              "write to (it is made if missing).", file=sys.stderr)
+        raise SystemExit(2) from None
+    return path
 
 
 # ---- report ---------------------------------------------------------------------------------------
@@ -251,6 +279,8 @@ def main() -> None:
     if min(args.warmup or 1, args.steps or 1, args.repeats, args.batch_size) < 1 or args.quality_steps < 2:
         parser.error("--warmup, --steps, --repeats and --batch_size must be at least 1, --quality_steps at least 2")
 
+    if args.work_dir is not None:  # made, or refused, before any minute is spent
+        args.work_dir = work_folder(args.work_dir)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -298,11 +328,13 @@ def main() -> None:
                 flush=True,
             )
         if args.quality:
-            print()
+            print(f"\nquality: {args.quality_steps} steps of each side per seed, {args.quality_seeds} seed(s) ...",
+                  flush=True)
             print(quality(work, args.quality_steps, args.precisions[0], device, args.hf_workers, args.verbose,
                           args.quality_seeds, sizes["small"]))
         if args.compare_families:
-            print()
+            print(f"\nfamilies: {args.quality_steps} steps per model and seed, {args.quality_seeds} seed(s) ...",
+                  flush=True)
             print(family_comparison(work, args.quality_steps, args.precisions[0], device, args.verbose,
                                     args.quality_seeds))
 

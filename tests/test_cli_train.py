@@ -51,7 +51,7 @@ def test_train_end_to_end_with_wandb(capsys, config_file, shard_dir, tokenizer_f
     rc, out, _ = train(capsys, config_file, shard_dir, tokenizer_file, ckpt, "--checkpoint_every", 20,
                        "--max_checkpoints", 2, "--wandb", "--wandb_log_freq", 20, "--wandb_project_name", "et-test")
     assert rc == 0
-    assert "resolved config:" in out and "batch_size: 16" in out
+    assert f"resolved config: {ckpt / 'config.yaml'}" in out and "batch_size: 16" in (ckpt / "config.yaml").read_text()
 
     # Loss falls; each log line has what the README promises.
     rows = metrics(ckpt)

@@ -126,6 +126,7 @@ def test_shards_truncated_while_training_end_in_a_sentence_with_the_last_step_sa
     assert proc.returncode == 2, f"exit {proc.returncode}: {err[-2000:]}"
     message = one_sentence(err)
     assert "data file" in message and ".pt" in message and "saved in" in message
+    assert message.endswith("then resume with the same command plus --load_checkpoint latest."), message
     saved = checkpoint.list_checkpoints(ckpt)
     assert saved and saved[-1][0] >= 5  # the finished steps were kept, though checkpoint_every is 1000
     assert checkpoint.load(saved[-1][1])["step"] == saved[-1][0]
@@ -314,7 +315,8 @@ def test_resume_with_other_settings_says_so_and_uses_them(capsys, tmp_path, shar
     assert "learning rate of the next step is 1.154e-03" in note  # 3e-3 * (1 - (10 - 2) / 13)
     lr_11 = next(json.loads(line) for line in (ckpt / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["step"] == 11)["lr"]
-    assert lr_11 == pytest.approx(3e-3 * (1 - 9 / 13))  # the new schedule, not the stretched old one
+    # the rate step 11's update used (0-based 10: the note's next step), in the new schedule, not the stretched old one
+    assert lr_11 == pytest.approx(3e-3 * (1 - 8 / 13))
     # An unchanged resume says nothing of the kind.
     rc, out, _ = run_cli(capsys, "train", "--config_file", config(tmp_path, steps=15, every=10), *common,
                          "--load_checkpoint", "latest", "--batch_size", 4)

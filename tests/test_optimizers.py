@@ -245,5 +245,21 @@ def test_muon_with_fsdp_is_refused_at_config_time(tmp_path):
 
 def test_stable_adamw_without_its_package_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "optimi", None)  # what `import optimi` meets when not installed
-    with pytest.raises(UserError, match=r"stable_adamw needs the optimi package.*\[stable_adamw\]"):
+    with pytest.raises(UserError, match=r"stable_adamw needs the optimi package.*\[stable-adamw\]"):
         build_optimizer(MaskedLM(DIMS["roberta"]), TrainingConfig(optimizer="stable_adamw"), torch.device("cpu"))
+
+
+def test_stable_adamw_on_the_cpu_never_picks_triton():
+    # Left to optimi, every group gets its Triton kernel wherever triton imports (it checks the group's parameters
+    # before it has listed them: all() of an empty list), which fails on a machine without a GPU where PyPI's torch
+    # brought triton; the device decides, explicitly.
+    needs("stable_adamw")
+    torch.manual_seed(0)
+    model = MaskedLM(DIMS["roberta"])
+    opt = build_optimizer(model, TrainingConfig(optimizer="stable_adamw"), torch.device("cpu"))
+    assert [(g["triton"], g["foreach"]) for g in opt.param_groups] == [(False, False)] * 2
+    model(torch.randint(5, 64, (2, 8)), labels=torch.randint(5, 64, (2, 8))).loss.backward()
+    opt.step()
+    assert [g["triton"] for g in opt.param_groups] == [False, False]
+    cuda = build_optimizer(model, TrainingConfig(optimizer="stable_adamw"), torch.device("cuda"))
+    assert [g["triton"] for g in cuda.param_groups] == [None, None]  # optimi's own choice where its kernels run

@@ -135,10 +135,11 @@ def test_a_recipe_runs_its_phases_and_reports_each_source(tmp_path, capsys):
     per_step = [now - before for now, before in zip(totals, [0] + totals[:-1], strict=True)]
     assert per_step[:5] == [2, 2, 3, 4, 4]
     assert all(r["source/code/tokens"] > 0 and r["source/code/epoch"] > 0 for r in rows[1:])
-    # the phases' schedules (a record's lr is the next update's): warmup to the peak, held, then 1-sqrt decay to 0
+    # the phases' schedules (a record's lr is the rate its step's update used): warmup over 3 steps to the peak, held
+    # through ext, then 1-sqrt decay over decay's 3 steps (its next step, past the end, would be at 0)
     lrs = [r["lr"] for r in rows]
-    assert lrs[0] < lrs[1] == pytest.approx(1e-3) and lrs[7] == pytest.approx(1e-3) and lrs[8] == pytest.approx(1e-3)
-    assert lrs[8] > lrs[9] > lrs[10] > lrs[11] == 0
+    assert lrs[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3]) and lrs[3:10] == pytest.approx([1e-3] * 7)
+    assert lrs[9:] == pytest.approx([1e-3, 1e-3 * (1 - math.sqrt(1 / 3)), 1e-3 * (1 - math.sqrt(2 / 3))])
     # every phase's end is checkpointed and kept despite max_checkpoints 1
     kept = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint_*.pt"))
     assert kept == ["checkpoint_00000005.pt", "checkpoint_00000009.pt", "checkpoint_00000012.pt"]

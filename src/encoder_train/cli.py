@@ -261,14 +261,20 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
         "pretokenize",
         help="tokenize text into packed .pt shards for `train`",
         description="Tokenize text into rows of --seq_len tokens packed as RoBERTa's FULL-SENTENCES (documents "
-        "run on across rows, separated by </s>), written as .pt shards in OUTPUT_DIR/train and OUTPUT_DIR/val. "
+        "run on across rows, separated by </s>), written as .pt shards in OUTPUT_DIR/train and OUTPUT_DIR/val "
+        "(--folders names them otherwise: a recipe's source web reads shards/web and shards/web-val, which "
+        "--output_dir shards --folders web web-val writes). "
         "Uses every CPU core (set RAYON_NUM_THREADS to use fewer); the same input gives the same shards. Reads "
         "plain text (paragraphs separated by blank lines), .jsonl (a \"text\" field), Parquet (a \"text\" column; "
         "--text_field names another) and .gz or .zst files of text or .jsonl, streaming.",
     )
     add_input_flags(p)
     p.add_argument("--tokenizer_filepath", type=local_path, required=True, help="tokenizer.json to tokenize with")
-    p.add_argument("--output_dir", type=local_path, required=True, help="folder for train/ and val/ shards")
+    p.add_argument("--output_dir", type=local_path, required=True,
+                   help="folder for the train/ and val/ shards (or the two --folders)")
+    p.add_argument("--folders", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
+                   help="the folders under --output_dir for the training and the held-out shards (default train "
+                   "val); a source's data_dir and val_data_dir, e.g. --output_dir shards --folders web web-val")
     p.add_argument("--seq_len", type=positive_int, default=512,
                    help="tokens per row including <s> and </s> (default 512; the model needs "
                    "max_position_embeddings >= seq_len + 2)")
@@ -304,11 +310,16 @@ def run_pretokenize(args: argparse.Namespace) -> int:
     report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                          overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty(),
-                         text_field=args.text_field)
+                         text_field=args.text_field, folders=tuple(args.folders))
+    held_out = (f"{plural(report.val_rows, 'held-out row')} in {plural(report.val_shards, 'shard')} to "
+                f"{report.val_dir}" if report.val_rows else "no held-out rows")
     print(f"wrote {plural(report.train_rows, 'training row')} in {plural(report.train_shards, 'shard')} to "
-          f"{args.output_dir}/train and {plural(report.val_rows, 'held-out row')} in "
-          f"{plural(report.val_shards, 'shard')} to {args.output_dir}/val; "
-          f"fill ratio {report.fill_ratio:.4f}; {report.megabytes_per_second:.1f} MB/s")
+          f"{report.train_dir} and {held_out}; fill ratio {report.fill_ratio:.4f}; "
+          f"{report.megabytes_per_second:.1f} MB/s")
+    print(f"train on them with --data_dir {report.train_dir}"
+          + (f" --val_data_dir {report.val_dir}" if report.val_rows else "")
+          + f", or as a recipe's source: {{data_dir: {report.train_dir}"
+          + (f", val_data_dir: {report.val_dir}}}" if report.val_rows else "}"))
     return 0
 
 

@@ -272,7 +272,7 @@ class TrainingConfig(Section):
     weight_decay: Float = Field(default=0.01, ge=0.0)
     """Decoupled weight decay; biases, LayerNorm weights and other 1-D parameters get none."""
     optimizer: Literal["adamw", "stable_adamw", "muon"] = "adamw"
-    """`adamw` (PyTorch's), `stable_adamw` (StableAdamW, as ModernBERT; the stable_adamw extra) or `muon` (Muon for
+    """`adamw` (PyTorch's), `stable_adamw` (StableAdamW, as ModernBERT; the stable-adamw extra) or `muon` (Muon for
     the layers' weight matrices, AdamW for the rest; docs/training.md#optimizers). Fixed for a run."""
     muon_momentum: Float = Field(default=0.95, ge=0.0, lt=1.0)
     """muon: Muon's Nesterov momentum. Its learning rate is `learning_rate`: updates are scaled to AdamW's size."""
@@ -1010,5 +1010,5 @@ def resolved_vocab_size(model: ModelConfig, tokenizer_vocab: int, source: str) -
 
 
 def dump_yaml(config: Config) -> str:
-    """The resolved config as YAML, for printing at start."""
+    """The resolved config as YAML: CHECKPOINT_DIR/config.yaml at start, and what --dry_run prints."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -26,7 +26,8 @@ A YAML file with up to six sections; every key is optional. The schema in `src/e
 place defaults live, and the order of precedence is fixed: schema defaults < the YAML file < command-line flags
 (`--learning_rate 1e-4`, or any key at any depth with `--set training.warmup_steps=100`, `--set
 data.sources.web.weight=2`, `--set phases.1.steps=4` or `--set phases.decay.steps=4`: a phase by index or by name,
-digits being an index; docs/training.md). The resolved config is printed at start and stored in every checkpoint.
+digits being an index; docs/training.md). The resolved config is written to
+`CHECKPOINT_DIR/config.yaml` at start (`--dry_run` prints it) and stored in every checkpoint.
 An unknown key at any depth, a wrong type or an out-of-range value stops the run with one sentence naming the file
 (or the `--set` item) and the key, and for a typo the nearest valid key (`run.yaml: unknown key
 data.sources.web.weigth; did you mean data.sources.web.weight? ...`). Source and phase names are 1 to 64 ASCII

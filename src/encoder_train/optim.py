@@ -2,7 +2,7 @@
 learning-rate schedule.
 
     adamw         PyTorch's AdamW (fused on CUDA and the CPU)
-    stable_adamw  StableAdamW from torch-optimi, as ModernBERT trained with (the `stable_adamw` extra)
+    stable_adamw  StableAdamW from torch-optimi, as ModernBERT trained with (the `stable-adamw` extra)
     muon          PyTorch's Muon for the encoder's weight matrices, AdamW for the rest: one `MuonWithAdamW`
 
 Each is one `torch.optim.Optimizer` (one schedule, one state dict). Their parameter groups, in this order, which
@@ -31,7 +31,7 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig, device: torch.device)
         return build_muon(model, cfg, device)
     groups = weight_decay_groups(model.parameters(), cfg.weight_decay)
     if cfg.optimizer == "stable_adamw":
-        return build_stable_adamw(groups, cfg)
+        return build_stable_adamw(groups, cfg, device)
     return build_adamw(groups, cfg, device)
 
 
@@ -62,7 +62,7 @@ def build_adamw(groups: list[dict], cfg: TrainingConfig, device: torch.device) -
     )
 
 
-def build_stable_adamw(groups: list[dict], cfg: TrainingConfig) -> torch.optim.Optimizer:
+def build_stable_adamw(groups: list[dict], cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
     """StableAdamW (Wortsman et al. 2023, in torch-optimi), ModernBERT's optimizer: AdamW whose step size is divided,
     per tensor, by the RMS of grad / sqrt(v) when that exceeds 1 (Adafactor's update clipping), so a rare large
     gradient does not make a large step. It has no bias correction terms: its betas are debiased instead.
@@ -71,14 +71,22 @@ def build_stable_adamw(groups: list[dict], cfg: TrainingConfig) -> torch.optim.O
     scheduled (and clipped) lr, which is what training.weight_decay means for AdamW. ModernBERT used the fully
     decoupled form (decouple_lr=True: x (1 - lr / peak lr x weight_decay), weight_decay 1e-5 at a peak lr of 8e-4):
     the same decay as training.weight_decay = 1e-5 / 8e-4 = 0.0125 here. Kahan summation is off (it only matters
-    for bf16 weights; ours are fp32); on CUDA optimi picks its Triton kernels, elsewhere a loop over tensors."""
+    for bf16 weights; ours are fp32).
+
+    Kernels: on CUDA optimi picks its Triton kernels where Triton is installed; elsewhere we pass triton=False and
+    foreach=False (a loop over tensors). Left to optimi, any device gets them wherever triton imports: at a group's
+    first step it asks whether all of the group's parameters suit Triton before it has listed them (torch-optimi
+    0.3: all() of an empty list is True), so with PyPI's torch (which brings triton) a CPU run failed at its first
+    step ("0 active drivers")."""
     optimi = require_optimi()
+    on_cuda = device.type == "cuda"
     return optimi.StableAdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, decouple_lr=False)
+                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, decouple_lr=False,
+                              triton=None if on_cuda else False, foreach=None if on_cuda else False)
 
 
 def require_optimi():
-    return require("optimi", "stable_adamw", "training.optimizer stable_adamw")
+    return require("optimi", "stable-adamw", "training.optimizer stable_adamw")
 
 
 def require_muon() -> None:

@@ -11,7 +11,9 @@ and checkpoints happen visibly at the bottom of the loop. What a checkpoint hold
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import os
 import signal
 import sys
 import threading
@@ -41,6 +43,9 @@ from encoder_train.state import TrainState, check_resumable, model_dims, model_s
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
+
+# The resolved config of the run, beside its checkpoints (describe writes it at start).
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -271,10 +276,15 @@ def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokeni
 
 
 def describe(run: Run) -> None:
-    """The resolved config, the model and the data, printed at start by rank 0."""
+    """What matters at start, printed by rank 0 in a few lines: where the resolved config was written, the model,
+    the data, the plan and where a resume starts (notes and warnings come as they arise). The config itself (90-160
+    lines, which buried the rest) goes to CHECKPOINT_DIR/config.yaml; `--dry_run` prints it."""
     cfg, state, world = run.config.training, run.state, run.world
     model = distributed.unwrap(state.model)
-    run.say("resolved config:\n" + dump_yaml(run.config).rstrip())
+    if world.is_main:
+        written, previous = write_config(run.checkpoint_dir, run.config, state.step)
+        run.say(f"resolved config: {written}" + (f" (the one before, in force until step {state.step}, is kept as "
+                                                 f"{previous.name})" if previous else ""))
     run.say(
         f"model: {model.num_parameters() / 1e6:.2f}M parameters "
         f"({model.num_parameters(True) / 1e6:.2f}M without embeddings), vocabulary {state.dims.vocab_size} "
@@ -294,12 +304,32 @@ def describe(run: Run) -> None:
         f"accumulation x {world.world_size} processes" + (f" ({cfg.data_parallel})" if world.distributed else "")
         + (f"; validation: {sum(s.rows for s in val)} rows" if val else "")
     )
-    if run.config.phases or data.sources:
-        run.say("plan:\n  " + "\n  ".join(run.plan.describe()))
+    run.say(f"plan: {run.plan.total_steps:,} steps\n  " + "\n  ".join(run.plan.describe()))
     if state.resumed_from is not None:
         run.say(f"resuming from {state.resumed_from} at step {state.step} "
                 f"(learning rate {state.scheduler.get_last_lr()[0]:.3e})")
     sys.stdout.flush()
+
+
+def write_config(folder: Path, config: Config, step: int) -> tuple[Path, Path | None]:
+    """Write the resolved config to FOLDER/config.yaml, atomically; returns it and where a different one that was
+    there (a resume with other settings, an earlier start) was kept: config.until_step_N.yaml, N the step this run
+    starts from. Nothing is overwritten: an existing file of that name gets a number."""
+    path, text = folder / CONFIG_FILE, dump_yaml(config)
+    previous = None
+    if path.exists():
+        if path.read_text() == text:
+            return path, None
+        previous = folder / f"config.until_step_{step:08d}.yaml"
+        for n in itertools.count(1):
+            if not previous.exists():
+                break
+            previous = folder / f"config.until_step_{step:08d}.{n}.yaml"
+        os.replace(path, previous)
+    staged = folder / f".{CONFIG_FILE}.tmp"
+    staged.write_text(text)
+    os.replace(staged, path)
+    return path, previous
 
 
 def rows_per_step(run: Run) -> int:
@@ -379,7 +409,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                 if failed:  # stop as SIGTERM does: keep the finished steps, then say what broke (exit 2)
                     saver.save_if_new()
                     reason = str(data_error) if data_error else "another process's data could not be read"
-                    raise UserError(f"{reason.rstrip('.')} ({saver.kept()}).")
+                    raise UserError(f"{reason.rstrip('.')} ({saver.kept()}); {how_to_go_on(resume_hint, saver)}")
                 step_loss = forward_backward(model, micro, predicted, world, autocast)
                 clip = phase.config.training.gradient_clip or float("inf")  # 0 disables clipping
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -404,7 +434,9 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                     if checks:
                         check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker)
                     if logs:
-                        record = window.read(state.step, scheduler.get_last_lr()[0], state.tokens_seen,
+                        # the rate this step's update used (the plan's); the scheduler already holds the next one's
+                        record = window.read(state.step, cfg.learning_rate * plan.lr_factor(state.step - 1),
+                                             state.tokens_seen,
                                              sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
                         tracker.log(record | where_the_data_is(run, phase))
                     if evaluates:
@@ -480,6 +512,14 @@ def evaluate_held_out(run: Run, phase: Phase, tracker: Tracker, autocast: contex
             record[f"val_{key}"] = sum(r[key] * w for r, w in results) / total
         record["val_perplexity"] = math.exp(min(record["val_loss"], 50.0))
     tracker.log_eval(record)
+
+
+def how_to_go_on(resume_hint: str, saver: Saver) -> str:
+    """How to go on after a failed step, ending the sentence: resume where a step was saved, else start again.
+    The data layer's messages say only what to fix, as they are raised at start-up (nothing to resume) too."""
+    if saver.last_good() is None:
+        return "then run the same command again."
+    return "then " + resume_hint[:1].lower() + resume_hint[1:]
 
 
 def stopped(run: Run, saver: Saver, window: MetricsWindow, signum: int, resume_hint: str) -> TrainResult:

@@ -170,7 +170,7 @@ class BatchStream:
             # A worker killed from outside (the out-of-memory killer, a signal): say so in one sentence.
             self.close()
             raise UserError(f"a data-loading worker process died ({str(e).splitlines()[0].rstrip('. ')}); "
-                            "check the machine's memory, or set data.num_workers: 0, then resume.") from None
+                            "check the machine's memory, or set data.num_workers: 0.") from None
         if isinstance(item, DataError):
             self.close()
             raise UserError(item.message)

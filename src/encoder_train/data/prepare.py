@@ -44,6 +44,9 @@ MAX_SHARD_BYTES = 1 << 32
 # small enough that the two batches in flight stay a few MB. Changes speed only, never the output.
 ENCODE_BATCH_CHARS = 1 << 22
 
+# The folders under --output_dir that the training and the held-out rows go to, unless named otherwise.
+SPLITS = ("train", "val")
+
 # A new shard's name suffix until every shard of the run is written: the trainer reads `*.pt` only, so
 # neither a run that fails nor one killed midway mixes new rows with the old dataset.
 STAGED = ".new"
@@ -54,6 +57,8 @@ class PretokenizeReport:
     """What `pretokenize` read and wrote."""
 
     output_dir: Path
+    train_dir: Path
+    val_dir: Path
     seq_len: int
     documents: int
     tokens: int
@@ -93,9 +98,11 @@ def pretokenize(
     progress: bool = True,
     batch_chars: int = ENCODE_BATCH_CHARS,
     text_field: str = "text",
+    folders: tuple[str, str] = SPLITS,
 ) -> PretokenizeReport:
     """Tokenize the files `iter_texts` reads (text, .jsonl, Parquet, .gz and .zst) into packed `(rows, seq_len)`
-    int32 shards in `output_dir`/{train,val}.
+    int32 shards in `output_dir`/{train,val}, or in the two folders `folders` names under `output_dir` (a recipe's
+    source: `--output_dir shards` with folders (web, web-val) for `data_dir: shards/web, val_data_dir: shards/web-val`).
 
     Every `1/val_fraction`-th row goes to val (rows are assigned by index, so train and val are
     disjoint and the split is the same on every run). `max_positions`, when given, is the largest
@@ -104,7 +111,8 @@ def pretokenize(
 
     With `overwrite`, the shards already in `output_dir` stay until every new shard is written (the new
     ones wait as `shard_XXXXX.pt.new`, a name the trainer does not read), so a bad line in the last file,
-    a truncated download or Ctrl-C leaves the earlier dataset as it was.
+    a truncated download or Ctrl-C leaves the earlier dataset as it was. A failed run also removes the folders it
+    created (never one that was there before), and a run that held out no rows leaves no empty val folder.
     """
     _check_arguments(seq_len, rows_per_shard, val_fraction, max_positions, batch_chars)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -115,7 +123,8 @@ def pretokenize(
     inputs = [Path(p) for p in inputs]
     check_inputs(inputs)
     output_dir = Path(output_dir)
-    old_shards = _existing_shards(output_dir, overwrite)
+    train_dir, val_dir = _split_folders(output_dir, folders)
+    old_shards = _existing_shards(output_dir, (train_dir, val_dir), overwrite)
 
     start = time.perf_counter()
     input_bytes = sum(p.stat().st_size for p in inputs)
@@ -127,7 +136,8 @@ def pretokenize(
 
     documents = iter_texts(inputs, progress=count_bytes, text_field=text_field)
     first = next(documents)  # raises the "no text" error, and a Parquet file's missing column, before any writing
-    splits = _Splits(output_dir, rows_per_shard, seq_len, val_fraction)  # creates the folders: may fail
+    created = _make_folders((train_dir, val_dir))  # the folders this run made, parents first: a failure removes them
+    splits = _Splits(train_dir, val_dir, rows_per_shard, seq_len, val_fraction)
     packer = _RowPacker(seq_len, bos=ids.bos, eos=ids.eos, pad=ids.pad)
     n_documents = n_tokens = 0
     bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
@@ -143,14 +153,18 @@ def pretokenize(
         splits.close()
     except BaseException:
         splits.remove_written()  # the new shards; the old ones were never touched
+        _remove_empty(created)
         raise
     finally:
         bar.close()
     splits.commit(old_shards)
+    _remove_empty([val_dir] if val_dir in created else [])  # nothing held out: no empty folder to point at
 
     slots = splits.rows * seq_len
     return PretokenizeReport(
         output_dir=output_dir,
+        train_dir=train_dir,
+        val_dir=val_dir,
         seq_len=seq_len,
         documents=n_documents,
         tokens=n_tokens,
@@ -194,16 +208,29 @@ def _check_arguments(
         raise UserError(f"batch_chars {batch_chars} must be at least 1.")
 
 
-def _existing_shards(output_dir: Path, overwrite: bool) -> list[Path]:
-    """The `.pt` shards (and leftover `.pt.tmp`, `.pt.new`) already in train/ and val/; refuses unless `overwrite`."""
+def _split_folders(output_dir: Path, folders: tuple[str, str]) -> tuple[Path, Path]:
+    """The training and the held-out folders: two different names of single folders under `output_dir`."""
+    train, val = folders
+    for name in folders:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise UserError(f"folder name {name!r} is not one folder's name; pass a plain name such as web or "
+                            "web-val (the folder is made under --output_dir).")
+    if train == val:
+        raise UserError(f"the training and the held-out rows would share the folder {train}; give them two names.")
+    return output_dir / train, output_dir / val
+
+
+def _existing_shards(output_dir: Path, split_dirs: tuple[Path, Path], overwrite: bool) -> list[Path]:
+    """The `.pt` shards (and leftover `.pt.tmp`, `.pt.new`) already in the split folders; refuses unless
+    `overwrite`."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir {output_dir} is a file; pass a folder path as --output_dir.")
     old = sorted(
         path
-        for split in ("train", "val")
-        if (output_dir / split).is_dir()
+        for folder in split_dirs
+        if folder.is_dir()
         for pattern in ("*.pt", "*.pt.tmp", "*.pt" + STAGED)
-        for path in (output_dir / split).glob(pattern)
+        for path in folder.glob(pattern)
     )
     shards = [p for p in old if p.suffix == ".pt"]
     if shards and not overwrite:
@@ -298,9 +325,9 @@ class _RowPacker:
 class _Splits:
     """Sends each row to the train or the val shards, by its index in the whole dataset."""
 
-    def __init__(self, output_dir: Path, rows_per_shard: int, seq_len: int, val_fraction: float) -> None:
-        self.train = _ShardWriter(output_dir / "train", rows_per_shard, seq_len)
-        self.val = _ShardWriter(output_dir / "val", rows_per_shard, seq_len)
+    def __init__(self, train_dir: Path, val_dir: Path, rows_per_shard: int, seq_len: int, val_fraction: float) -> None:
+        self.train = _ShardWriter(train_dir, rows_per_shard, seq_len)
+        self.val = _ShardWriter(val_dir, rows_per_shard, seq_len)
         self.val_fraction = val_fraction
         self.rows = 0
 
@@ -335,11 +362,7 @@ class _ShardWriter:
     """Collects rows of one split and writes them as `shard_00000.pt`, ... of `rows_per_shard` rows."""
 
     def __init__(self, folder: Path, rows_per_shard: int, seq_len: int) -> None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"could not create {folder} ({e.strerror}); pass a writable --output_dir.") from None
-        self.folder = folder
+        self.folder = folder  # made by _make_folders
         self.buffer = np.empty((rows_per_shard, seq_len), dtype=np.int32)  # the one shard held in memory
         self.filled = 0
         self.rows = 0
@@ -397,6 +420,31 @@ class _ShardWriter:
         self.written.append(path)
         self.bytes += len(data.getbuffer())
         self.filled = 0
+
+
+def _make_folders(folders: Sequence[Path]) -> list[Path]:
+    """`mkdir -p` each folder; returns the folders made (parents first), or removes them again and raises."""
+    created: list[Path] = []
+    for folder in folders:
+        try:
+            for path in [p for p in (folder, *folder.parents) if not p.exists()][::-1]:
+                path.mkdir()
+                created.append(path)
+            folder.mkdir(exist_ok=True)  # there already: a folder passes, a file of that name is refused
+        except OSError as e:
+            _remove_empty(created)
+            raise UserError(f"could not create {folder} ({e.strerror}); pass a writable --output_dir.") from None
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (made by this run) that are empty, deepest first; a folder that holds anything
+    (a file someone put there meanwhile) stays."""
+    for path in reversed(folders):
+        try:
+            path.rmdir()
+        except OSError:
+            pass
 
 
 def _staged(path: Path) -> Path:

@@ -315,7 +315,7 @@ class ShardReader:
                 self._file = LocalFile(info.path)
         except OSError as e:
             raise UserError(
-                f"data file {info.path} can no longer be read ({e.strerror}); restore it, then resume."
+                f"data file {info.path} can no longer be read ({e.strerror}); restore it."
             ) from None
 
     def rows(self, start: int, count: int) -> torch.Tensor:
@@ -347,11 +347,11 @@ class ShardReader:
             buf = self._file.read(offset, want)
         except OSError as e:
             raise UserError(f"data file {self.info.path} could not be read at row {row} ({e.strerror}); "
-                            "restore it, then resume.") from None
+                            "restore it.") from None
         if len(buf) < want:
             raise UserError(
                 f"data file {self.info.path} became shorter while training (row {row} now lies past its end): "
-                "it was truncated or rewritten during the run; restore it, then resume."
+                "it was truncated or rewritten during the run; restore it."
             )
         return torch.from_numpy(np.frombuffer(buf, dtype=self._np_dtype).astype(np.int64))
 
@@ -378,7 +378,7 @@ class ShardReader:
         if len(data) < want:
             raise UserError(
                 f"data file {info.path} became shorter while training (row {first + len(data) // stride} now lies "
-                "past its end): it was truncated or rewritten during the run; restore it, then resume."
+                "past its end): it was truncated or rewritten during the run; restore it."
             )
         flat = np.frombuffer(data, dtype=self._np_dtype)
         if info.row_stride == info.width:

@@ -347,8 +347,8 @@ class RemoteStore:
                 if listing:
                     raise UserError(f"{what} cannot be listed: its bucket (or repository, or container) does not "
                                     f"exist; check the URL given to {self.flag}.") from None
-                raise UserError(f"{what} is gone from the store (it was listed when the run started); restore it, "
-                                "then resume.") from None
+                raise UserError(f"{what} is gone from the store (it was listed when its folder was scanned); "
+                                "restore it.") from None
             except PermissionError:
                 raise UserError(f"{what} cannot be read: the store refused the credentials or denied access; check "
                                 f"{self._credentials()}.") from None
@@ -375,7 +375,7 @@ class RemoteStore:
         elapsed = time.monotonic() - began
         tries = f"{attempt} {'try' if attempt == 1 else 'tries'} in {elapsed:.0f} s"
         raise UserError(f"{what} could not be read ({_reason(last)}; {tries}, within the {budget:g} s that "
-                        f"{RETRY_SECONDS_ENV} allows); check the network and the store, then resume.")
+                        f"{RETRY_SECONDS_ENV} allows); check the network and the store.")
 
 
 def open_store(root: str | Path, flag: str) -> LocalStore | RemoteStore:

@@ -51,7 +51,7 @@ from encoder_train.finetune.classifier import SequenceClassifier, family_of
 from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import build_optimizer, build_scheduler
+from encoder_train.optim import build_optimizer, build_scheduler, lr_factor
 from encoder_train.state import host_copy
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import special_tokens
@@ -458,7 +458,9 @@ def fit(source: Source, task: Task, metrics: tuple[str, ...], settings: Finetune
                 window.add(loss.detach(), grad_norm, int(mask.sum()), finite)
                 tracker.advance()
                 if tracker.due(step) or step == total:
-                    record = window.read(step, scheduler.get_last_lr()[0], tokens_seen, step / steps_per_epoch)
+                    # the rate this step's update used; the scheduler already holds the next one's
+                    lr = schedule.learning_rate * lr_factor(step - 1, schedule)
+                    record = window.read(step, lr, tokens_seen, step / steps_per_epoch)
                     if not math.isfinite(record["loss"]):  # every step since the last log point was skipped
                         raise UserError(f"the fine-tuning loss is not finite at step {step} (seed {seed}); lower "
                                         "--learning_rate, or pass --precision fp32.")
