@@ -125,6 +125,22 @@ def test_a_damaged_single_file_is_set_aside_not_overwritten(runs, tmp_path, caps
     assert checkpoint.load(ckpt / "checkpoint_00000004.pt")["step"] == 4
 
 
+def test_a_marker_written_before_checksums_still_resumes_and_a_partial_list_of_them_is_damage(runs, tmp_path, capsys):
+    ckpt = copy_run(runs, "sharded", tmp_path / "ckpt")
+    folder = ckpt / "checkpoint_00000004"
+    marker = json.loads((folder / checkpoint.MARKER).read_text())
+    (folder / checkpoint.MARKER).write_text(json.dumps({"step": 4, "files": marker["files"]}))  # sizes only
+    assert checkpoint.load(folder)["step"] == 4
+    assert main(train_args(runs, ckpt, "--load_checkpoint", "latest", "--max_steps", "5")) == 0
+    assert "at step 4" in capsys.readouterr().out and not aside(ckpt, "checkpoint_00000004")
+
+    sums = dict(marker["sha256"])
+    sums.pop(next(name for name in sums if name.endswith(".distcp")))
+    (folder / checkpoint.MARKER).write_text(json.dumps(marker | {"sha256": sums}))
+    with pytest.raises(checkpoint.Damaged, match="checksums do not name every file"):
+        checkpoint.load(folder)
+
+
 # ---- damage only loading finds (torch's CheckpointException is a BaseException) ---------------------------
 
 

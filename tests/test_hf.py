@@ -450,7 +450,7 @@ def test_training_loss_and_gradients_equal_a_dense_transformers_computation():
 
 
 def test_init_from_hf_resolved_config_is_the_folders_shape(capsys, tmp_path, shard_dir, transformers_folder):
-    """The printed and stored config describe the model that runs (the folder's), not the YAML's shape."""
+    """The written and stored config describe the model that runs (the folder's), not the YAML's shape."""
     from encoder_train.cli import main
 
     folder, hf_model = transformers_folder
@@ -460,9 +460,9 @@ def test_init_from_hf_resolved_config_is_the_folders_shape(capsys, tmp_path, sha
     capsys.readouterr()
     assert main(["train", "--data_dir", str(shard_dir), "--config_file", str(cfg), "--init_from_hf", str(folder),
                  "--checkpoint_dir", str(tmp_path / "c")]) == 0
-    out = capsys.readouterr().out
+    written = (tmp_path / "c" / "config.yaml").read_text()  # the resolved config, beside the checkpoints
     hf = hf_model.config
-    assert f"hidden_size: {hf.hidden_size}" in out and "hidden_size: 64" not in out
+    assert f"hidden_size: {hf.hidden_size}" in written and "hidden_size: 64" not in written
     stored = torch.load(tmp_path / "c" / "checkpoint_00000002.pt", weights_only=True)["config"]["model"]
     assert (stored["hidden_size"], stored["num_layers"], stored["intermediate_size"]) == (
         hf.hidden_size, hf.num_hidden_layers, hf.intermediate_size)

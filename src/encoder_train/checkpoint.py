@@ -408,7 +408,7 @@ def load_sharded(path: Path, flag: str, weights: bool, contents: bool = True) ->
         if file.stat().st_size != size:
             raise Damaged(f"checkpoint {path}'s file {name} is {file.stat().st_size} bytes where {size} were "
                           "written (cut short or changed); restore it, or resume from an earlier checkpoint.")
-    for name in files if contents else ():
+    for name in files if contents and sums is not None else ():
         _check_content(path, name, sums[name])
     try:
         meta = torch.load(path / META, map_location="cpu", weights_only=True)
@@ -430,8 +430,9 @@ def load_sharded(path: Path, flag: str, weights: bool, contents: bool = True) ->
     return meta
 
 
-def _read_marker(path: Path) -> tuple[dict[str, int], dict[str, str]]:
-    """A sharded checkpoint's marker: {file: size} and {file: SHA-256}."""
+def _read_marker(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
+    """A sharded checkpoint's marker: {file: size} and {file: SHA-256}; None for the latter in a marker written
+    before encoder-train wrote checksums (sizes only: a resume of such a run must still work)."""
     try:
         marker = json.loads((path / MARKER).read_text())
         files, sums = dict(marker["files"]), marker.get("sha256")
@@ -444,10 +445,11 @@ def _read_marker(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise Damaged(f"checkpoint {path} has a damaged {MARKER}; resume from an earlier checkpoint "
                       "instead.") from None
+    if sums is None:  # written before checksums were: its files are verified by their sizes, as then
+        return files, None
     if not isinstance(sums, dict) or set(sums) != set(files):
-        raise Damaged(f"checkpoint {path}'s {MARKER} carries no checksum of each file, so its shards cannot be "
-                      "verified: it was not written by this version of encoder-train; resume from a checkpoint this "
-                      "version wrote.")
+        raise Damaged(f"checkpoint {path} has a damaged {MARKER} (its checksums do not name every file); resume "
+                      "from an earlier checkpoint instead.")
     return files, sums
 
 
