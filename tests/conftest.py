@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,18 @@ def tree(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 kids += [int(c) for c in (task / "children").read_text().split()]
     return kids + [d for k in kids for d in tree(k)]
+
+
+@contextlib.contextmanager
+def small_disk(tmp_path: Path, size: int):
+    """A real tmpfs of `size` bytes at tmp_path/small_disk, for a disk that fills mid-save; mounting needs root, so
+    the test is skipped elsewhere."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

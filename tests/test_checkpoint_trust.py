@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_shards, make_tokenizer
+from conftest import make_shards, make_tokenizer, small_disk
 from encoder_train import checkpoint
 from encoder_train.cli import main
 
@@ -230,6 +230,7 @@ def tree_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in folder.rglob("*")}
 
 
+@pytest.mark.slow
 def test_a_read_only_folder_reads_in_every_command_and_nothing_is_written(runs, tmp_path):
     colleague = tmp_path / "colleague"
     shutil.copytree(runs / "sharded/checkpoint_00000004", colleague / "checkpoint_00000004")
@@ -251,6 +252,7 @@ def test_a_read_only_folder_reads_in_every_command_and_nothing_is_written(runs, 
     assert checkpoint.load(tmp_path / "one.pt", flag="--checkpoint")["step"] == 4
 
 
+@pytest.mark.slow
 def test_an_unreadable_shard_is_one_sentence_and_latest_falls_back(runs, tmp_path):
     ckpt = copy_run(runs, "sharded", tmp_path / "ckpt")
     bad = ckpt / "checkpoint_00000004"
@@ -272,13 +274,7 @@ def test_an_unreadable_shard_is_one_sentence_and_latest_falls_back(runs, tmp_pat
 def test_a_full_disk_during_a_sharded_save_is_one_sentence_and_leaves_no_partial_folder(runs, tmp_path, capsys):
     """A tmpfs with room for one sharded checkpoint and a half (mounting needs root; skipped elsewhere)."""
     size = sum(p.stat().st_size for p in (runs / "sharded/checkpoint_00000002").iterdir())
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(mnt)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path, size * 3 // 2) as mnt:
         capsys.readouterr()
         assert main(train_args(runs, mnt / "ckpt", "--max_steps", "6")) == 2
         message = one_sentence(capsys.readouterr().err)
@@ -286,8 +282,6 @@ def test_a_full_disk_during_a_sharded_save_is_one_sentence_and_leaves_no_partial
         assert [s for s, _ in checkpoint.list_checkpoints(mnt / "ckpt")] == [2]
         assert checkpoint.load(mnt / "ckpt/checkpoint_00000002")["step"] == 2
         assert not list((mnt / "ckpt").glob(".checkpoint_*"))  # the half-written .partial folder is gone
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # ---- nothing finished is lost -----------------------------------------------------------------------------

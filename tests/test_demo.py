@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from encoder_train.cli import main
 from encoder_train.evaluate import show_guesses
 from encoder_train.finetune.docstrings import MIN_PER_CLASS
@@ -90,6 +92,7 @@ def run_until(args: list[str], line: str, signum: int, err_path: Path) -> tuple[
     return proc.returncode, "".join(out) + rest, err_path.read_text()
 
 
+@pytest.mark.slow
 def test_a_demo_stopped_while_fine_tuning_says_where_and_continues(tmp_path, capsys):
     work = tmp_path / "demo"
     docstring_corpus(work / "corpus.txt")

@@ -57,6 +57,7 @@ def weights(ckpt: Path, step: int = 10) -> dict[str, torch.Tensor]:
     return torch.load(ckpt / f"checkpoint_{step:08d}.pt", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, inputs):
     run([sys.executable], config(tmp_path, "one", batch=16, dropout=0.0), inputs, tmp_path / "one")
     r = run(TORCHRUN, config(tmp_path, "two", batch=8, dropout=0.0), inputs, tmp_path / "two")
@@ -73,6 +74,7 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, inputs):
         assert json.loads(y)["tokens_seen"] == json.loads(x)["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, inputs):
     cfg = config(tmp_path, "ddp")
     run(TORCHRUN, cfg, inputs, tmp_path / "straight")
@@ -104,6 +106,7 @@ def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, inputs):
     assert "resuming 2 processes' run with 1" in r.stdout and (solo / "checkpoint_00000010.pt").exists()
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_checkpoints_and_resumes(tmp_path, inputs):
     """FSDP2 with the gathered single-file format (sharded folders: tests/test_sharded_checkpoints.py)."""
     cfg = config(tmp_path, "fsdp", dropout=0.0, parallel="fsdp")

@@ -58,6 +58,7 @@ def env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, shard_dir, tokenizer_file, precision):
     steps = 60
     cfg = tmp_path / "run.yaml"
@@ -93,6 +94,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, shard_dir,
     assert not [p for p in faulty.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_and_resumes_the_same_wandb_run(tmp_path, shard_dir, tokenizer_file):
     steps = 40
     cfg = tmp_path / "run.yaml"

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROWS = {"roberta-base-128", "roberta-base-512", "roberta-large-512", "modernbert-base-1024"}
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_row(tmp_path: Path):
     out = tmp_path / "gpu.json"
     r = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--json", str(out)], cwd=ROOT,

@@ -231,6 +231,7 @@ def stop_demo_while_training(work: Path, tmp_path: Path, signum: int, name: str)
     return proc.returncode, out_path.read_text(), err_path.read_text()
 
 
+@pytest.mark.slow
 def test_demo_stopped_by_a_signal_says_to_rerun_the_demo_and_exits_128_plus_signal(tmp_path):
     work = tmp_path / "demo"
     rc, out, err = stop_demo_while_training(work, tmp_path, signal.SIGINT, "first")

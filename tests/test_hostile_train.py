@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BOS, EOS, PAD, make_rows, make_shards
+from conftest import BOS, EOS, PAD, make_rows, make_shards, small_disk
 from encoder_train import checkpoint
 from encoder_train.cli import main
 
@@ -180,21 +180,13 @@ def test_a_real_full_filesystem(capsys, tmp_path, shard_dir, tokenizer_file):
     assert main(["train", "--config_file", str(config(tmp_path, steps=2, every=2)), "--data_dir", str(shard_dir),
                  "--tokenizer_filepath", str(tokenizer_file), "--checkpoint_dir", str(probe)]) == 0
     size = checkpoint.checkpoint_path(probe, 2).stat().st_size
-    mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 3 // 2}", "tmpfs", str(mnt)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path, size * 3 // 2) as mnt:
         capsys.readouterr()
         rc, _, err = run_cli(capsys, "train", "--config_file", config(tmp_path, steps=20, every=5), "--data_dir",
                              shard_dir, "--tokenizer_filepath", tokenizer_file, "--checkpoint_dir", mnt / "ckpt")
         assert rc == 2 and "no space left to write checkpoint" in err, err[-2000:]
         assert [s for s, _ in checkpoint.list_checkpoints(mnt / "ckpt")] == [5]
         assert checkpoint.load(checkpoint.checkpoint_path(mnt / "ckpt", 5))["step"] == 5
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
 
 
 # ---- bad data ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 from encoder_train.tokenizer import pieces, train_tokenizer
 
 
@@ -42,6 +44,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
+@pytest.mark.slow
 def test_one_line_of_megabytes_takes_the_memory_of_ordinary_lines(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(words(20000, seed=2, newline_every=12))

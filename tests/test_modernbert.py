@@ -186,6 +186,7 @@ def _train_cmd(data, tok, ckpt, *extra):
             "--set", "training.log_interval=1", "--checkpoint_every", "3", "--batch_size", "8", *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_exact_for_the_modern_family(tmp_path, shard_dir, tokenizer_file):
     import os
     import signal
@@ -339,6 +340,7 @@ def test_cpu_attention_in_chunks_of_rows_equals_one_pass(monkeypatch, window):
         torch.testing.assert_close(one, chunked, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_the_eager_loss_and_gradients_with_blockwise_windows():
     """training.compile on the CPU (dynamic shapes) around local layers scored blockwise: full rows whose length is a
     multiple of the block (Padded, no tail to pad) and padded rows (Packed length groups)."""

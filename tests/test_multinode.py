@@ -182,6 +182,7 @@ def test_a_dead_node_ends_the_job_and_both_resume_to_the_same_weights(tmp_path, 
     assert_same_weights(tmp_path / "one", shared, 15)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_folder_that_one_node_cannot_see_stops_the_run(tmp_path, inputs, two_nodes):
     """Node 1's --checkpoint_dir is another folder (a node-local disk): rank 0 would resume from step 5 while node 1
     started afresh. Every rank must stop with one sentence, exit 2, before any checkpoint is read or written."""

@@ -238,6 +238,7 @@ def test_writing_the_config_never_overwrites_one_that_differs(tmp_path):
 # ---- benchmarks/speed.py's --work_dir --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_speed_benchmark_makes_a_missing_work_dir_and_refuses_a_file_in_one_sentence(tmp_path):
     pytest.importorskip("transformers", reason="the bench extra (in dev)")
 

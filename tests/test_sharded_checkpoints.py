@@ -152,6 +152,7 @@ def test_a_sharded_checkpoint_of_another_shape_is_refused(straight, tmp_path, ca
     assert len(err) == 1 and "different model shape" in err[0] and "hidden_size 32 vs 64" in err[0]
 
 
+@pytest.mark.slow
 def test_one_process_sharded_saves_rotate_resume_exactly_and_sigterm_saves(straight, tmp_path):
     """checkpoint.format: sharded without torchrun: rotation keeps the newest, a stale .partial folder is cleared at
     start, SIGTERM saves the step it finished, and the resumed run ends where an uninterrupted one does."""

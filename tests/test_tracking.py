@@ -50,6 +50,7 @@ def tensorboard_steps(folder: Path, tag: str = "loss") -> list[tuple[int, float]
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_step_once_after_a_kill_and_a_resume(tmp_path, shard_dir, tokenizer_file):
     cfg = config(tmp_path, steps=MAX_STEPS, every=5)
     flags = ("--tensorboard", "--set", "tensorboard.log_freq=1", "--max_checkpoints", "5")
