@@ -36,11 +36,11 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, distributed
 from encoder_train.batch import MaskSpec
 from encoder_train.config import Config, ModelConfig, TrainingConfig, resolved_vocab_size
-from encoder_train.data.shards import derive_seed
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optim import apply_hyperparameters, lr_factor
+from encoder_train.seeds import derive_seed
 
 # ---- the model's shape: one source ----------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from encoder_train.checkpointing import Saver, find_resume, skip_unloadable
 from encoder_train.config import Config, dump_yaml
 from encoder_train.data.mixture import Source, scan_sources
 from encoder_train.data.packing import packing_efficiency
-from encoder_train.data.shards import ShardInfo, derive_seed, scan_shards
+from encoder_train.data.shards import ShardInfo, scan_shards
 from encoder_train.data.stream import DataStream, tokens_by_source
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
@@ -39,6 +39,7 @@ from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
 from encoder_train.optim import build_optimizer
 from encoder_train.phases import Phase, Plan
+from encoder_train.seeds import derive_seed
 from encoder_train.state import TrainState, check_resumable, model_dims, model_section
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import load_tokenizer, special_tokens

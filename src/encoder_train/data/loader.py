@@ -20,8 +20,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.masking import mask_tokens
-from encoder_train.data.shards import BlockCache, RowOrder, ShardInfo, ShardReader, check_values, derive_seed
+from encoder_train.data.shards import BlockCache, RowOrder, ShardInfo, ShardReader, check_values
 from encoder_train.errors import UserError
+from encoder_train.seeds import derive_seed
 
 
 @dataclass

@@ -31,9 +31,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.config import DataConfig
 from encoder_train.data.loader import DataError, RowSource, collate
-from encoder_train.data.shards import ShardInfo, derive_seed, scan_shards
+from encoder_train.data.shards import ShardInfo, scan_shards
 from encoder_train.data.store import relative
 from encoder_train.errors import UserError
+from encoder_train.seeds import derive_seed
 
 # The name of the one source of a run that reads data.data_dir.
 SINGLE = "data_dir"

@@ -32,8 +32,9 @@ from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.loader import DataError, RowSource
 from encoder_train.data.masking import mask_tokens
 from encoder_train.data.mixture import Share
-from encoder_train.data.shards import ShardInfo, derive_seed
+from encoder_train.data.shards import ShardInfo
 from encoder_train.errors import UserError
+from encoder_train.seeds import derive_seed
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -25,7 +25,6 @@ few threads, so a row costs no request of its own and the training step does not
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
 import os
 import pickle
@@ -51,6 +50,7 @@ from encoder_train.data.store import (  # find_shards: the local listing, import
     retry_seconds,
 )
 from encoder_train.errors import UserError
+from encoder_train.seeds import derive_seed
 
 BLOCK_BYTES = 4 << 20  # a remote read: this many bytes of consecutive rows (one row at least)
 HEADER_BYTES = 64 << 10  # a remote shard's header: its first and last 64 KB
@@ -520,12 +520,6 @@ def scan_shards(data_dir: str | Path | None, max_tokens: int, flag: str = "--dat
         return [f.result() for f in futures]  # the first bad shard in order is the one reported
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the parts, identical in every process (unlike Python's salted hash)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class RowOrder:
