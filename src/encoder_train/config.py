@@ -36,9 +36,8 @@ from pydantic import (
     model_validator,
 )
 
-from encoder_train.data.store import check_url, is_remote, local_path
 from encoder_train.errors import UserError
-from encoder_train.urls import local_only, redact
+from encoder_train.urls import credentials_refusal, is_remote, local_only, local_path, redact
 
 # Bundled configs: `--config_file base.yaml` works from any folder.
 BUNDLED_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -542,7 +541,9 @@ class Config(Section):
             folders += [(f"data.sources.{name}.data_dir", src.data_dir),
                         (f"data.sources.{name}.val_data_dir", src.val_data_dir)]
         for key, folder in folders:
-            check_url(folder, key, source)  # no user:secret@ in a URL: the config is printed and stored
+            refused = credentials_refusal(folder, key, source)  # no user:secret@ in a URL: the config is printed
+            if refused:
+                raise UserError(refused)
             if folder and not is_remote(folder) and ckpt.is_relative_to(Path(local_path(folder)).resolve()):
                 raise UserError(
                     f"{source}: the checkpoint folder {self.checkpoint.checkpoint_dir} lies inside the {key} folder "

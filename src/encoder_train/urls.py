@@ -13,6 +13,7 @@ UserError's message passes through it.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # scheme://user@ or scheme://user:secret@ (an AWS secret key may hold slashes), anywhere in a text; a quote or a
@@ -24,6 +25,15 @@ _SECRET_PARAM = re.compile(
     r"""[^&;#\s'"]+""",
     re.IGNORECASE,
 )
+
+# What a refused request (or a URL carrying credentials) should make the user check, by protocol.
+CREDENTIALS = {
+    "s3": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an S3-compatible store) or ~/.aws",
+    "s3a": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an S3-compatible store) or ~/.aws",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`",
+    "hf": "HF_TOKEN or `hf auth login`",
+}
 
 # The keys and flags that read a URL; every other path refuses one.
 DATA_FOLDERS = "data folders (data_dir and val_data_dir, and those of data.sources; evaluate's --data_dir)"
@@ -65,3 +75,26 @@ def with_credentials(location: object) -> str | None:
     return ("carries credentials in its URL (user:secret@ or a token in its query); remove them and give them "
             "through the storage library's environment or files (docs/data.md), so that they never reach logs or "
             "checkpoints")
+
+
+def is_remote(location: str | Path | None) -> bool:
+    """A URL read through fsspec (not `file://`, which is a local folder)."""
+    return is_url(location) and protocol_of(location) != "file"
+
+
+def local_path(location: str | Path) -> str:
+    """The local path of a folder given as a path or a `file://` URL."""
+    text = str(location)
+    return text[len("file://"):] if is_url(text) and protocol_of(text) == "file" else text
+
+
+def credentials_refusal(location: str | None, key: str, source: str) -> str | None:
+    """The sentence that refuses a data URL carrying credentials (`s3://KEY:SECRET@bucket/...`, `?token=...`), or
+    None when it carries none: the config is printed, stored in every checkpoint and sent to trackers. The sentence
+    shows the URL with them as `***`. A sentence, not a raise: errors.py imports this module (UserError redacts)."""
+    if not (location and is_url(location) and has_credentials(location)):
+        return None
+    where = CREDENTIALS.get(protocol_of(location), "the storage library's own environment variables or files")
+    return (f"{source}: {key} {redact(location)} carries credentials in its URL (user:secret@ or a token in its "
+            f"query); remove them from the URL and give them through {where} instead, so that they never reach logs "
+            "or checkpoints.")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from encoder_train.errors import UserError, require
-from encoder_train.urls import has_credentials, is_url, protocol_of, redact
+from encoder_train.urls import CREDENTIALS, credentials_refusal, is_remote, local_path, protocol_of, redact
 
 RETRY_SECONDS_ENV = "ENCODER_TRAIN_RETRY_SECONDS"
 RETRY_SECONDS = 60.0  # default total time one request keeps being retried
@@ -43,41 +43,12 @@ EXTRAS = {
     "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"),
     "hf": ("huggingface_hub", "hf-hub"),
 }
-CREDENTIALS = {  # what a refused request should make the user check, by protocol
-    "s3": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an S3-compatible store) or ~/.aws",
-    "s3a": "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for an S3-compatible store) or ~/.aws",
-    "gs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`",
-    "gcs": "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`",
-    "hf": "HF_TOKEN or `hf auth login`",
-}
 
 T = TypeVar("T")
 
 _fs_lock = threading.Lock()
 if hasattr(os, "register_at_fork"):  # a lock held by another thread at a fork would stay held in the child
     os.register_at_fork(after_in_child=lambda: globals().__setitem__("_fs_lock", threading.Lock()))
-
-
-def is_remote(location: str | Path | None) -> bool:
-    """A URL read through fsspec (not `file://`, which is a local folder)."""
-    return is_url(location) and protocol_of(location) != "file"
-
-
-def local_path(location: str | Path) -> str:
-    """The local path of a folder given as a path or a `file://` URL."""
-    text = str(location)
-    return text[len("file://"):] if is_url(text) and protocol_of(text) == "file" else text
-
-
-def check_url(location: str | None, key: str, source: str) -> None:
-    """Refuse a data URL that carries credentials (`s3://KEY:SECRET@bucket/...`, `?token=...`): the config is
-    printed, stored in every checkpoint and sent to trackers. The message shows the URL with them as `***`."""
-    if location and is_url(location) and has_credentials(location):
-        proto = protocol_of(location)
-        where = CREDENTIALS.get(proto, "the storage library's own environment variables or files")
-        raise UserError(f"{source}: {key} {redact(location)} carries credentials in its URL (user:secret@ or a token "
-                        f"in its query); remove them from the URL and give them through {where} instead, so that "
-                        "they never reach logs or checkpoints.")
 
 
 def canonical(location: str | Path) -> str:
@@ -259,7 +230,9 @@ class RemoteStore:
     remote = True
 
     def __init__(self, root: str, flag: str):
-        check_url(root, flag, "the command line")
+        refused = credentials_refusal(root, flag, "the command line")
+        if refused:
+            raise UserError(refused)
         self.root = root.rstrip("/")
         self.flag = flag
         self.protocol = protocol_of(root)
