@@ -24,7 +24,8 @@ from host import cpu_name, usable_cores
 
 from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
-from encoder_train.tokenizer import iter_texts, load_tokenizer, train_tokenizer
+from encoder_train.textfiles import iter_texts
+from encoder_train.tokenizer import load_tokenizer, train_tokenizer
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from encoder_train.corpus import _wanted, write_stdlib_corpus
 from encoder_train.errors import UserError
-from encoder_train.tokenizer import iter_texts
+from encoder_train.textfiles import iter_texts
 
 
 def test_capped_corpus_reads_back_one_document_each(tmp_path):

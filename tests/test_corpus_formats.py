@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import encoder_train.tokenizer as tokenizer_module
+import encoder_train.textfiles as textfiles
 from encoder_train.cli import main
-from encoder_train.tokenizer import iter_texts
+from encoder_train.textfiles import iter_texts
 
 WORDS = "the a of model token naïve café 日本語 🙂 (x) 3.14 it's \"quoted\"".split()
 
@@ -152,7 +152,7 @@ def test_parquet_is_read_a_bounded_batch_at_a_time(tmp_path):
     rows = 1000
     docs = make_documents(rows, seed=3)
     path = write_parquet(tmp_path / "one_group.parquet", docs, rows_per_group=rows)  # one row group: one chunk
-    batch = tokenizer_module.PARQUET_BATCH_ROWS
+    batch = textfiles.PARQUET_BATCH_ROWS
     assert 1 <= batch <= 4096 and batch < rows
     seen: list[int] = []
     documents = iter_texts([path], progress=seen.append, text_field="content")

@@ -78,7 +78,7 @@ def test_a_shard_claiming_more_rows_than_it_stores_is_refused_in_object_storage(
 BOUNDED_READ = """
 import resource, sys
 from encoder_train.errors import UserError
-from encoder_train.tokenizer import iter_texts
+from encoder_train.textfiles import iter_texts
 size = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize")) << 10
 resource.setrlimit(resource.RLIMIT_AS, (size + ({limit_mb} << 20), resource.RLIM_INFINITY))
 try:
@@ -124,7 +124,7 @@ def bounded_read(path: Path, documents: int) -> str:
 
 @pytest.mark.parametrize("suffix", [".txt.zst", ".jsonl.zst"])
 def test_a_zstd_bomb_of_one_line_is_refused_within_bounded_memory(tmp_path, suffix):
-    from encoder_train.tokenizer import MAX_LINE_CHARS
+    from encoder_train.textfiles import MAX_LINE_CHARS
 
     said = bounded_read(zstd_bomb(tmp_path / f"bomb{suffix}", b"a"), 1)
     assert said == (f"refused: {tmp_path / f'bomb{suffix}'} line 1 is longer than {MAX_LINE_CHARS:,} characters "
@@ -142,14 +142,14 @@ def test_a_gzip_bomb_of_one_line_is_refused_within_bounded_memory(tmp_path):
 
 
 def test_a_line_of_exactly_the_limit_is_read(tmp_path, monkeypatch):
-    from encoder_train import tokenizer as tokenizer_module
+    from encoder_train import textfiles
 
-    monkeypatch.setattr(tokenizer_module, "MAX_LINE_CHARS", 20)
+    monkeypatch.setattr(textfiles, "MAX_LINE_CHARS", 20)
     (tmp_path / "ok.txt").write_text("x" * 20 + "\r\n" + "y" * 20 + "\n\n" + "z" * 20)
-    assert list(tokenizer_module.iter_texts([tmp_path / "ok.txt"])) == ["x" * 20 + "\n" + "y" * 20, "z" * 20]
+    assert list(textfiles.iter_texts([tmp_path / "ok.txt"])) == ["x" * 20 + "\n" + "y" * 20, "z" * 20]
     (tmp_path / "long.jsonl").write_text('{"text": "a"}\n' * 3 + '{"text": "one too long"}\n')
     with pytest.raises(UserError, match=r"long.jsonl line 4 is longer than 20 characters"):
-        list(tokenizer_module.iter_texts([tmp_path / "long.jsonl"]))
+        list(textfiles.iter_texts([tmp_path / "long.jsonl"]))
 
 
 def test_the_cli_names_the_line_that_is_too_long(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_every_zstd_frame_layout_reads_whole(tmp_path):
     """Frames with and without checksums and content sizes, from a stream (no size known), with skippable frames
     between them: all are read back exactly, a block at a time."""
     zstandard = pytest.importorskip("zstandard")
-    from encoder_train.tokenizer import iter_texts
+    from encoder_train.textfiles import iter_texts
 
     texts = [f"document {i} " + "words " * (40_000 * i) for i in range(4)]
     plain, checked = zstandard.ZstdCompressor(write_content_size=False), zstandard.ZstdCompressor(write_checksum=True)

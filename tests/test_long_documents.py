@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from encoder_train.tokenizer import pieces, train_tokenizer
+from encoder_train.textfiles import pieces
+from encoder_train.tokenizer import train_tokenizer
 
 
 def words(n: int, seed: int = 0, newline_every: int | None = None) -> str:

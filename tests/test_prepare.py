@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from encoder_train.data.prepare import pretokenize
 from encoder_train.errors import UserError
-from encoder_train.tokenizer import iter_texts, train_tokenizer
+from encoder_train.textfiles import iter_texts
+from encoder_train.tokenizer import train_tokenizer
 
 BOS, PAD, EOS = 0, 1, 2
 WORDS = "the a of model token naïve café 日本語 🙂 (x) 3.14 it's".split()

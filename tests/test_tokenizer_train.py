@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-import encoder_train.tokenizer as tokenizer_module
+import encoder_train.textfiles as textfiles
 from encoder_train.errors import UserError
-from encoder_train.tokenizer import iter_texts, load_tokenizer, special_tokens, train_tokenizer
+from encoder_train.textfiles import iter_texts
+from encoder_train.tokenizer import load_tokenizer, special_tokens, train_tokenizer
 
 WORDS = 'the a of model token naïve café über 日本語 Ελληνικά emoji 🙂 (x) [y] {z} 3.14 -- it\'s "quoted"'.split()
 VOCAB = 400
@@ -118,7 +119,7 @@ def test_paragraph_rules(tmp_path):
 
 
 def test_a_paragraph_too_long_is_cut_at_line_boundaries(tmp_path, monkeypatch):
-    monkeypatch.setattr(tokenizer_module, "MAX_DOCUMENT_CHARS", 20)  # bounds memory on files without blank lines
+    monkeypatch.setattr(textfiles, "MAX_DOCUMENT_CHARS", 20)  # bounds memory on files without blank lines
     lines = [f"line {i:03d}" for i in range(10)]  # 8 characters each
     documents = list(iter_texts([write_text(tmp_path / "long.txt", ["\n".join(lines)])]))
     assert documents == ["\n".join(lines[i : i + 2]) for i in range(0, 10, 2)]

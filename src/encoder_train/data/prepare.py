@@ -32,7 +32,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from encoder_train.errors import UserError
-from encoder_train.tokenizer import check_inputs, iter_texts, load_tokenizer, special_tokens
+from encoder_train.textfiles import check_inputs, iter_texts
+from encoder_train.tokenizer import load_tokenizer, special_tokens
 
 # Shortest row worth training on: <s>, </s> and a handful of tokens.
 MIN_SEQ_LEN = 8
