@@ -4,7 +4,7 @@ The same optimizer steps on two feeds: the loader reading one source (four shard
 same four files as four sources of equal weight (each micro-batch's rows drawn per row, data/mixture.py); each also
 from its own batches held in memory, the reference its loader's share of step time is measured against. The
 loader's runs include what training adds in the main process: the recount of each step's draws that advances
-the data position (data/stream.py's step_done). Then the time to the first batch after resuming far into a run
+the data position (stream.py's step_done). Then the time to the first batch after resuming far into a run
 (O(1): nothing is replayed).
 
     python benchmarks/mixture_loader.py                  # the demo-sized model, rows of 128, 30% padding

@@ -154,8 +154,8 @@ def test_set_through_a_section_the_file_wrote_as_a_value_is_refused(tmp_path):
 
 def plan_of(tmp_path: Path, data: dict, phases: list | None = None, **training):
     from encoder_train.config import Config
-    from encoder_train.data.mixture import scan_sources
     from encoder_train.phases import Plan
+    from encoder_train.stream import scan_sources
 
     length = {} if phases else {"max_steps": 10}
     config = Config.model_validate({"data": data, "phases": phases or [],

@@ -17,12 +17,12 @@ import yaml
 from conftest import make_shards, make_tokenizer
 from encoder_train.agreement import what_must_agree
 from encoder_train.config import load_config
-from encoder_train.data.mixture import scan_sources
 from encoder_train.data.shards import scan_shards
 from encoder_train.distributed import disagreement
 from encoder_train.errors import UserError
 from encoder_train.phases import Plan
 from encoder_train.state import world_size_note
+from encoder_train.stream import scan_sources
 from encoder_train.tokenizer import load_tokenizer
 from test_distributed import CONFIG
 from test_recipes import recipe, records, run

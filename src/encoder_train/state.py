@@ -7,7 +7,7 @@ A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True
     optimizer_name                    training.optimizer (absent in checkpoints from before the choice: adamw)
     sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
     step, tokens_seen                 optimizer steps taken, real tokens seen
-    data                              the data stream's position (data/stream.py): rows and tokens per source,
+    data                              the data stream's position (stream.py): rows and tokens per source,
                                       each source's fingerprint, the world size
     plan                              each phase's steps and token slots done (phases.Plan.progress), and
                                       what a step reads: a resume keeps the phases' lengths in tokens
@@ -103,7 +103,7 @@ class TrainState:
     sharded: bool  # FSDP: state dicts are gathered on save and scattered on load
     step: int = 0
     tokens_seen: int = 0
-    stream: Any = None  # data/stream.py's DataStream: it owns the data position
+    stream: Any = None  # stream.py's DataStream: it owns the data position
     lr_factor: Callable[[int], float] | None = None  # the plan's schedule (phases.py), for a resume
     wandb_run_id: str | None = None
     resumed_from: Path | None = field(default=None)

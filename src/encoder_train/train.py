@@ -29,10 +29,9 @@ from encoder_train.agreement import what_must_agree
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.checkpointing import Saver, find_resume, skip_unloadable
 from encoder_train.config import Config, dump_yaml
-from encoder_train.data.mixture import Source, scan_sources
+from encoder_train.data.mixture import Source
 from encoder_train.data.packing import packing_efficiency
 from encoder_train.data.shards import ShardInfo, scan_shards
-from encoder_train.data.stream import DataStream, tokens_by_source
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
@@ -42,6 +41,7 @@ from encoder_train.phases import Phase, Plan
 from encoder_train.seeds import derive_seed
 from encoder_train.state import TrainState, check_resumable, model_dims, model_section
 from encoder_train.step import MetricsWindow, apply_update
+from encoder_train.stream import DataStream, scan_sources, tokens_by_source
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
 

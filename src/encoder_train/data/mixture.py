@@ -23,15 +23,14 @@ import hashlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from encoder_train.batch import Batch, MaskSpec
-from encoder_train.config import DataConfig
 from encoder_train.data.loader import DataError, RowSource, collate
-from encoder_train.data.shards import ShardInfo, scan_shards
+from encoder_train.data.shards import ShardInfo
 from encoder_train.data.store import relative
 from encoder_train.errors import UserError
 from encoder_train.seeds import derive_seed
@@ -100,16 +99,6 @@ class StreamPosition:
         return cls({k: int(v) for k, v in saved["rows"].items()}, {k: int(v) for k, v in saved["tokens"].items()})
 
 
-def scan_sources(data: DataConfig, max_tokens: int) -> list[Source]:
-    """The run's sources with their shards' headers checked (no id is read): data.data_dir's one, or data.sources'."""
-    if data.sources is None:
-        return [Source(SINGLE, scan_shards(data.data_dir, max_tokens), None, str(data.data_dir))]
-    return [Source(name, scan_shards(src.data_dir, max_tokens, f"data.sources.{name}.data_dir"),
-                   scan_shards(src.val_data_dir, max_tokens, f"data.sources.{name}.val_data_dir")
-                   if src.val_data_dir else None, src.data_dir)
-            for name, src in data.sources.items()]
-
-
 class MixSchedule(Protocol):
     """Micro-batch g's rows per source (in the order of the sources) and its mask rate."""
 
@@ -127,7 +116,15 @@ class Fixed:
         return [self.rows], self.mask_rate
 
 
-def mix_shares(data: DataConfig, sources: list[Source], where: str) -> dict[str, float]:
+class MixSettings(Protocol):
+    """What mix_shares reads of the data config (config.DataConfig, which the caller hands in: data/ does not
+    import the config): the named sources, each with an optional weight, and the temperature."""
+
+    sources: dict[str, Any] | None
+    temperature: float | None
+
+
+def mix_shares(data: MixSettings, sources: list[Source], where: str) -> dict[str, float]:
     """The share of rows each of data.sources gets (`sources`: the run's, scanned), summing to 1: from the
     sources' weights, or from their sizes in token slots to the power data.temperature. A share that rounds to 0 (a
     weight 1e-300 beside 1e300) is refused: that source would never be read."""

@@ -13,6 +13,9 @@ Resuming with other sources follows these rules (docs/recipes.md): a new source 
 one is dropped, a source pointed at another folder starts at its beginning, and a source whose files changed in
 the same folder (another fingerprint: paths, rows, widths) is refused unless the command names it with
 --restart_source, which starts it again from its beginning.
+
+This module sits one floor above data/: it is handed the plan (phases.py) and the world, reads the config's data
+section (`scan_sources`) and picks the loader's workers (devices.py); data/ imports none of them.
 """
 
 from __future__ import annotations
@@ -24,13 +27,25 @@ import torch
 
 from encoder_train import devices
 from encoder_train.batch import Batch, MaskSpec
+from encoder_train.config import DataConfig
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import SINGLE, MixedBatches, Source, StreamPosition
 from encoder_train.data.packing import TokenBudgetBatches
+from encoder_train.data.shards import scan_shards
 from encoder_train.data.store import canonical
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.phases import Plan
+
+
+def scan_sources(data: DataConfig, max_tokens: int) -> list[Source]:
+    """The run's sources with their shards' headers checked (no id is read): data.data_dir's one, or data.sources'."""
+    if data.sources is None:
+        return [Source(SINGLE, scan_shards(data.data_dir, max_tokens), None, str(data.data_dir))]
+    return [Source(name, scan_shards(src.data_dir, max_tokens, f"data.sources.{name}.data_dir"),
+                   scan_shards(src.val_data_dir, max_tokens, f"data.sources.{name}.val_data_dir")
+                   if src.val_data_dir else None, src.data_dir)
+            for name, src in data.sources.items()]
 
 
 class DataStream:
