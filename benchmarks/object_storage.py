@@ -16,7 +16,7 @@ same shards as a local folder. Then, in one process (data.num_workers 0, as a CP
 
 A real bucket is further away than localhost (tens of milliseconds a request instead of one) but also served by
 more than this machine's two cores, which here run the server, the client and the model at once; the blocks are
-fetched ahead of use on FETCH_THREADS threads (data/shards.py), so latency is hidden as long as bandwidth keeps up.
+fetched ahead of use on FETCH_THREADS threads (data/blocks.py), so latency is hidden as long as bandwidth keeps up.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ from loader_overhead import make_shards, seconds_per_step
 from synthetic import mask_spec
 
 from encoder_train.config import BUNDLED_CONFIG_DIR
+from encoder_train.data.blocks import FETCH_THREADS
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import MLMBatches
-from encoder_train.data.shards import BLOCK_BYTES, FETCH_THREADS, scan_shards
+from encoder_train.data.shards import BLOCK_BYTES, scan_shards
 from encoder_train.model import ModelDims
 
 BUCKET = "bench"

@@ -15,7 +15,8 @@ import torch
 from workload import MASK_PROBABILITY, SEED
 
 from encoder_train.batch import MaskSpec
-from encoder_train.data.shards import RowOrder, scan_shards
+from encoder_train.data.order import RowOrder
+from encoder_train.data.shards import scan_shards
 from encoder_train.tokenizer import word_level_tokenizer
 
 BOS, PAD, EOS, MASK = 0, 1, 2, 4

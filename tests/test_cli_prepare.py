@@ -3,7 +3,8 @@
 import torch
 
 from encoder_train.cli import main
-from encoder_train.data.shards import check_values, load_shard, scan_shards
+from encoder_train.data.formats.pt import load_shard
+from encoder_train.data.shards import check_values, scan_shards
 
 TEXT = "\n\n".join(
     f"Document {i} talks about topic {i % 7}: the quick brown fox jumps over the lazy dog, again and again."

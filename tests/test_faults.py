@@ -26,7 +26,8 @@ from encoder_train.batch import MaskSpec
 from encoder_train.cli import main
 from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import MLMBatches
-from encoder_train.data.shards import RowOrder, scan_shards
+from encoder_train.data.order import RowOrder
+from encoder_train.data.shards import scan_shards
 
 CONFIG = """
 model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 130}

@@ -334,7 +334,7 @@ def test_an_unreachable_hub_is_retried_then_one_sentence(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400", "-1", "lots", "0x10"])
 @pytest.mark.parametrize("variable", ["ENCODER_TRAIN_REMOTE_CACHE_MB", "ENCODER_TRAIN_RETRY_SECONDS"])
 def test_a_storage_setting_that_is_not_a_finite_number_is_one_sentence(monkeypatch, variable, value):
-    from encoder_train.data.shards import cache_budget
+    from encoder_train.data.blocks import cache_budget
     from encoder_train.data.store import retry_seconds
 
     monkeypatch.setenv(variable, value)
@@ -344,7 +344,7 @@ def test_a_storage_setting_that_is_not_a_finite_number_is_one_sentence(monkeypat
 
 
 def test_storage_settings_that_are_numbers_are_read(monkeypatch):
-    from encoder_train.data.shards import cache_budget
+    from encoder_train.data.blocks import cache_budget
     from encoder_train.data.store import retry_seconds
 
     monkeypatch.setenv("ENCODER_TRAIN_REMOTE_CACHE_MB", " 1.5 ")

@@ -4,16 +4,11 @@ import pytest
 import torch
 
 from conftest import BOS, EOS, PAD, make_rows
-from encoder_train.data.shards import (
-    RowOrder,
-    ShardInfo,
-    ShardReader,
-    check_header,
-    check_values,
-    find_shards,
-    load_shard,
-    scan_shards,
-)
+from encoder_train.data.formats.base import ShardInfo
+from encoder_train.data.formats.pt import check_header, load_shard
+from encoder_train.data.order import RowOrder
+from encoder_train.data.shards import ShardReader, check_values, scan_shards
+from encoder_train.data.store import find_shards
 from encoder_train.errors import UserError
 
 

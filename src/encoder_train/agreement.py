@@ -20,8 +20,8 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from encoder_train.config import Config
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.mixture import SINGLE, Source
-from encoder_train.data.shards import ShardInfo
 
 # Config keys that may differ between nodes (see the module); a source's folders are its `data_dir` and
 # `val_data_dir` under data.sources.NAME.

@@ -16,8 +16,9 @@ import torch
 from tokenizers import Tokenizer
 
 from encoder_train.batch import Batch, MaskSpec
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.loader import collate
-from encoder_train.data.shards import ShardInfo, ShardReader, check_values, scan_shards
+from encoder_train.data.shards import ShardReader, check_values, scan_shards
 from encoder_train.errors import UserError
 from encoder_train.state import Trained, load_trained
 from encoder_train.tokenizer import special_tokens

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from encoder_train.batch import IGNORE_INDEX, MaskSpec
-from encoder_train.data.shards import ShardInfo, ShardReader
+from encoder_train.data.formats.base import ShardInfo
+from encoder_train.data.shards import ShardReader
 from encoder_train.evaluate import eval_batches, fill_mask
 from encoder_train.state import Trained
 

@@ -29,9 +29,10 @@ from encoder_train.agreement import what_must_agree
 from encoder_train.batch import Batch, MaskSpec
 from encoder_train.checkpointing import Saver, find_resume, skip_unloadable
 from encoder_train.config import Config, dump_yaml
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.mixture import Source
 from encoder_train.data.packing import packing_efficiency
-from encoder_train.data.shards import ShardInfo, scan_shards
+from encoder_train.data.shards import scan_shards
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate

@@ -19,8 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
+from encoder_train.data.blocks import BlockCache
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.masking import mask_tokens
-from encoder_train.data.shards import BlockCache, RowOrder, ShardInfo, ShardReader, check_values
+from encoder_train.data.order import RowOrder
+from encoder_train.data.shards import ShardReader, check_values
 from encoder_train.errors import UserError
 from encoder_train.seeds import derive_seed
 

@@ -29,8 +29,9 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from encoder_train.batch import Batch, MaskSpec
+from encoder_train.data.formats import format_for
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.loader import DataError, RowSource, collate
-from encoder_train.data.shards import ShardInfo
 from encoder_train.data.store import relative
 from encoder_train.errors import UserError
 from encoder_train.seeds import derive_seed
@@ -74,12 +75,13 @@ class Source:
                                                                                            position)
 
     def fingerprint(self) -> str:
-        """What the stream's positions refer to: every shard's path (relative to the folder), rows and width. A
-        resume whose files changed would read other rows at the same positions."""
+        """What the stream's positions refer to: every shard's path (relative to the folder) and what its format
+        says identifies it (a .pt shard's rows and width). A resume whose files changed would read other rows at the
+        same positions."""
         h = hashlib.blake2b(digest_size=12)
         for s in self.shards:  # relative paths: a local copy and a bucket of the same files agree
             rel = relative(s.path, self.root) if self.root else s.path
-            h.update(f"{rel}\t{s.rows}\t{s.width}\n".encode())
+            h.update(f"{rel}\t{format_for(s.path).fingerprint(s)}\n".encode())
         return h.hexdigest()
 
 

@@ -29,10 +29,10 @@ import torch
 from torch.utils.data import IterableDataset
 
 from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
+from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.loader import DataError, RowSource
 from encoder_train.data.masking import mask_tokens
 from encoder_train.data.mixture import Share
-from encoder_train.data.shards import ShardInfo
 from encoder_train.errors import UserError
 from encoder_train.seeds import derive_seed
 

@@ -1,8 +1,8 @@
 """Where shard bytes come from: a local folder, or object storage through an fsspec URL.
 
-A store lists the `.pt` files under its root once (recursively, ordered by their path relative to the root, so a
-local copy and a bucket of the same files give the same order), tells their sizes and reads byte ranges. Parsing
-shards is data/shards.py's; the store only moves bytes.
+A store lists the shards under its root once (the files whose suffix a format claims, data/formats/; recursively,
+ordered by their path relative to the root, so a local copy and a bucket of the same files give the same order),
+tells their sizes and reads byte ranges. Parsing shards is their format's (data/formats/); the store only moves bytes.
 
 - A local folder (or a `file://` URL) is read as it always was: `find_shards` lists it and `ShardReader` reads it
   with pread(2) from an open file descriptor.
@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from encoder_train.data.formats import kinds, suffixes
 from encoder_train.errors import UserError, require
 from encoder_train.urls import CREDENTIALS, credentials_refusal, is_remote, local_path, protocol_of, redact
 
@@ -141,21 +142,22 @@ def _reason(e: BaseException) -> str:
 
 
 def find_shards(data_dir: str | Path | None, flag: str = "--data_dir") -> list[Path]:
-    """Every `*.pt` file under `data_dir`, in subfolders too, in a stable (sorted) order."""
+    """Every shard (a file whose suffix a format claims: `*.pt`) under `data_dir`, in subfolders too, in a stable
+    (sorted) order."""
     if data_dir is None:
-        raise UserError(f"no training data given; pass {flag} with a folder of .pt shards.")
+        raise UserError(f"no training data given; pass {flag} with a folder of {kinds()} shards.")
     root = Path(local_path(data_dir))
     if root.is_file():
-        raise UserError(f"{flag} {root} is a file, not a folder; pass the folder that holds the .pt shards "
+        raise UserError(f"{flag} {root} is a file, not a folder; pass the folder that holds the {kinds()} shards "
                         f"(e.g. {root.parent}).")
     if not root.is_dir():
-        raise UserError(f"data folder {root} does not exist; pass {flag} with a folder of .pt shards.")
+        raise UserError(f"data folder {root} does not exist; pass {flag} with a folder of {kinds()} shards.")
     try:
-        found = sorted(root.rglob("*.pt"))
+        found = sorted({p for suffix in suffixes() for p in root.rglob(f"*{suffix}")})
         paths = [p for p in found if p.is_file()]
     except OSError as e:
         raise UserError(f"data folder {root} cannot be searched ({e.strerror}); fix its permissions.") from None
-    # A .pt that is not a readable file would silently drop out of the data: a link into an unmounted disk, a pipe.
+    # A shard that is not a readable file would silently drop out of the data: a link into an unmounted disk, a pipe.
     for p in found:
         if p.is_symlink() and not p.exists():
             raise UserError(f"data file {p} is a symbolic link to {os.readlink(p)}, which does not exist; mount or "
@@ -164,7 +166,7 @@ def find_shards(data_dir: str | Path | None, flag: str = "--data_dir") -> list[P
             raise UserError(f"data file {p} is not a regular file (a pipe or a device); remove it from {root}.")
     if not paths:
         raise UserError(
-            f"data folder {root} holds no .pt files (searched subfolders too); "
+            f"data folder {root} holds no {kinds()} files (searched subfolders too); "
             f"write shards with `encoder-train pretokenize` or point {flag} elsewhere."
         )
     return paths
@@ -197,7 +199,7 @@ class LocalStore:
         self.root, self.flag = local_path(root), flag
 
     def list(self) -> list[tuple[str, int]]:
-        """(path, size) of every `.pt` file under the root, in find_shards' order (by path relative to the root)."""
+        """(path, size) of every shard under the root, in find_shards' order (by path relative to the root)."""
         listed = []
         for p in find_shards(self.root, self.flag):
             try:
@@ -280,21 +282,22 @@ class RemoteStore:
         return self._base + url[len(self.root):]
 
     def list(self) -> list[tuple[str, int]]:
-        """(URL, size) of every `.pt` object under the root, ordered by path relative to the root."""
+        """(URL, size) of every shard object under the root, ordered by path relative to the root."""
         found = self.retry(f"data folder {self.root}", lambda: self.fs.find(self._base, detail=True), listing=True)
         if self._base in found and found[self._base].get("type") != "directory":
             parent = self.root.rsplit("/", 1)[0]
-            raise UserError(f"{self.flag} {self.root} is a file, not a folder; pass the folder that holds the .pt "
-                            f"shards (e.g. {parent}).")
+            raise UserError(f"{self.flag} {self.root} is a file, not a folder; pass the folder that holds the "
+                            f"{kinds()} shards (e.g. {parent}).")
         entries = []
         for path, info in found.items():
-            if not path.endswith(".pt") or info.get("type", "file") != "file" or not path.startswith(self._base + "/"):
+            shard = path.endswith(suffixes()) and info.get("type", "file") == "file"
+            if not shard or not path.startswith(self._base + "/"):
                 continue
             rel = path[len(self._base) + 1:]
             entries.append((tuple(rel.split("/")), self.url(path), int(info.get("size") or 0)))
         if not entries:
-            raise UserError(f"data folder {self.root} holds no .pt files (searched subfolders too); upload shards "
-                            f"written by `encoder-train pretokenize` there, or point {self.flag} elsewhere.")
+            raise UserError(f"data folder {self.root} holds no {kinds()} files (searched subfolders too); upload "
+                            f"shards written by `encoder-train pretokenize` there, or point {self.flag} elsewhere.")
         return [(url, size) for _, url, size in sorted(entries)]
 
     def open(self, url: str) -> RemoteFile:
