@@ -1,6 +1,6 @@
 """Batches drawn from named data sources, and the data stream's position (what a checkpoint stores).
 
-A source is one folder of shards with its own endless row stream (shards.RowOrder: epochs of shuffled files and
+A source is one folder of shards with its own endless row stream (order.RowOrder: epochs of shuffled files and
 rows; a source that runs out starts its next epoch, reshuffled, while the others go on). The run's global
 sequence of micro-batches g = 0, 1, 2, ... is cut from the sources as `MixSchedule.batch(g)` says: how many rows
 each source gives to micro-batch g (drawn with the phase's weights from a generator seeded by (seed, g)) and at
