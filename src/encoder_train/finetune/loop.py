@@ -51,7 +51,8 @@ from encoder_train.finetune.classifier import SequenceClassifier, family_of
 from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import build_optimizer, build_scheduler, lr_factor
+from encoder_train.optimizers import build_optimizer
+from encoder_train.schedule import build_scheduler, lr_factor
 from encoder_train.state import host_copy
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import special_tokens
