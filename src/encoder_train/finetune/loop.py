@@ -1,7 +1,7 @@
 """finetune(source, task, settings): set up -> fit, once per seed. Plain code, no callbacks.
 
 For each seed: the pretrained encoder plus a new head (classifier.py), AdamW with RoBERTa's fine-tuning
-betas and weight-decay groups (optim.py), a learning rate that warms up over `warmup_ratio` of the steps and
+betas and weight-decay groups (optimizers/adamw.py), a learning rate that warms up over `warmup_ratio` of the steps and
 decays linearly to zero, `epochs` passes over the training examples in a seeded random order. After every
 epoch the validation files are scored with the task's metrics; the best epoch by the task's score on the
 first validation file is the one kept, as a checkpoint and as the seed's result. Fine-tuning on small tasks
