@@ -29,7 +29,7 @@ from encoder_train.finetune.classifier import SequenceClassifier
 from encoder_train.finetune.docstrings import DEMO_SETTINGS
 from encoder_train.finetune.loop import collate, encode, training_batches
 from encoder_train.finetune.tasks import load_task
-from encoder_train.optim import build_optimizer
+from encoder_train.optimizers import build_optimizer
 from encoder_train.state import load_trained
 
 

@@ -32,7 +32,7 @@ from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import loader_workers
 from encoder_train.model import MaskedLM
-from encoder_train.optim import build_optimizer
+from encoder_train.optimizers import build_optimizer
 
 
 def make_shards(folder: Path, vocab: int, rows: int, width: int, files: int = 4) -> None:

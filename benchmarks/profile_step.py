@@ -22,7 +22,7 @@ from workload import FAMILIES
 from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import collate
 from encoder_train.model import MaskedLM
-from encoder_train.optim import build_optimizer
+from encoder_train.optimizers import build_optimizer
 
 
 def main() -> None:

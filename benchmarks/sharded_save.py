@@ -34,7 +34,7 @@ from workload import SIZES
 from encoder_train import checkpoint, distributed
 from encoder_train.config import TrainingConfig
 from encoder_train.model import MaskedLM
-from encoder_train.optim import build_optimizer
+from encoder_train.optimizers import build_optimizer
 from encoder_train.state import _full_state, host_copy
 
 

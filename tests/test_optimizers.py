@@ -21,7 +21,11 @@ from encoder_train.config import Config, TrainingConfig, load_config
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import MuonWithAdamW, apply_hyperparameters, build_optimizer, build_scheduler
+from encoder_train.optimizers import OPTIMIZERS as OPTIMIZER_SPECS
+from encoder_train.optimizers import build_optimizer, skips_on_device, sync_hyperparameters
+from encoder_train.optimizers.muon import matrices, matrix_parameters
+from encoder_train.optimizers.muon_with_adamw import MuonWithAdamW
+from encoder_train.schedule import build_scheduler
 
 OPTIMIZERS = ["adamw", "stable_adamw", "muon"]
 CONFIG = """
@@ -203,10 +207,10 @@ def test_muon_takes_the_layer_matrices_and_adamw_the_rest(family):
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
     # The memory estimate counts Muon's matrices as the optimizer does: one momentum buffer instead of two moments.
-    assert devices.muon_parameters(dims) == sum(p.numel() for p in muon["params"])
+    assert matrix_parameters(dims) == sum(p.numel() for p in muon["params"])
     world = World()
     adamw, with_muon = (devices.training_memory(dims, world, "ddp", o).needed for o in ("adamw", "muon"))
-    assert adamw == 16 * model.num_parameters() and adamw - with_muon == 4 * devices.muon_parameters(dims)
+    assert adamw == 16 * model.num_parameters() and adamw - with_muon == 4 * matrix_parameters(dims)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -222,7 +226,7 @@ def test_a_resume_with_changed_settings_puts_them_in_force(optimizer):
     sched.step()
     new = old.model_copy(update={"adam_beta1": 0.8, "adam_beta2": 0.9, "adam_eps": 1e-8, "weight_decay": 0.2,
                                  "muon_momentum": 0.9, "learning_rate": 1e-3})
-    apply_hyperparameters(opt, sched, new, step=1)
+    sync_hyperparameters(opt, new)
     adam_groups = opt.adamw.param_groups if optimizer == "muon" else opt.param_groups
     for i, g in enumerate(adam_groups):
         betas = (g["beta1"], g["beta2"]) if optimizer == "stable_adamw" else g["betas"]
@@ -231,7 +235,8 @@ def test_a_resume_with_changed_settings_puts_them_in_force(optimizer):
         assert all(float(s["eps_sq"]) == pytest.approx(1e-16) for s in opt.state.values())
     if optimizer == "muon":
         assert opt.muon.param_groups[0]["momentum"] == 0.9 and opt.muon.param_groups[0]["weight_decay"] == 0.2
-    assert {g["lr"] for g in opt.param_groups} == {1e-3 * (1 - 1 / 10)} and sched.base_lrs[0] == 1e-3
+    # The learning rate is not the optimizer's to set on resume: the plan's (phases.Plan.resume_rate) does.
+    assert {g["lr"] for g in opt.param_groups} == {sched.get_last_lr()[0]} and sched.base_lrs[0] == old.learning_rate
 
 
 def test_muon_with_fsdp_is_refused_at_config_time(tmp_path):
@@ -263,3 +268,96 @@ def test_stable_adamw_on_the_cpu_never_picks_triton():
     assert [g["triton"] for g in opt.param_groups] == [False, False]
     cuda = build_optimizer(model, TrainingConfig(optimizer="stable_adamw"), torch.device("cuda"))
     assert [g["triton"] for g in cuda.param_groups] == [None, None]  # optimi's own choice where its kernels run
+
+
+# ---- the registry: every optimizer's spec agrees with the optimizer it builds -------------------------------
+
+
+@pytest.mark.parametrize("family", DIMS)
+@pytest.mark.parametrize("name", list(OPTIMIZER_SPECS))
+def test_every_registered_optimizer_builds_and_its_memory_estimate_is_what_it_holds(name, family):
+    """Built on a tiny model of each family and stepped once: the bytes its spec counts (from the shape alone, for
+    the memory check) are the model's fp32 weights and gradients plus every state tensor the size of its
+    parameter (moments, momentum buffers), which also checks a split optimizer's share against the real split."""
+    needs(name)
+    spec, dims = OPTIMIZER_SPECS[name], DIMS[family]
+    torch.manual_seed(0)
+    model = MaskedLM(dims)
+    opt = build_optimizer(model, TrainingConfig(optimizer=name), torch.device("cpu"))
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in model.parameters()}  # every parameter, once
+    model(torch.randint(5, 64, (2, 8)), labels=torch.randint(5, 64, (2, 8))).loss.backward()
+    opt.step()
+    params = list(model.parameters())
+    state = sum(t.numel() * t.element_size() for p in params for t in opt.state[p].values()
+                if isinstance(t, torch.Tensor) and t.shape == p.shape)
+    real = sum(p.numel() * (p.element_size() + p.grad.element_size()) for p in params) + state
+    assert spec.training_bytes(dims, model.num_parameters()) == real
+    if spec.own_parameters is not None:
+        assert 0 < spec.own_parameters(dims) < model.num_parameters()
+
+
+def test_the_parameters_muon_takes_are_counted_from_the_shape_as_the_builder_picks_them():
+    for dims in DIMS.values():
+        assert matrix_parameters(dims) == sum(p.numel() for p in matrices(MaskedLM(dims)))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_SPECS))
+def test_fsdp_is_refused_for_the_optimizers_whose_spec_says_so(tmp_path, name):
+    spec = OPTIMIZER_SPECS[name]
+    path = tmp_path / "run.yaml"
+    path.write_text(f"training: {{optimizer: {name}, data_parallel: fsdp}}\n")
+    if spec.not_with_fsdp is None:
+        assert load_config(path).training.data_parallel == "fsdp"
+        return
+    others = " or ".join(n for n, s in OPTIMIZER_SPECS.items() if s.not_with_fsdp is None)
+    with pytest.raises(UserError) as e:
+        load_config(path)
+    assert str(e.value) == (f"{path}: training.optimizer {name} does not work with training.data_parallel fsdp "
+                            f"({spec.not_with_fsdp}); set training.data_parallel: ddp, or choose training.optimizer "
+                            f"{others}.")
+
+
+def test_the_optimizers_are_the_configs_choices_and_only_fused_adamw_skips_on_the_device():
+    assert TrainingConfig.model_fields["optimizer"].annotation.__args__ == tuple(OPTIMIZER_SPECS)
+    assert OPTIMIZER_SPECS["muon"].not_with_fsdp and not OPTIMIZER_SPECS["adamw"].not_with_fsdp
+    model = MaskedLM(DIMS["roberta"])
+    for name in OPTIMIZER_SPECS:
+        needs(name)
+        opt = build_optimizer(model, TrainingConfig(optimizer=name), torch.device("cpu"))
+        assert skips_on_device(opt) == (name == "adamw")  # fused on the CPU: found_inf is read on the device
+    foreach = torch.optim.AdamW(model.parameters(), foreach=True)
+    assert not skips_on_device(foreach)
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "optimizer_name", "sharded_optimizer", "scheduler", "step", "tokens_seen",
+                   "data", "plan", "rng", "dims", "tokenizer", "config", "wandb_run_id"}
+SYNCED = {"adam_beta1": 0.8, "adam_beta2": 0.9, "adam_eps": 1e-8, "weight_decay": 0.2, "muon_momentum": 0.9,
+          "learning_rate": 1e-3}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_run_resumed_with_changed_settings_trains_with_them(capsys, tmp_path, shard_dir, tokenizer_file,
+                                                             optimizer):
+    """Through the real command: 2 steps, then a resume with every synced setting changed and a longer run. The
+    checkpoint after the resumed step holds the new settings in each of the spec's groups, and the rate the plan
+    gives (the new peak on the new schedule)."""
+    needs(optimizer)
+    ckpt = tmp_path / "ck"
+    assert train(capsys, config(tmp_path, optimizer, steps=2, every=2), shard_dir, tokenizer_file, ckpt)[0] == 0
+    flags = [x for k, v in SYNCED.items() for x in ("--set", f"training.{k}={v}")]
+    rc, err = train(capsys, config(tmp_path, optimizer, steps=6, every=1), shard_dir, tokenizer_file, ckpt,
+                    "--load_checkpoint", "latest", "--set", "training.stop_at=3", *flags)
+    assert rc == 0, err
+    state = saved(ckpt, 3)
+    assert set(state) == CHECKPOINT_KEYS  # the keys checkpoints have always had, written by TrainState's parts
+    groups = state["optimizer"]["param_groups"]
+    adam = groups[1:] if optimizer == "muon" else groups
+    for i, g in enumerate(adam):
+        betas = (g["beta1"], g["beta2"]) if optimizer == "stable_adamw" else g["betas"]
+        assert tuple(betas) == (0.8, 0.9) and g["eps"] == 1e-8 and g["weight_decay"] == (0.2 if i == 0 else 0.0)
+    if optimizer == "muon":
+        assert groups[0]["momentum"] == 0.9 and groups[0]["weight_decay"] == 0.2
+    # the rate of step 4's update (0-based 3) on the new schedule: warmup 2, then linear to 0 at step 6
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3 * (1 - (3 - 2) / (6 - 2))] * len(groups))
+    assert {g["initial_lr"] for g in groups} == {1e-3}

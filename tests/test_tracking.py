@@ -125,3 +125,19 @@ def test_the_resume_hint_fits_the_command():
     assert how_to_resume("latest") == "Resume with the same command."
     assert "--load_checkpoint latest in place of --load_checkpoint ck/checkpoint_00000002.pt" in how_to_resume(
         "ck/checkpoint_00000002.pt")
+
+
+def test_the_tracker_ids_part_keeps_the_wandb_run_under_the_checkpoints_key():
+    """What a checkpoint stores of the trackers' runs, and which run a resume continues: the --wandb_run_id flag's
+    (given at construction), else the checkpoint's; a checkpoint without one (W&B was off) starts none."""
+    from encoder_train.tracking import TrackerIds
+
+    resumed = TrackerIds()
+    resumed.load_state_dict({"wandb_run_id": "abc123"})
+    assert resumed.wandb == "abc123" and resumed.state_dict() == {"wandb_run_id": "abc123"}
+    flagged = TrackerIds("mine")
+    flagged.load_state_dict({"wandb_run_id": "abc123"})
+    assert flagged.state_dict() == {"wandb_run_id": "mine"}
+    off = TrackerIds()
+    off.load_state_dict({"wandb_run_id": None})
+    assert off.state_dict() == {"wandb_run_id": None}

@@ -23,17 +23,14 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from encoder_train import checkpoint, distributed
 from encoder_train.config import Config
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
-from encoder_train.state import host_copy
+from encoder_train.state import TrainState, host_copy
 from encoder_train.tracking import Tracker
-
-if TYPE_CHECKING:
-    from encoder_train.train import Run
 
 
 def checkpoint_format(config: Config, world_size: int) -> str:
@@ -112,18 +109,20 @@ def skip_unloadable(path: Path, error: UserError, world: World, say=print) -> No
 
 
 class Saver:
-    """Checkpoints of the run, written without stalling it (see the module)."""
+    """Checkpoints of the run, written without stalling it (see the module): `state`'s snapshots, into the config's
+    checkpoint folder, keeping the checkpoints of `kept_steps` (the ends of phases) through rotation."""
 
-    def __init__(self, run: Run, tracker: Tracker):
-        self.run, self.tracker = run, tracker
-        self.format = checkpoint_format(run.config, run.world.world_size)
+    def __init__(self, config: Config, world: World, state: TrainState, kept_steps: set[int], tracker: Tracker):
+        self.config, self.world, self.state, self.kept_steps, self.tracker = config, world, state, kept_steps, tracker
+        self.directory = Path(config.checkpoint.checkpoint_dir)
+        self.format = checkpoint_format(config, world.world_size)
         self.last_path: Path | None = None
         self.failed = False  # set by the writer thread; the loop's per-step vote reads it
-        self.saved_step: int | None = None if run.state.resumed_from is None else run.state.step
+        self.saved_step: int | None = None if state.resumed_from is None else state.step
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
         self._group = None
-        if self.format == "sharded" and run.world.distributed:
+        if self.format == "sharded" and world.distributed:
             import torch.distributed as dist
 
             # Its own gloo group: the background save's collectives must not interleave with training's.
@@ -131,23 +130,23 @@ class Saver:
 
     def save(self) -> None:
         self.wait()
-        state, run = self.run.state, self.run
+        state = self.state
         step = state.step
-        if run.world.is_main:
+        if self.world.is_main:
             self._clear_name(step)
         if self.format == "sharded":
             target, args = self._write_sharded, (*self._start_sharded(), host_copy(state.snapshot_rest()), step)
         else:
             target, args = self._write, (host_copy(state.snapshot()), step)
         self.saved_step = step
-        if run.world.is_main or self.format == "sharded":  # every rank waits for its own shards
+        if self.world.is_main or self.format == "sharded":  # every rank waits for its own shards
             self._writer = threading.Thread(target=target, args=args, name="checkpoint-writer")
             self._writer.start()
 
     def _clear_name(self, step: int) -> None:
         """Set aside a checkpoint that already has the name of `step`'s (it is not one this run wrote: `latest`
         would have resumed from it or set it aside), rather than replace it."""
-        directory = self.run.checkpoint_dir
+        directory = self.directory
         for path in (checkpoint.checkpoint_path(directory, step), checkpoint.folder_path(directory, step)):
             if path.exists():
                 aside = checkpoint.set_aside(path)
@@ -159,14 +158,14 @@ class Saver:
         checkpoint's size in bytes (for a full disk's message)."""
         import torch.distributed.checkpoint as dcp
 
-        partial = checkpoint.partial_path(self.run.checkpoint_dir, self.run.state.step)
-        shards = host_copy(self.run.state.shards())
+        partial = checkpoint.partial_path(self.directory, self.state.step)
+        shards = host_copy(self.state.shards())
         future = dcp.async_save(shards, checkpoint_id=str(partial), process_group=self._group,
-                                no_dist=not self.run.world.distributed)
+                                no_dist=not self.world.distributed)
         return future, checkpoint.size_of(shards)
 
     def _write_sharded(self, future: Any, size: int, rest: dict[str, Any], step: int) -> None:
-        directory, world = self.run.checkpoint_dir, self.run.world
+        directory, world = self.directory, self.world
         partial, final = checkpoint.partial_path(directory, step), checkpoint.folder_path(directory, step)
         try:
             try:
@@ -195,7 +194,7 @@ class Saver:
     def _gather_sums(self, partial: Path) -> dict[str, str]:
         """Every rank hashes the files it wrote (in parallel, each its own); rank 0 gets them all. A rank that
         cannot read its files back fails the save on every rank."""
-        world = self.run.world
+        world = self.world
         try:
             mine: dict[str, str] | str = {f.name: checkpoint.file_sha256(f)
                                           for f in checkpoint.shard_files(partial, world.rank)}
@@ -214,14 +213,13 @@ class Saver:
 
     def _write(self, snap: dict[str, Any], step: int) -> None:
         try:
-            self._rotated(checkpoint.save(snap, self.run.checkpoint_dir, step), step)
+            self._rotated(checkpoint.save(snap, self.directory, step), step)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
             self.failed = True
 
     def _rotated(self, path: Path, step: int) -> None:
-        deleted = checkpoint.rotate(self.run.checkpoint_dir, self.run.config.checkpoint.max_checkpoints,
-                                    self.run.plan.phase_ends())
+        deleted = checkpoint.rotate(self.directory, self.config.checkpoint.max_checkpoints, self.kept_steps)
         self.last_path = path
         self.tracker.write(f"step {step}: saved {path}" + (f", removed {len(deleted)} old" if deleted else ""))
 
@@ -236,7 +234,7 @@ class Saver:
 
     def save_if_new(self) -> None:
         """Save unless the current step is saved already (or no step has finished), and wait for it."""
-        if self.run.state.step > 0 and self.run.state.step != self.saved_step:
+        if self.state.step > 0 and self.state.step != self.saved_step:
             self.save()
         self.wait()
 
@@ -251,7 +249,7 @@ class Saver:
             yield
         except Exception as e:  # noqa: BLE001 - any stop after a finished step saves that step first
             error = e
-        world = self.run.world
+        world = self.world
         if world.distributed and not together:
             if error is not None:
                 raise error
@@ -263,15 +261,15 @@ class Saver:
         except Exception as e:  # noqa: BLE001 - the failure that stopped the run is the news; kept() says the rest
             if error is None:
                 raise
-            self.tracker.write(f"step {self.run.state.step}: could not save it after the failure ({e})")
+            self.tracker.write(f"step {self.state.step}: could not save it after the failure ({e})")
         if error is None or isinstance(error, UserError):
             reason = str(error) if error is not None else "another process's evaluation or logging failed"
             raise UserError(f"{reason.rstrip('.')} ({self.kept()}).") from None
         raise error
 
     def last_good(self) -> Path | None:
-        return self.last_path or self.run.state.resumed_from
+        return self.last_path or self.state.resumed_from
 
     def kept(self) -> str:
         where = self.last_good()
-        return f"step {self.run.state.step} is saved in {where}" if where else "no step had finished"
+        return f"step {self.state.step} is saved in {where}" if where else "no step had finished"

@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from encoder_train.errors import UserError
+from encoder_train.optimizers import OPTIMIZERS
 from encoder_train.urls import credentials_refusal, is_remote, local_only, local_path, redact
 
 # Bundled configs: `--config_file base.yaml` works from any folder.
@@ -270,7 +271,7 @@ class TrainingConfig(Section):
     """AdamW epsilon."""
     weight_decay: Float = Field(default=0.01, ge=0.0)
     """Decoupled weight decay; biases, LayerNorm weights and other 1-D parameters get none."""
-    optimizer: Literal["adamw", "stable_adamw", "muon"] = "adamw"
+    optimizer: Literal[tuple(OPTIMIZERS)] = "adamw"  # the registry's names (optimizers/__init__.py)
     """`adamw` (PyTorch's), `stable_adamw` (StableAdamW, as ModernBERT; the stable-adamw extra) or `muon` (Muon for
     the layers' weight matrices, AdamW for the rest; docs/training.md#optimizers). Fixed for a run."""
     muon_momentum: Float = Field(default=0.95, ge=0.0, lt=1.0)
@@ -528,11 +529,12 @@ class Config(Section):
                 f"{t.gradient_accumulation_steps}) is {t.batch_size * t.gradient_accumulation_steps:,} rows per "
                 f"optimizer step, more than {MAX_ROWS_PER_STEP:,} (RoBERTa used 8,192); lower one of them."
             )
-        if t.optimizer == "muon" and t.data_parallel == "fsdp":
+        spec = OPTIMIZERS[t.optimizer]
+        if spec.not_with_fsdp and t.data_parallel == "fsdp":
+            others = " or ".join(name for name, s in OPTIMIZERS.items() if not s.not_with_fsdp)
             raise UserError(
-                f"{source}: training.optimizer muon does not work with training.data_parallel fsdp (PyTorch's Muon "
-                "orthogonalises whole matrices, which FSDP splits between processes); set training.data_parallel: ddp, "
-                "or choose training.optimizer adamw or stable_adamw."
+                f"{source}: training.optimizer {t.optimizer} does not work with training.data_parallel fsdp "
+                f"({spec.not_with_fsdp}); set training.data_parallel: ddp, or choose training.optimizer {others}."
             )
         # Checkpoints are .pt files too: inside a data folder, the next run would read them as shards.
         ckpt = Path(self.checkpoint.checkpoint_dir).resolve()

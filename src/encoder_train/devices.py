@@ -19,6 +19,7 @@ import torch
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
+from encoder_train.optimizers import OPTIMIZERS
 
 
 def pick_device() -> torch.device:
@@ -42,13 +43,6 @@ def loader_workers(configured: int | None, device: torch.device) -> int:
     if configured is not None:
         return configured
     return 2 if device.type == "cuda" else 0
-
-
-# Bytes a parameter takes, by the optimizer that updates it (training.optimizer): fp32 weights and their gradients
-# (4 + 4), plus AdamW's or StableAdamW's two moments (8), or Muon's one momentum buffer (4; with `muon` only the
-# layers' matrices are Muon's, the rest AdamW's). Activations come on top and depend on the batch, so this is the
-# floor below which training cannot start at all.
-BYTES_PER_PARAMETER = {"adamw": 16, "stable_adamw": 16, "muon": 12}
 
 
 @dataclass(frozen=True)
@@ -84,21 +78,13 @@ def device_memory(device: torch.device) -> int:
     return total
 
 
-def muon_parameters(dims: ModelDims) -> int:
-    """Parameters that `optimizer: muon` gives to Muon (optim.muon_matrices): each layer's query, key, value and
-    attention output (4 x H x H), feed-forward up (H x I, or H x 2I with GeGLU) and down (I x H), and the MLM
-    head's dense layer (H x H)."""
-    h, i = dims.hidden_size, dims.intermediate_size
-    up = 2 * h * i if dims.feed_forward == "geglu" else h * i
-    return dims.num_layers * (4 * h * h + up + i * h) + h * h
-
-
 def training_memory(dims: ModelDims, world: World, data_parallel: str, optimizer: str) -> MemoryEstimate:
+    """Weights, gradients and the optimizer's state (its spec's bytes per parameter: optimizers/): activations come
+    on top and depend on the batch, so this is the floor below which training cannot start at all."""
     rough = rough_parameters(dims)
     params = rough if rough > 2**40 else count_parameters(dims)
     shards = world.world_size if world.distributed and data_parallel == "fsdp" else 1  # FSDP splits the state
-    own = min(params, muon_parameters(dims)) if optimizer == "muon" else params  # the rest is AdamW's
-    needed = BYTES_PER_PARAMETER[optimizer] * own + BYTES_PER_PARAMETER["adamw"] * (params - own)
+    needed = OPTIMIZERS[optimizer].training_bytes(dims, params)
     return MemoryEstimate(params, needed // shards, device_memory(world.device))
 
 

@@ -6,7 +6,8 @@ phase's overrides. From (step) the plan answers everything that changes during a
 
     micro_rows(step)   rows per micro-batch (batch_size, or on its way there during a batch-size warmup)
     mask_rate(step)    the mask probability (constant, or linear from mask_probability to mask_probability_end)
-    lr_factor(step)    the learning rate over the top-level peak (each phase has its own warmup and decay)
+    learning_rate(step) the learning rate (each phase has its own peak, warmup and decay): the one function the
+                       scheduler, a resume and the records read (`lr_factor`: it over the top-level peak)
     batch(g)           micro-batch g's rows per source and mask rate (data/mixture.py reads this)
 
 Every answer is a pure function of the config, the sources' sizes, the world size and, on resume, the progress the
@@ -28,11 +29,15 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from encoder_train.config import Config, TrainingConfig
 from encoder_train.data.mixture import SINGLE, Source, draw_counts, mix_shares
 from encoder_train.errors import UserError
-from encoder_train.optim import lr_factor
+from encoder_train.schedule import lr_factor
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LambdaLR
 
 # Epochs of one source past which a plan is warned about: returns from repeated data fall to next to nothing
 # around 16 epochs (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models").
@@ -133,13 +138,30 @@ class Plan:
         progress = min(1.0, (step - phase.start) / phase.steps)
         return data.mask_probability + (data.mask_probability_end - data.mask_probability) * progress
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of 0-based `step`'s update, resumed or not: the phase's schedule at the phase's own step
+        times its peak. The scheduler (LambdaLR: the optimizer's initial rate, the top-level peak, x `lr_factor`),
+        `resume_rate` and the records all come to this number."""
+        return self.config.training.learning_rate * self.lr_factor(step)
+
     def lr_factor(self, step: int) -> float:
-        """The learning rate of `step`'s update over the top-level training.learning_rate (what LambdaLR
-        multiplies the optimizer's initial rates by)."""
+        """`learning_rate(step)` over the top-level training.learning_rate: what LambdaLR multiplies the optimizer's
+        initial rates by."""
         phase = self.phase_at(step)
         cfg = phase.config.training
         scale = cfg.learning_rate / self.config.training.learning_rate
         return scale * lr_factor(step - phase.start, cfg)
+
+    def resume_rate(self, scheduler: LambdaLR, step: int) -> None:
+        """Put the plan's rate for `step`'s update in force in a scheduler and optimizer restored from a checkpoint,
+        whose peak and rate are the checkpoint's: the config's peak becomes the base of every later step, and the
+        next update's rate is `learning_rate(step)` now (LambdaLR would apply a changed schedule one step late)."""
+        peak, rate = self.config.training.learning_rate, self.learning_rate(step)
+        groups = scheduler.optimizer.param_groups
+        for group in groups:
+            group["initial_lr"], group["lr"] = peak, rate
+        scheduler.base_lrs = [peak] * len(groups)
+        scheduler._last_lr = [rate] * len(groups)
 
     def batch(self, g: int) -> tuple[list[int], float]:
         """Global micro-batch g's rows per source and mask rate (data/mixture.py's MixSchedule)."""
@@ -315,10 +337,10 @@ class Plan:
             t, d = p.config.training, p.config.data
             mix = ", ".join(f"{n} {100 * w:.1f}%" for n, w in zip(self.names, p.weights, strict=True) if w) \
                 if len(self.sources) > 1 or self.names != [SINGLE] else "one source"
-            lr = [self.lr_factor(p.start) * self.config.training.learning_rate,
-                  max(self.lr_factor(s) for s in (p.start, p.start + t.warmup_steps - 1 if t.warmup_steps else p.start,
-                                                   p.end - 1)) * self.config.training.learning_rate,
-                  self.lr_factor(p.end - 1) * self.config.training.learning_rate]
+            lr = [self.learning_rate(p.start),
+                  max(self.learning_rate(s) for s in (p.start, p.start + t.warmup_steps - 1 if t.warmup_steps else
+                                                      p.start, p.end - 1)),
+                  self.learning_rate(p.end - 1)]
             mask = f"{d.mask_probability:g}" + (f" -> {d.mask_probability_end:g}" if d.mask_probability_end else "")
             batch = (f"{t.batch_size_start} -> {t.batch_size} rows over {t.batch_size_warmup_steps} steps"
                      if t.batch_size_warmup_steps else f"{t.batch_size} rows") + \

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from encoder_train.config import Config
 from encoder_train.errors import require
 from encoder_train.model import ModelDims
-from encoder_train.optim import require_optimizer
+from encoder_train.optimizers import require_optimizer
 from encoder_train.phases import Plan
 
 # Optional packages a config may need besides its optimizer's: (whether it needs it, module, extra, what needs it).

@@ -1,24 +1,29 @@
 """What a checkpoint holds, in one place: the training state saved and restored, and a trained model
 loaded back for evaluation, fill-mask and export.
 
-A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True)` reads it):
+A checkpoint is a dict of tensors and builtins (so `torch.load(weights_only=True)` reads it); each entry is
+written and read back by one part of `TrainState`:
 
-    model, optimizer, scheduler       state dicts, unsharded (FSDP gathers them), on the CPU
-    optimizer_name                    training.optimizer (absent in checkpoints from before the choice: adamw)
-    sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
-    step, tokens_seen                 optimizer steps taken, real tokens seen
-    data                              the data stream's position (stream.py): rows and tokens per source,
-                                      each source's fingerprint, the world size
-    plan                              each phase's steps and token slots done (phases.Plan.progress), and
-                                      what a step reads: a resume keeps the phases' lengths in tokens
-    rng                               one {torch, cuda} generator state per rank
-    dims                              the model's shape (`ModelDims`)
+    model, optimizer                  state dicts, unsharded (FSDP gathers them), on the CPU      TrainState
+    dims                              the model's shape (`ModelDims`)                             TrainState
     tokenizer                         {json, mask_spec}: evaluate, fill-mask and export need no other file
-    config                            the resolved config
-    wandb_run_id                      the W&B run a resume continues
+    config                            the resolved config                                         TrainState
+    step, tokens_seen                 optimizer steps taken, real tokens seen                     Counters
+    rng                               one {torch, cuda} generator state per rank                  RandomState
+    optimizer_name                    training.optimizer (absent in checkpoints from before the   Optimization
+                                      choice: adamw)
+    sharded_optimizer                 whether FSDP wrote it (a resume must use the same strategy)
+    scheduler                         the schedule's state dict
+    wandb_run_id                      the W&B run a resume continues                              tracking.TrackerIds
+    plan                              each phase's steps and token slots done (phases.Plan.progress), and
+                                      what a step reads: a resume keeps the phases' lengths in    PlanProgress
+                                      tokens
+    data                              the data stream's position (DataStream.state_dict): rows    DataPosition
+                                      and tokens per source, each source's fingerprint, the
+                                      world size
 
-A new piece of state (EMA weights, a streaming source's position) is one line in `TrainState.snapshot`
-and one in `TrainState.restore`.
+A new piece of state (EMA weights, a streaming source's position) is one part: a class with `state_dict` and
+`load_state_dict` over its own keys, and one line in `TrainState.parts`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -36,11 +41,17 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, distributed
 from encoder_train.batch import MaskSpec
 from encoder_train.config import Config, ModelConfig, TrainingConfig, resolved_vocab_size
+from encoder_train.seeds import derive_seed
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import apply_hyperparameters, lr_factor
-from encoder_train.seeds import derive_seed
+from encoder_train.optimizers import sync_hyperparameters
+from encoder_train.phases import Plan
+from encoder_train.schedule import lr_factor
+from encoder_train.tracking import TrackerIds
+
+if TYPE_CHECKING:
+    from encoder_train.stream import DataStream
 
 # ---- the model's shape: one source ----------------------------------------------------------------------
 
@@ -88,9 +99,136 @@ def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None
 # ---- the training state ---------------------------------------------------------------------------------
 
 
+class Part(Protocol):
+    """A piece of the training state that saves and restores itself under its own top-level keys of a checkpoint
+    (the keys listed in the module, which checkpoints have always had: old checkpoints load, and new ones load in
+    older versions)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its entries of a checkpoint: tensors and builtins (a weights_only checkpoint holds them)."""
+        ...
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        """Continue from the checkpoint `saved` (the whole dict: a part reads its own keys), written at `path`."""
+        ...
+
+
+@dataclass
+class Counters:
+    """Optimizer steps taken and real tokens seen."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        if not isinstance(saved["step"], int) or not isinstance(saved["tokens_seen"], int):
+            raise TypeError("step and tokens_seen must be integers")
+        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
+
+
+@dataclass
+class RandomState:
+    """Every rank's torch (and CUDA) generator: dropout's randomness. Resumed by another number of processes, the
+    ranks are reseeded, and the run says what that changes. Loaded after the counters (the reseed takes the step)."""
+
+    world: World
+    seed: int
+    counters: Counters
+    plan: Plan
+    say: Callable[[str], None]
+
+    def state_dict(self) -> dict[str, Any]:
+        """A collective under torchrun: one entry per rank, gathered."""
+        cuda = self.world.device.type == "cuda"
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
+        return {"rng": distributed.gather_objects(rng, self.world)}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        world, step = self.world, self.counters.step
+        if len(saved["rng"]) == world.world_size:  # each rank continues its own random stream
+            torch.set_rng_state(saved["rng"][world.rank]["torch"])
+            if world.device.type == "cuda" and saved["rng"][world.rank].get("cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng"][world.rank]["cuda"])
+        else:
+            torch.manual_seed(derive_seed(self.seed, "dropout", world.rank, step))
+            self.say(world_size_note(saved, world.world_size, self.plan.step_reads(step)))
+
+
+@dataclass
+class Optimization:
+    """The optimizer and its schedule. The optimizer's tensors travel with the model's (`TrainState.snapshot`,
+    `TrainState.shards`); here are its name, whether FSDP wrote it, and the scheduler. On resume the config in force
+    wins over the checkpoint's: the optimizer's spec puts changed hyper-parameters in force (optimizers/), the plan
+    the learning rate (phases.Plan.learning_rate). Loaded after the counters (the rate is the resumed step's)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    config: Config
+    sharded: bool  # FSDP: state dicts are gathered on save and scattered on load
+    plan: Plan
+    counters: Counters
+    say: Callable[[str], None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer_name": self.config.training.optimizer, "sharded_optimizer": self.sharded,
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        if "sharded_checkpoint" not in saved:  # a sharded checkpoint's optimizer is loaded with its shards
+            _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        step = self.counters.step
+        changed = changed_settings(saved.get("config", {}), self.config)
+        if changed:
+            saved_training = saved.get("config", {}).get("training")
+            # the phases' schedule, not the top level's, sets the rate: not compared with the checkpoint's
+            before = None if self.config.phases else \
+                TrainingConfig.model_validate(saved_training) if saved_training else self.config.training
+            self.say(resume_note(changed, before, self.plan.learning_rate(step), step))
+            sync_hyperparameters(self.optimizer, self.config.training)
+        self.plan.resume_rate(self.scheduler, step)
+
+
+@dataclass
+class PlanProgress:
+    """Each phase's steps and token slots done (phases.Plan.progress). A resumed run's plan is built from it
+    (train.resume_or_build), before the state it sizes, so there is nothing left to load here."""
+
+    plan: Plan
+    counters: Counters
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.progress(self.counters.step)}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        pass
+
+
+@dataclass
+class DataPosition:
+    """The data stream's position (DataStream.state_dict): rows and tokens per source, their fingerprints.
+    `restart`: sources to read again from their beginning (--restart_source)."""
+
+    stream: DataStream
+    restart: set[str]
+    say: Callable[[str], None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.stream.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path) -> None:
+        self.stream.restore(saved["data"], self.restart, str(path), self.say)
+
+
 @dataclass
 class TrainState:
-    """Everything a resume needs, and the objects it lives in. `model` may be DDP- or FSDP-wrapped."""
+    """Everything a resume needs, and the objects it lives in: the model (DDP- or FSDP-wrapped) and what the run is,
+    saved whole, and the parts, each saving and restoring itself. A new piece of state (EMA weights, say) is one
+    part: a class with `state_dict` and `load_state_dict`, and a line in `parts`."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -101,12 +239,42 @@ class TrainState:
     spec: MaskSpec
     config: Config
     sharded: bool  # FSDP: state dicts are gathered on save and scattered on load
-    step: int = 0
-    tokens_seen: int = 0
-    stream: Any = None  # stream.py's DataStream: it owns the data position
-    lr_factor: Callable[[int], float] | None = None  # the plan's schedule (phases.py), for a resume
-    wandb_run_id: str | None = None
-    resumed_from: Path | None = field(default=None)
+    plan: Plan
+    stream: DataStream  # the step's micro-batches; owns the data position
+    say: Callable[[str], None]
+    restart_sources: set[str] = field(default_factory=set)
+    counters: Counters = field(default_factory=Counters)
+    trackers: TrackerIds = field(default_factory=TrackerIds)
+    resumed_from: Path | None = None
+
+    def __post_init__(self) -> None:
+        c = self.counters
+        # In the order a resume loads them: the counters first (others read the step), the data last (its notes
+        # follow the rest).
+        self.parts: list[Part] = [
+            c,
+            RandomState(self.world, self.config.training.seed, c, self.plan, self.say),
+            Optimization(self.model, self.optimizer, self.scheduler, self.config, self.sharded, self.plan, c, self.say),
+            self.trackers,
+            PlanProgress(self.plan, c),
+            DataPosition(self.stream, self.restart_sources, self.say),
+        ]
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.counters.step = value
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.counters.tokens_seen
+
+    @tokens_seen.setter
+    def tokens_seen(self, value: int) -> None:
+        self.counters.tokens_seen = value
 
     def snapshot(self) -> dict[str, Any]:
         """The whole training state; a collective under torchrun (every rank calls it, rank 0 writes it)."""
@@ -146,66 +314,29 @@ class TrainState:
         set_optimizer_state_dict(self.model, self.optimizer, current["optimizer"])
 
     def snapshot_rest(self) -> dict[str, Any]:
-        """Everything but the model and optimizer state; a collective under torchrun (the RNG states are gathered)."""
-        cuda = self.world.device.type == "cuda"
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
-        return {
-            "optimizer_name": self.config.training.optimizer,
-            "sharded_optimizer": self.sharded,
-            "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "data": self.stream.state_dict(),
-            "plan": self.stream.plan.progress(self.step),
-            "rng": distributed.gather_objects(rng, self.world),  # one entry per rank
+        """Everything but the model and optimizer tensors; a collective under torchrun (the RNG states are
+        gathered)."""
+        rest = {
             "dims": dataclasses.asdict(self.dims),
             "tokenizer": {"json": self.tokenizer.to_str(), "mask_spec": dataclasses.asdict(self.spec)},
             "config": self.config.to_dict(),
-            "wandb_run_id": self.wandb_run_id,
         }
+        for part in self.parts:
+            rest |= part.state_dict()
+        return rest
 
-    def restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
+    def restore(self, saved: dict[str, Any], path: Path) -> None:
         """Continue from `saved` (the model's weights are already in place, see `load_weights`)."""
         try:
-            self._restore(saved, path, say)
+            for part in self.parts:
+                part.load_state_dict(saved, path)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise UserError(
                 f"checkpoint {path} lacks or mangles training state this version reads ({type(e).__name__}: {e}); "
                 "it was written by another version of encoder-train: resume with that version, or start a new "
                 "--checkpoint_dir (evaluate, fill-mask and export still read its weights)."
             ) from None
-
-    def _restore(self, saved: dict[str, Any], path: Path, say: Callable[[str], None]) -> None:
-        if not isinstance(saved["step"], int) or not isinstance(saved["tokens_seen"], int):
-            raise TypeError("step and tokens_seen must be integers")
-        if "sharded_checkpoint" not in saved:  # a sharded checkpoint's optimizer is loaded with its shards
-            _load_optimizer(self.model, self.optimizer, saved["optimizer"], self.sharded)
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.step, self.tokens_seen = saved["step"], saved["tokens_seen"]
         self.resumed_from = path
-        world, seed = self.world, self.config.training.seed
-        saved_world = len(saved["rng"])
-        if saved_world == world.world_size:  # each rank continues its own random stream
-            torch.set_rng_state(saved["rng"][world.rank]["torch"])
-            if world.device.type == "cuda" and saved["rng"][world.rank].get("cuda") is not None:
-                torch.cuda.set_rng_state(saved["rng"][world.rank]["cuda"])
-        else:
-            torch.manual_seed(derive_seed(seed, "dropout", world.rank, self.step))
-            say(world_size_note(saved, world.world_size, self.stream.plan.step_reads(self.step)))
-        self.wandb_run_id = self.config.wandb.run_id or saved.get("wandb_run_id")
-        changed = changed_settings(saved.get("config", {}), self.config)
-        if changed:
-            saved_training = saved.get("config", {}).get("training")
-            before = TrainingConfig.model_validate(saved_training) if saved_training else self.config.training
-            if self.config.phases:  # the phases' schedule, not the top level's, sets the rate: not compared here
-                before = self.config.training
-            say(resume_note(changed, before, self.config.training, self.step))
-            apply_hyperparameters(self.optimizer, self.scheduler, self.config.training, self.step)
-        if self.lr_factor is not None:  # the plan's rate for the next update (phases change it within a run)
-            factor = self.lr_factor(self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def world_size_note(saved: dict[str, Any], world_size: int, reads: str) -> str:
@@ -296,14 +427,16 @@ def changed_settings(saved: dict[str, Any], config: Config) -> list[tuple[str, A
     return changed
 
 
-def resume_note(changed: list[tuple[str, Any, Any]], saved: TrainingConfig, now: TrainingConfig, step: int) -> str:
-    """Say what a resume with other settings does: the run is no longer the uninterrupted one."""
+def resume_note(changed: list[tuple[str, Any, Any]], saved: TrainingConfig | None, rate: float, step: int) -> str:
+    """Say what a resume with other settings does: the run is no longer the uninterrupted one. `rate`: the plan's
+    learning rate for the next step, said beside what the checkpoint's settings `saved` would give (with phases,
+    None: not compared)."""
     listed = ", ".join(f"{k} {old} -> {new}" for k, old, new in changed)
     note = (f"note: resuming with settings that differ from the checkpoint's ({listed}); from step {step} on the "
             "run differs from an uninterrupted one")
-    before, after = saved.learning_rate * lr_factor(step, saved), now.learning_rate * lr_factor(step, now)
-    if before != after:
-        note += (f"; the learning rate of the next step is {after:.3e} under the new schedule, where the "
+    before = rate if saved is None else saved.learning_rate * lr_factor(step, saved)
+    if before != rate:
+        note += (f"; the learning rate of the next step is {rate:.3e} under the new schedule, where the "
                  f"checkpoint's settings would give {before:.3e}")
     return note + "."
 

@@ -9,17 +9,19 @@ import warnings
 
 import torch
 
+from encoder_train.optimizers import skips_on_device
+
 
 def apply_update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
     """Step the optimizer and the schedule, then clear the gradients; returns whether the step was finite (a 0-d
     bool tensor on the device).
 
-    A NaN/inf loss or gradient must not reach the weights or the optimizer's state. Fused AdamW skips the update on
-    the device when found_inf is set (its step counts stay too), and the host does not wait here. Other optimizers
-    (foreach AdamW, StableAdamW, Muon) read no found_inf: the host reads the flag and does not call their step, which
-    costs one device sync per step on a GPU. Either way the schedule moves on (a skipped update still counts as a
-    step) and the caller hears of it at log points, through the window."""
+    A NaN/inf loss or gradient must not reach the weights or the optimizer's state. An optimizer whose spec says so
+    (fused AdamW) skips the update on the device when found_inf is set (its step counts stay too), and the host does
+    not wait here. Other optimizers (foreach AdamW, StableAdamW, Muon) read no found_inf: the host reads the flag and
+    does not call their step, which costs one device sync per step on a GPU. Either way the schedule moves on (a
+    skipped update still counts as a step) and the caller hears of it at log points, through the window."""
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     if skips_on_device(optimizer):
         optimizer.found_inf = (~finite).float()
@@ -34,11 +36,6 @@ def apply_update(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_sch
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return finite
-
-
-def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer` skips a step itself when its `found_inf` is set: PyTorch's fused Adam and AdamW do."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 class MetricsWindow:

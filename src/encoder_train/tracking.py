@@ -4,7 +4,9 @@ a file), and a set of sinks with one interface: `metrics.jsonl`, Weights & Biase
 The loop hands the `Tracker` numbers that are already on the host, once per log point; each sink keeps
 its own rhythm (W&B and TensorBoard every `log_freq` steps, the file at every log point). W&B and
 TensorBoard are imported only when enabled, so a run without them never touches either. Adding a sink
-(MLflow, say) is one class here with `log` and `close`, and one line in `Tracker.__init__`.
+(MLflow, say) is one class here with `log` and `close`, and one line in `Tracker.__init__`; a sink that continues
+a run of its own on resume (as W&B does) keeps the run's id in `TrackerIds`, which every checkpoint saves: a field
+and its key there, nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ def check_sink_folders(directory: Path, settings: TrackerSettings) -> None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{flag} writes into {folder}, which is a file; move that file away, or pass another "
                             "--checkpoint_dir.")
+
+
+@dataclass
+class TrackerIds:
+    """The runs that trackers continue on resume, saved in every checkpoint (a part of state.TrainState): W&B's run
+    id under `wandb_run_id`, the key checkpoints have always had. A tracker that resumes a run of its own keeps its
+    id here: it reads it when it starts and sets it once its run has one (`Tracker.__init__`)."""
+
+    wandb: str | None = None
+    """--wandb_run_id, else the resumed checkpoint's, else the run W&B started."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wandb_run_id": self.wandb}
+
+    def load_state_dict(self, saved: dict[str, Any], path: Path | None = None) -> None:
+        self.wandb = self.wandb or saved.get("wandb_run_id")  # a run id passed by flag wins over the checkpoint's
 
 
 class Sink(Protocol):
@@ -146,8 +164,10 @@ class Tracker:
     nothing."""
 
     def __init__(self, *, directory: Path, total_steps: int, start_step: int, fresh: bool, settings: TrackerSettings,
-                 run_config: dict[str, Any] | None = None, wandb_run_id: str | None = None, enabled: bool = True):
+                 run_config: dict[str, Any] | None = None, ids: TrackerIds | None = None, enabled: bool = True):
+        """`ids`: the runs to continue (a resumed checkpoint's); the W&B run's id is set in it once it starts."""
         self.enabled, self.settings = enabled, settings
+        self.ids = ids if ids is not None else TrackerIds()
         self.total, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
         self.lines = enabled and settings.lines()
         metrics_path = directory / "metrics.jsonl"
@@ -159,25 +179,21 @@ class Tracker:
             else:
                 logged = _last_logged(metrics_path)
         self.sinks: list[Sink] = []
-        self._wandb: WandbSink | None = None
         # The sinks first: one that cannot start (W&B not installed) says so on a line of its own, not the bar's.
         if enabled:
             check_sink_folders(directory, settings)
             self.sinks.append(MetricsFile(metrics_path, logged))
             if settings.wandb:
-                self._wandb = WandbSink(settings.wandb_project, wandb_run_id, run_config or {}, directory,
-                                        settings.wandb_log_freq, logged)
-                self.sinks.append(self._wandb)
+                wandb = WandbSink(settings.wandb_project, self.ids.wandb, run_config or {}, directory,
+                                  settings.wandb_log_freq, logged)
+                self.ids.wandb = wandb.run.id
+                self.sinks.append(wandb)
             if settings.tensorboard:
                 self.sinks.append(TensorBoardSink(directory / "tensorboard", settings.tensorboard_log_freq, start_step))
         self._log_points = [settings.log_interval, settings.wandb_log_freq if settings.wandb else 0,
                             settings.tensorboard_log_freq if settings.tensorboard else 0]
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, disable=not enabled or self.lines)
-
-    @property
-    def wandb_run_id(self) -> str | None:
-        return None if self._wandb is None else self._wandb.run.id
 
     def due(self, step: int) -> bool:
         """Whether any sink records `step` (the loop then reads its numbers back from the device)."""

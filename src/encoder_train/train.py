@@ -37,14 +37,14 @@ from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate
 from encoder_train.model import MaskedLM, ModelDims, compile_layers, compile_model
-from encoder_train.optim import build_optimizer
+from encoder_train.optimizers import build_optimizer
 from encoder_train.phases import Phase, Plan
 from encoder_train.seeds import derive_seed
 from encoder_train.state import TrainState, check_resumable, model_dims, model_section
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.stream import DataStream, scan_sources, tokens_by_source
 from encoder_train.tokenizer import load_tokenizer, special_tokens
-from encoder_train.tracking import Tracker, TrackerSettings, check_sink_folders
+from encoder_train.tracking import Tracker, TrackerIds, TrackerSettings, check_sink_folders
 
 # The resolved config of the run, beside its checkpoints (describe writes it at start).
 CONFIG_FILE = "config.yaml"
@@ -176,15 +176,14 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
         for stale in checkpoint.remove_stale_temporaries(ckpt_dir):
             say(f"removed {stale.name}, a checkpoint left half-written by an interrupted run")
     distributed.check_shared_folder(ckpt_dir, world)  # every node must read and write the same folder
-    state, saved, resumed_from, plan = resume_or_build(config, world, dims, tokenizer, spec, init_weights, plan, say)
+    state, saved, resumed_from, plan = resume_or_build(config, world, dims, tokenizer, spec, init_weights, plan, say,
+                                                       restart_sources)
     config = with_plan_length(config, plan)
-    stream = state.stream = DataStream(plan, spec, world)
     if saved is not None:
-        state.restore(saved, resumed_from, say)
-        stream.restore(saved["data"], restart_sources, str(resumed_from), say)
+        state.restore(saved, resumed_from)
     elif restart_sources:
         raise UserError("--restart_source applies to a resumed run; there is no checkpoint to resume here.")
-    run = Run(config, world, state, plan, stream, val_shards, ckpt_dir)
+    run = Run(config, world, state, plan, state.stream, val_shards, ckpt_dir)
     enter_phase(run, plan.phase_at(state.step), announce=False)
     describe(run)
     for line in preflight.warnings(config, dims, tokenizer.get_vocab_size(), plan):
@@ -193,7 +192,8 @@ def setup(config: Config, world: World, held: contextlib.ExitStack, restart_sour
 
 
 def resume_or_build(config: Config, world: World, dims: ModelDims, tokenizer: Tokenizer, spec: MaskSpec,
-                    init_weights: dict | None, fresh: Plan, say) -> tuple[TrainState, dict | None, Path | None, Plan]:
+                    init_weights: dict | None, fresh: Plan, say, restart_sources: set[str] = frozenset(),
+                    ) -> tuple[TrainState, dict | None, Path | None, Plan]:
     """The training state, with the weights of the checkpoint it resumes from (if any), that checkpoint's other
     state, and the plan: `fresh`, or on resume the plan the checkpoint's progress keeps (phases in tokens keep
     their tokens at other rows per step). With `latest`, a checkpoint whose shards fail to load on any rank is set
@@ -208,7 +208,8 @@ def resume_or_build(config: Config, world: World, dims: ModelDims, tokenizer: To
         elif init_weights is not None:
             say(f"starting from the weights in {config.model.init_from_hf}")
         weights = init_weights if saved is None else saved.get("model")
-        state = build_state(with_plan_length(config, plan), world, dims, tokenizer, spec, weights, fsdp, plan)
+        state = build_state(with_plan_length(config, plan), world, dims, tokenizer, spec, weights, fsdp, plan, say,
+                            restart_sources)
         if saved is None or "sharded_checkpoint" not in saved:
             break
         try:  # each rank loads its part of the shards, resharded to this run
@@ -258,9 +259,9 @@ def mask_spec(tokenizer: Tokenizer, config: Config) -> MaskSpec:
 
 
 def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokenizer, spec: MaskSpec,
-                weights: dict | None, fsdp: bool, plan: Plan) -> TrainState:
+                weights: dict | None, fsdp: bool, plan: Plan, say, restart_sources: set[str]) -> TrainState:
     """The model (initialised from the seed, then given `weights` if any), wrapped for data parallelism,
-    with its optimizer and schedule. The order of random draws here is part of exact resume."""
+    with its optimizer, schedule and data stream. The order of random draws here is part of exact resume."""
     cfg = config.training
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = MaskedLM(dims)
@@ -270,11 +271,13 @@ def build_state(config: Config, world: World, dims: ModelDims, tokenizer: Tokeni
         compile_model(model) if config.data.batch_tokens else compile_layers(model)
     model = distributed.wrap(model.to(world.device), world, cfg.data_parallel)
     optimizer = build_optimizer(model, cfg, world.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_factor)  # phases set the rate of each step
+    # The plan's rate at every step (phases.Plan.learning_rate): the top-level peak x the plan's factor.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.lr_factor)
     if world.distributed:  # dropout differs between ranks
         torch.manual_seed(derive_seed(cfg.seed, "dropout", world.rank))
-    return TrainState(model, optimizer, scheduler, world, dims, tokenizer, spec, config, fsdp,
-                      lr_factor=plan.lr_factor, wandb_run_id=config.wandb.run_id)
+    return TrainState(model, optimizer, scheduler, world, dims, tokenizer, spec, config, fsdp, plan,
+                      DataStream(plan, spec, world), say, set(restart_sources),
+                      trackers=TrackerIds(config.wandb.run_id))
 
 
 def describe(run: Run) -> None:
@@ -381,9 +384,8 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
     next_step = devices.StepPrefetch(stream.next_step, device)
     tracker = Tracker(directory=run.checkpoint_dir, total_steps=cfg.max_steps, start_step=state.step,
                       fresh=state.resumed_from is None, settings=TrackerSettings.from_config(run.config),
-                      run_config=run.config.to_dict(), wandb_run_id=state.wandb_run_id, enabled=world.is_main)
-    state.wandb_run_id = tracker.wandb_run_id or state.wandb_run_id
-    saver = Saver(run, tracker)
+                      run_config=run.config.to_dict(), ids=state.trackers, enabled=world.is_main)
+    saver = Saver(run.config, world, state, plan.phase_ends(), tracker)
     window = MetricsWindow(device, state.step)
     autocast = devices.autocast_for(cfg.precision, device, note=tracker.write)
     phase_ends = plan.phase_ends()
@@ -437,7 +439,7 @@ def fit(run: Run, resume_hint: str) -> TrainResult:
                         check_skipped(window, state.step, cfg.max_nonfinite_steps, tracker)
                     if logs:
                         # the rate this step's update used (the plan's); the scheduler already holds the next one's
-                        record = window.read(state.step, cfg.learning_rate * plan.lr_factor(state.step - 1),
+                        record = window.read(state.step, plan.learning_rate(state.step - 1),
                                              state.tokens_seen,
                                              sum(stream.position.rows.values()) / sum(s.rows for s in run.sources))
                         tracker.log(record | where_the_data_is(run, phase))

@@ -1,7 +1,7 @@
 """finetune(source, task, settings): set up -> fit, once per seed. Plain code, no callbacks.
 
 For each seed: the pretrained encoder plus a new head (classifier.py), AdamW with RoBERTa's fine-tuning
-betas and weight-decay groups (optim.py), a learning rate that warms up over `warmup_ratio` of the steps and
+betas and weight-decay groups (optimizers/adamw.py), a learning rate that warms up over `warmup_ratio` of the steps and
 decays linearly to zero, `epochs` passes over the training examples in a seeded random order. After every
 epoch the validation files are scored with the task's metrics; the best epoch by the task's score on the
 first validation file is the one kept, as a checkpoint and as the seed's result. Fine-tuning on small tasks
@@ -45,13 +45,14 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, devices
 from encoder_train.batch import MaskSpec
 from encoder_train.config import TrainingConfig
+from encoder_train.seeds import derive_seed
 from encoder_train.errors import UserError
 from encoder_train.finetune.classifier import SequenceClassifier, family_of
 from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.optim import build_optimizer, build_scheduler, lr_factor
-from encoder_train.seeds import derive_seed
+from encoder_train.optimizers import build_optimizer
+from encoder_train.schedule import build_scheduler, lr_factor
 from encoder_train.state import host_copy
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import special_tokens
