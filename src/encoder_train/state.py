@@ -41,13 +41,13 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, distributed
 from encoder_train.batch import MaskSpec
 from encoder_train.config import Config, ModelConfig, TrainingConfig, resolved_vocab_size
-from encoder_train.seeds import derive_seed
 from encoder_train.distributed import World
 from encoder_train.errors import UserError
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optimizers import sync_hyperparameters
 from encoder_train.phases import Plan
 from encoder_train.schedule import lr_factor
+from encoder_train.seeds import derive_seed
 from encoder_train.tracking import TrackerIds
 
 if TYPE_CHECKING:

@@ -45,7 +45,6 @@ from tokenizers import Tokenizer
 from encoder_train import checkpoint, devices
 from encoder_train.batch import MaskSpec
 from encoder_train.config import TrainingConfig
-from encoder_train.seeds import derive_seed
 from encoder_train.errors import UserError
 from encoder_train.finetune.classifier import SequenceClassifier, family_of
 from encoder_train.finetune.metrics import METRICS, score
@@ -53,6 +52,7 @@ from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optimizers import build_optimizer
 from encoder_train.schedule import build_scheduler, lr_factor
+from encoder_train.seeds import derive_seed
 from encoder_train.state import host_copy
 from encoder_train.step import MetricsWindow, apply_update
 from encoder_train.tokenizer import special_tokens

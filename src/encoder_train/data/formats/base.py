@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from encoder_train.errors import UserError
 
-if TYPE_CHECKING:  # only for annotations: the store lists files by the suffixes the formats claim
-    from encoder_train.data.store import RemoteStore
+
+class ObjectStore(Protocol):
+    """What a format and the reader need of a bucket (data/store.py's RemoteStore): ranged reads and an open file.
+    Named here rather than imported, because the store imports the formats (it lists the suffixes they claim)."""
+
+    root: str
+
+    def read(self, url: str, start: int, length: int, where: str = "") -> bytes: ...
+
+    def open(self, url: str) -> Any: ...
+
 
 HEADER_BYTES = 64 << 10  # a remote shard's header: its first and last 64 KB
 
@@ -34,8 +43,8 @@ class ShardInfo:
     # None: the ids cannot be read in place (legacy format, unusual strides); the reader loads them whole.
     offset: int | None = None
     row_stride: int = 0  # elements between the starts of consecutive rows
-    # Where the bytes are: None for a local file (read with pread), else the RemoteStore it was listed from.
-    store: RemoteStore | None = field(default=None, compare=False, repr=False)
+    # Where the bytes are: None for a local file (read with pread), else the ObjectStore it was listed from.
+    store: ObjectStore | None = field(default=None, compare=False, repr=False)
 
 
 # Every integer dtype a shard may hold, as numpy reads it from the file's little-endian bytes.
@@ -56,7 +65,7 @@ class ShardFormat(Protocol):
         """A local file's header, checked (an integer dtype of ID_DTYPES, rows and width > 0, width <= max_tokens)
         without reading its ids; a UserError naming the file otherwise."""
 
-    def remote_header(self, store: RemoteStore, url: str, size: int, max_tokens: int) -> ShardInfo:
+    def remote_header(self, store: ObjectStore, url: str, size: int, max_tokens: int) -> ShardInfo:
         """The same for an object in `store` of `size` bytes, from ranged reads (a `HeaderWindow`); its offset
         must not be None: a remote shard is only read in place."""
 
@@ -81,7 +90,7 @@ class HeaderWindow(io.RawIOBase):
     """A remote shard as a seekable file for a format's parser (zipfile, torch.load): its first and last
     HEADER_BYTES are fetched once (one request each, one for a small shard), any other byte range on demand."""
 
-    def __init__(self, store: RemoteStore, url: str, size: int):
+    def __init__(self, store: ObjectStore, url: str, size: int):
         self.store, self.url, self.size, self.pos = store, url, size, 0
         self.error: UserError | None = None  # a failed read inside a parser (torch.load's C++ reader would hide it)
         if size <= 2 * HEADER_BYTES:

@@ -19,15 +19,12 @@ import re
 import struct
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from encoder_train.data.formats.base import ID_DTYPES, HeaderWindow, ShardInfo, check_width
+from encoder_train.data.formats.base import ID_DTYPES, HeaderWindow, ObjectStore, ShardInfo, check_width
 from encoder_train.errors import UserError
-
-if TYPE_CHECKING:
-    from encoder_train.data.store import RemoteStore
 
 
 class PtFormat:
@@ -36,7 +33,7 @@ class PtFormat:
     def header(self, path: str, max_tokens: int) -> ShardInfo:
         return check_header(path, load_shard(path), max_tokens)
 
-    def remote_header(self, store: RemoteStore, url: str, size: int, max_tokens: int) -> ShardInfo:
+    def remote_header(self, store: ObjectStore, url: str, size: int, max_tokens: int) -> ShardInfo:
         return remote_header(store, url, size, max_tokens)
 
     def load(self, path: str) -> torch.Tensor:
@@ -86,7 +83,7 @@ _LOCAL: Any = object()
 
 
 def check_header(path: str | Path, t: torch.Tensor, max_tokens: int, *, where: Any = _LOCAL,
-                 store: RemoteStore | None = None) -> ShardInfo:
+                 store: ObjectStore | None = None) -> ShardInfo:
     """Checks that need no data read: dtype, rank, width, emptiness; and where the rows lie in the file.
     `where`: the (offset, size) of the ids' record when already known (a remote shard's), else read from `path`."""
     if t.dtype not in ID_DTYPES:
@@ -158,7 +155,7 @@ def _stored_bytes(path: str | Path | io.RawIOBase) -> tuple[int, int] | None:
         return None
 
 
-def remote_header(store: RemoteStore, url: str, size: int, max_tokens: int) -> ShardInfo:
+def remote_header(store: ObjectStore, url: str, size: int, max_tokens: int) -> ShardInfo:
     """check_header for a shard in object storage, from its first and last bytes (no id is read)."""
     f = HeaderWindow(store, url, size)
     in_place = ("only plain tensors whose ids can be read in place are read from object storage: one 2-D integer "
