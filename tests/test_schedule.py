@@ -8,11 +8,11 @@ import torch
 
 from conftest import make_shards
 from encoder_train.config import Config, TrainingConfig
-from encoder_train.data.mixture import scan_sources
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.optimizers import build_optimizer
 from encoder_train.phases import Plan
 from encoder_train.schedule import build_scheduler, lr_factor
+from encoder_train.stream import scan_sources
 
 
 def test_linear_warmup_then_linear_decay_to_zero():
