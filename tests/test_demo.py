@@ -13,7 +13,7 @@ import pytest
 
 from encoder_train.cli import main
 from encoder_train.evaluate import show_guesses
-from encoder_train.finetune.docstrings import MIN_PER_CLASS
+from encoder_train.quickstart.docstrings import MIN_PER_CLASS
 
 STAGES = ["corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning"]
 
@@ -133,8 +133,8 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
     Most words of this text are ' spam': a model that learned the word frequencies already gets those right."""
     from encoder_train.config import load_config
     from encoder_train.data.prepare import pretokenize
-    from encoder_train.demo import Progress, Work, held_out_results, show_evaluation, write_summary
-    from encoder_train.learned import WORD
+    from encoder_train.quickstart.demo import Progress, Work, held_out_results, show_evaluation, write_summary
+    from encoder_train.quickstart.learned import WORD
     from encoder_train.tokenizer import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"

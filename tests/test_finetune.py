@@ -17,8 +17,8 @@ import torch
 from conftest import make_shards, make_tokenizer
 from encoder_train import checkpoint
 from encoder_train.cli import main
-from encoder_train.finetune.docstrings import run_demo_stage, write_task
 from encoder_train.finetune.loop import FinetuneSettings, load_finetuned
+from encoder_train.quickstart.docstrings import run_demo_stage, write_task
 from encoder_train.state import load_trained
 from finetune_data import KEYWORDS, examples, sentence, tiny_checkpoint, write_jsonl, write_table
 

@@ -26,14 +26,14 @@ import torch
 
 from encoder_train.checkpoint import list_checkpoints
 from encoder_train.config import BUNDLED_CONFIG_DIR, Config, load_config
-from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import autocast_for, pick_device
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, show_guesses
-from encoder_train.finetune.docstrings import FINETUNES, kept_results, run_demo_stage
-from encoder_train.learned import TOP_K, examples, log_frequencies, masked_scores, word_mask
+from encoder_train.quickstart.corpus import write_stdlib_corpus
+from encoder_train.quickstart.docstrings import FINETUNES, kept_results, run_demo_stage
+from encoder_train.quickstart.learned import TOP_K, examples, log_frequencies, masked_scores, word_mask
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
 from encoder_train.train import TrainResult, train
