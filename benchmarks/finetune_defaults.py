@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from encoder_train.finetune.docstrings import docstrings_by_package
 from encoder_train.finetune.loop import FinetuneSettings, finetune, source_from_checkpoint
 from encoder_train.finetune.tasks import load_task
+from encoder_train.quickstart.docstrings import docstrings_by_package
 
 
 def write_task(corpus: Path, folder: Path, ranks: range, seed: int = 0) -> Path:

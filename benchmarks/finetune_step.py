@@ -26,10 +26,10 @@ from encoder_train.config import TrainingConfig
 from encoder_train.data.loader import collate as mlm_collate
 from encoder_train.data.shards import ShardReader, scan_shards
 from encoder_train.finetune.classifier import SequenceClassifier
-from encoder_train.finetune.docstrings import DEMO_SETTINGS
 from encoder_train.finetune.loop import collate, encode, training_batches
 from encoder_train.finetune.tasks import load_task
 from encoder_train.optimizers import build_optimizer
+from encoder_train.quickstart.docstrings import DEMO_SETTINGS
 from encoder_train.state import load_trained
 
 

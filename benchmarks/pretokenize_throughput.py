@@ -22,8 +22,8 @@ import tokenizers
 import torch
 from host import cpu_name, usable_cores
 
-from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
+from encoder_train.quickstart.corpus import write_stdlib_corpus
 from encoder_train.textfiles import iter_texts
 from encoder_train.tokenizer import load_tokenizer, train_tokenizer
 

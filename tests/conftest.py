@@ -1,4 +1,7 @@
-"""Shared fixtures: a small real tokenizer and generated shards, made on the spot (no downloads)."""
+"""Shared fixtures: a small real tokenizer and generated shards, made on the spot (no downloads); a byte-level BPE
+tokenizer, a tiny pretrained checkpoint and a real S3-compatible server for the modules that share them.
+
+Plain helper functions that several test modules share live in helpers/."""
 
 from __future__ import annotations
 
@@ -9,12 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
-from encoder_train.tokenizer import word_level_tokenizer
+from encoder_train.cli import main
+from encoder_train.tokenizer import train_tokenizer, word_level_tokenizer
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 BOS, PAD, EOS, UNK, MASK = range(5)
 VOCAB = 128  # 5 specials + 123 words
+TEXT = "the model reads a token and the café writes {i} words, then the model stops.\n\n"
+PRETRAIN = """
+model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 64}
+data: {num_workers: 0}
+training: {batch_size: 16, max_steps: 8, learning_rate: 3.0e-3, warmup_steps: 2, precision: fp32, log_interval: 4}
+checkpoint: {checkpoint_every: 8}
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -94,3 +106,47 @@ def small_disk(tmp_path: Path, size: int):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def bpe_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A byte-level BPE tokenizer as `encoder-train tokenizer` trains it."""
+    folder = tmp_path_factory.mktemp("bpe")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("".join(TEXT.format(i=i) for i in range(200)), encoding="utf-8")
+    return train_tokenizer([corpus], folder / "tokenizer.json", vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny encoder pretrained for a few steps by `encoder-train train`."""
+    root = tmp_path_factory.mktemp("pretrain")
+    (root / "c.yaml").write_text(PRETRAIN)
+    rc = main(["train", "--config_file", str(root / "c.yaml"), "--data_dir", str(make_shards(root / "data")),
+               "--tokenizer_filepath", str(make_tokenizer(root / "tok.json")), "--checkpoint_dir", str(root / "ckpt")])
+    assert rc == 0
+    return root / "ckpt" / "checkpoint_00000008.pt"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """A real S3-compatible server for the module's tests; they are skipped where boto3, s3fs or moto are missing."""
+    from helpers.s3 import Moto
+
+    server = Moto(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto, monkeypatch, tmp_path):
+    """The trainer's credentials in the environment, and nothing from this machine's own AWS setup."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials from a cloud machine's metadata
+    for name, value in moto.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ENCODER_TRAIN_RETRY_SECONDS", "1")
+    return moto

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import wandb_records
 from conftest import make_tokenizer
 from encoder_train.cli import main
 from encoder_train.model import MaskedLM, ModelDims
+from helpers import wandb_records
 
 CONFIG = """
 model: {hidden_size: 64, num_layers: 2, num_heads: 2, intermediate_size: 128, max_position_embeddings: 130}

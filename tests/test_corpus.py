@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from encoder_train.corpus import _wanted, write_stdlib_corpus
 from encoder_train.errors import UserError
+from encoder_train.quickstart.corpus import _wanted, write_stdlib_corpus
 from encoder_train.textfiles import iter_texts
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from encoder_train.cli import main
 from encoder_train.evaluate import show_guesses
-from encoder_train.finetune.docstrings import MIN_PER_CLASS
+from encoder_train.quickstart.docstrings import MIN_PER_CLASS
 
 STAGES = ["corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning"]
 
@@ -133,8 +133,8 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
     Most words of this text are ' spam': a model that learned the word frequencies already gets those right."""
     from encoder_train.config import load_config
     from encoder_train.data.prepare import pretokenize
-    from encoder_train.demo import Progress, Work, held_out_results, show_evaluation, write_summary
-    from encoder_train.learned import WORD
+    from encoder_train.quickstart.demo import Progress, Work, held_out_results, show_evaluation, write_summary
+    from encoder_train.quickstart.learned import WORD
     from encoder_train.tokenizer import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -174,3 +174,25 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
     suggested = [line for line in capsys.readouterr().out.splitlines() if "encoder-train fill-mask" in line]
     first = results["examples"][0]
     assert suggested == [f"  encoder-train fill-mask --checkpoint {checkpoint} '{first['text']}'"]
+
+
+def test_nothing_in_the_trainer_imports_the_quickstart():
+    """The quickstart uses the trainer as a user would; only the cli's `demo` subcommand imports it, when it runs."""
+    import ast
+
+    import encoder_train
+
+    root = Path(encoder_train.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.parent.name == "quickstart":
+            continue
+        tree = ast.parse(path.read_text())
+        top = set(tree.body)  # module-level statements: imported whenever the module is
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}"] if isinstance(node, ast.ImportFrom) and node.module else [])
+            if any(n == "encoder_train.quickstart" or n.startswith("encoder_train.quickstart.") for n in names):
+                if path.name != "cli.py" or node in top:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []

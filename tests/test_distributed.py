@@ -16,41 +16,13 @@ import pytest
 import torch
 
 from conftest import make_shards, make_tokenizer, tree
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-CONFIG = """
-model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 130,
-        dropout: DROPOUT, attention_dropout: DROPOUT}
-data: {num_workers: 1}
-training: {batch_size: BATCH, gradient_accumulation_steps: 2, max_steps: 10, learning_rate: 3.0e-3, warmup_steps: 2,
-           precision: fp32, log_interval: 1, data_parallel: PARALLEL}
-checkpoint: {checkpoint_every: 5, max_checkpoints: 5}
-"""
+from helpers.launch import TORCHRUN, config, run
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("dist")
     return make_shards(root / "data"), make_tokenizer(root / "tok.json")
-
-
-def config(tmp_path: Path, name: str, batch: int = 8, dropout: float = 0.1, parallel: str = "ddp") -> Path:
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(CONFIG.replace("BATCH", str(batch)).replace("DROPOUT", str(dropout)).replace("PARALLEL", parallel))
-    return p
-
-
-def run(launcher: list[str], cfg: Path, inputs, ckpt: Path, *extra: str, check: bool = True, **popen):
-    data, tok = inputs
-    args = [*launcher, "-m", "encoder_train", "train", "--config_file", str(cfg), "--data_dir", str(data),
-            "--tokenizer_filepath", str(tok), "--checkpoint_dir", str(ckpt), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(args, env=env, **popen)
-    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def weights(ckpt: Path, step: int = 10) -> dict[str, torch.Tensor]:

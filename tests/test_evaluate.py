@@ -59,7 +59,7 @@ def test_validation_during_training_and_standalone_agree(capsys, tmp_path, shard
     assert evals[1]["val_loss"] < math.log(128) - 0.5  # well below an untrained model's ~ln(V)
     assert "val loss" in capsys.readouterr().err
 
-    import wandb_records
+    from helpers import wandb_records
 
     assert [h["_step"] for h in wandb_records.history(ckpt / "wandb") if "val_loss" in h] == [20, 40]
 

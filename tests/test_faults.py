@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import wandb_records
 from conftest import MASK, PAD, make_shards
 from encoder_train import checkpoint
 from encoder_train.batch import MaskSpec
@@ -28,6 +27,7 @@ from encoder_train.data.loader import BatchStream
 from encoder_train.data.mixture import MLMBatches
 from encoder_train.data.order import RowOrder
 from encoder_train.data.shards import scan_shards
+from helpers import wandb_records
 
 CONFIG = """
 model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 130}

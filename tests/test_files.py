@@ -13,8 +13,8 @@ import pytest
 
 from encoder_train import checkpoint
 from encoder_train.cli import main
-from finetune_data import examples, tiny_checkpoint, write_table
-from test_hostile_train import config, one_sentence
+from helpers.finetune_data import examples, tiny_checkpoint, write_table
+from helpers.train_runs import config, one_sentence
 
 
 def run(capsys, *args) -> tuple[int, str]:

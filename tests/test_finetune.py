@@ -14,32 +14,14 @@ import re
 import pytest
 import torch
 
-from conftest import make_shards, make_tokenizer
 from encoder_train import checkpoint
 from encoder_train.cli import main
-from encoder_train.finetune.docstrings import run_demo_stage, write_task
 from encoder_train.finetune.loop import FinetuneSettings, load_finetuned
+from encoder_train.quickstart.docstrings import run_demo_stage, write_task
 from encoder_train.state import load_trained
-from finetune_data import KEYWORDS, examples, sentence, tiny_checkpoint, write_jsonl, write_table
+from helpers.finetune_data import KEYWORDS, examples, sentence, tiny_checkpoint, write_jsonl, write_table
 
-PRETRAIN = """
-model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 64}
-data: {num_workers: 0}
-training: {batch_size: 16, max_steps: 8, learning_rate: 3.0e-3, warmup_steps: 2, precision: fp32, log_interval: 4}
-checkpoint: {checkpoint_every: 8}
-"""
 FAST = ["--batch_size", "16", "--learning_rate", "5e-3", "--precision", "fp32"]
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A tiny encoder pretrained for a few steps by `encoder-train train`."""
-    root = tmp_path_factory.mktemp("pretrain")
-    (root / "c.yaml").write_text(PRETRAIN)
-    rc = main(["train", "--config_file", str(root / "c.yaml"), "--data_dir", str(make_shards(root / "data")),
-               "--tokenizer_filepath", str(make_tokenizer(root / "tok.json")), "--checkpoint_dir", str(root / "ckpt")])
-    assert rc == 0
-    return root / "ckpt" / "checkpoint_00000008.pt"
 
 
 def last_json(out: str) -> dict:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 from encoder_train.cli import main
-from finetune_data import examples, write_jsonl, write_table
-from test_finetune import pretrained  # noqa: F401 - the module-scoped fixture
+from helpers.finetune_data import examples, write_jsonl, write_table
 
 
 def run(capsys, *args) -> tuple[int, str, str]:

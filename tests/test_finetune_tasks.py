@@ -11,7 +11,7 @@ from encoder_train.cli import main
 from encoder_train.finetune.glue import glue_task, resolve_task, spec_for
 from encoder_train.finetune.loop import encode, truncate_pair
 from encoder_train.finetune.tasks import Split, TaskSpec, load_task
-from finetune_data import examples, pair_examples, write_jsonl, write_table
+from helpers.finetune_data import examples, pair_examples, write_jsonl, write_table
 
 
 def test_glue_tsv_with_header_keeps_quotes_as_text(tmp_path):
@@ -183,7 +183,7 @@ def test_more_bad_inputs(capsys, tmp_path, case):
     else:
         extra = ["--metric", "f1"]
     if case == "f1_on_three":  # checked once the model's task is known: the checkpoint must exist
-        from finetune_data import tiny_checkpoint
+        from helpers.finetune_data import tiny_checkpoint
 
         ckpt = tiny_checkpoint(tmp_path / "ckpt")
         rc = main(["finetune", "--checkpoint", str(ckpt), "--train_file", str(train), "--validation_file",

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,67 +24,17 @@ from transformers import (
 )
 
 from conftest import PAD, VOCAB, make_tokenizer
-from encoder_train import checkpoint
 from encoder_train.batch import MaskSpec
 from encoder_train.errors import UserError
 from encoder_train.hf import export_checkpoint, import_hf
-from encoder_train.model import MaskedLM, ModelDims
-from encoder_train.tokenizer import special_tokens, train_tokenizer
-
-TEXT = "the model reads a token and the café writes {i} words, then the model stops.\n\n"
-
-
-def dims_for(vocab_size: int, **changes) -> ModelDims:
-    return ModelDims(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                     max_position_embeddings=40, pad_id=PAD, **changes)
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int = 0) -> None:
-    """Move every parameter off its initial value: zero biases and unit LayerNorms would hide a swapped name."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def write_checkpoint(folder: Path, tokenizer: Tokenizer, dims: ModelDims) -> tuple[Path, MaskedLM]:
-    """A checkpoint as training writes it (the keys export reads), and its model in eval mode."""
-    folder.mkdir()
-    torch.manual_seed(0)
-    model = MaskedLM(dims)
-    perturb(model)
-    special = special_tokens(tokenizer)
-    spec = MaskSpec(special.pad, special.mask, special.all_ids, tokenizer.get_vocab_size(), 0.15)
-    state = {"model": model.state_dict(), "step": 2, "dims": asdict(dims),
-             "tokenizer": {"json": tokenizer.to_str(), "mask_spec": asdict(spec)}}
-    return checkpoint.save(state, folder, 2), model.eval()
-
-
-def padded_batch(vocab_size: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (B, T) ids, row i holding lengths[i] real tokens (never the pad id), right-padded; and the mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(PAD + 1, vocab_size, (len(lengths), max(lengths)), generator=g)
-    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
-    return ids.masked_fill(~mask, PAD), mask
-
-
-def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor) -> None:
-    assert ours.shape == theirs.shape
-    assert (ours - theirs).abs().max() <= 1e-5 * ours.abs().max()
+from encoder_train.model import MaskedLM
+from encoder_train.tokenizer import special_tokens
+from helpers.hf_models import assert_same_logits, dims_for, padded_batch, perturb, write_checkpoint
 
 
 @pytest.fixture
 def word_tokenizer(tmp_path) -> Tokenizer:
     return Tokenizer.from_file(str(make_tokenizer(tmp_path / "word.json")))
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer(tmp_path_factory) -> Tokenizer:
-    """A byte-level BPE tokenizer as `encoder-train tokenizer` trains it."""
-    folder = tmp_path_factory.mktemp("bpe")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("".join(TEXT.format(i=i) for i in range(200)), encoding="utf-8")
-    return train_tokenizer([corpus], folder / "tokenizer.json", vocab_size=300)
 
 
 # ---- export -------------------------------------------------------------------------------------

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,28 +17,7 @@ import torch
 from conftest import BOS, EOS, PAD, make_rows, make_shards, small_disk
 from encoder_train import checkpoint
 from encoder_train.cli import main
-
-CONFIG = """
-model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 130}
-data: {num_workers: WORKERS}
-training: {batch_size: 8, max_steps: STEPS, learning_rate: 3.0e-3, warmup_steps: 2, precision: fp32, log_interval: 1}
-checkpoint: {checkpoint_every: EVERY, max_checkpoints: 2}
-"""
-
-
-def config(tmp_path: Path, steps: int = 20, every: int = 10, workers: int = 0) -> Path:
-    p = tmp_path / f"run_{steps}_{every}_{workers}.yaml"
-    p.write_text(CONFIG.replace("STEPS", str(steps)).replace("EVERY", str(every)).replace("WORKERS", str(workers)))
-    return p
-
-
-def command(cfg: Path, data: Path, tok: Path, ckpt: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "encoder_train", "train", "--config_file", str(cfg), "--data_dir", str(data),
-            "--tokenizer_filepath", str(tok), "--checkpoint_dir", str(ckpt), *extra]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+from helpers.train_runs import command, config, env, one_sentence
 
 
 def logged(ckpt: Path) -> list[int]:
@@ -55,12 +32,6 @@ def wait_for_steps(ckpt: Path, n: int, proc: subprocess.Popen) -> None:
     while len(logged(ckpt)) < n and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it was disturbed"
-
-
-def one_sentence(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.startswith("encoder-train: error:")]
-    assert "Traceback" not in err and len(lines) == 1, err[-3000:]
-    return lines[0]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:

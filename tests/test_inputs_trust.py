@@ -15,7 +15,6 @@ import torch
 
 from encoder_train.data.shards import scan_shards
 from encoder_train.errors import UserError
-from test_object_storage import aws, moto  # noqa: F401 - the real moto server, as fixtures
 
 
 def one_sentence(text: str) -> str:
@@ -315,7 +314,7 @@ def test_an_unreachable_hub_is_retried_then_one_sentence(tmp_path):
     import subprocess
 
     from conftest import make_tokenizer
-    from test_object_storage import free_port
+    from helpers.launch import free_port
 
     pytest.importorskip("huggingface_hub")
     env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "ENCODER_TRAIN_RETRY_SECONDS": "1",

@@ -14,25 +14,14 @@ from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
 from encoder_train.hf import export_checkpoint, from_hf, import_hf, modernbert_config, to_hf
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.tokenizer import special_tokens, word_level_tokenizer
-from test_hf import assert_same_logits, padded_batch, perturb, write_checkpoint
+from helpers.hf_models import assert_same_logits, modern_dims, padded_batch, perturb, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
-
-MODERN = dict(pre_layer_norm=True, first_attention_norm=False, position_embedding="rotary", rope_theta=160_000.0,
-              local_rope_theta=10_000.0, global_attention_every=3, local_attention=8, feed_forward="geglu",
-              attention_bias=False, feed_forward_bias=False, norm_bias=False, head_bias=False,
-              token_type_embedding=False, init="modernbert", dropout=0.0, attention_dropout=0.0)
 
 
 @pytest.fixture
 def word_tokenizer():
     return word_level_tokenizer(VOCAB)
-
-
-def modern_dims(**changes) -> ModelDims:
-    # 4 layers: global, local, local, global; a window of 8 tokens (4 each side), rows up to 30: local layers matter
-    return ModelDims(**{**dict(vocab_size=VOCAB, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=48,
-                               max_position_embeddings=64, pad_id=PAD), **MODERN, **changes})
 
 
 def hf_model(dims: ModelDims, tokenizer) -> torch.nn.Module:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 from conftest import make_shards, make_tokenizer, tree
 from encoder_train import checkpoint
 from encoder_train.distributed import SHARED_TOKEN
-from test_distributed import TORCHRUN, config, run
+from helpers.launch import TORCHRUN, config, free_port, run
 
 WAIT = 120  # seconds a launcher may take before the test calls it hung (a whole run here takes about 10)
 
@@ -98,12 +97,6 @@ def two_nodes(tmp_path, inputs):
     yield start
     for node in started:
         node.die()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def finish(nodes: list[Node]) -> str:

@@ -24,8 +24,8 @@ from encoder_train.phases import Plan
 from encoder_train.state import world_size_note
 from encoder_train.stream import scan_sources
 from encoder_train.tokenizer import load_tokenizer
-from test_distributed import CONFIG
-from test_recipes import recipe, records, run
+from helpers.launch import CONFIG
+from helpers.recipes import recipe, records, run
 
 # Sources of the recipe helper: web rows of 32 slots at weight 3, code rows of 48 at weight 1: a row's expected
 # slots are 0.75 x 32 + 0.25 x 48 = 36 (exact in floating point), so 4 rows per step read 144 slots.

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -32,76 +29,13 @@ from encoder_train.data.loader import RowSource
 from encoder_train.data.mixture import SINGLE, Source
 from encoder_train.data.shards import ShardReader, scan_shards
 from encoder_train.data.store import RemoteStore
+from helpers.s3 import BUCKET, Moto
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-BUCKET = "shards"
 MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 130}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Moto:
-    """`python -m moto.server` on a free localhost port; IAM authentication switched on once a user exists."""
-
-    def __init__(self, log: Path):
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(0.05)
-        # The one user training reads as; every request after this one is authenticated.
-        admin = {"endpoint_url": self.endpoint, "region_name": "us-east-1", "aws_access_key_id": "admin",
-                 "aws_secret_access_key": "admin"}
-        iam = boto3.client("iam", **admin)
-        iam.create_user(UserName="trainer")
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-        arn = iam.create_policy(PolicyName="shards", PolicyDocument=json.dumps(policy))["Policy"]["Arn"]
-        iam.attach_user_policy(UserName="trainer", PolicyArn=arn)
-        key = iam.create_access_key(UserName="trainer")["AccessKey"]
-        self.key, self.secret = key["AccessKeyId"], key["SecretAccessKey"]
-        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0",
-                                                      method="POST", headers={"Content-Type": "text/plain"})).close()
-        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                                   aws_access_key_id=self.key, aws_secret_access_key=self.secret)
-        self.client.create_bucket(Bucket=BUCKET)
-
-    def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
-                "AWS_DEFAULT_REGION": "us-east-1"}
-
-    def upload(self, folder: Path, prefix: str) -> str:
-        for p in sorted(folder.rglob("*.pt")):
-            self.client.upload_file(str(p), BUCKET, f"{prefix}/{p.relative_to(folder).as_posix()}")
-        return f"s3://{BUCKET}/{prefix}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto") / "moto.log")
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +46,6 @@ def data(moto, tmp_path_factory):
     code = make_shards(root / "code", files=2, rows=30, width=48, seed=2)
     return {"web": web, "code": code, "web_url": moto.upload(web, "corpus/web"),
             "code_url": moto.upload(code, "corpus/code")}
-
-
-@pytest.fixture
-def aws(moto, monkeypatch, tmp_path):
-    """The trainer's credentials in the environment, and nothing from this machine's own AWS setup."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no credentials from a cloud machine's metadata
-    for name, value in moto.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("ENCODER_TRAIN_RETRY_SECONDS", "1")
-    return moto
 
 
 def config(tmp_path: Path, data: dict | None = None, workers: int = 0, **training) -> Path:

@@ -3,7 +3,6 @@ schedules; exact resume in every phase; changed sources on resume; the plan; the
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,49 +16,11 @@ from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
 from encoder_train.data.mixture import SINGLE, MixedBatches, Source, draw_counts
 from encoder_train.data.shards import scan_shards
 from encoder_train.phases import Plan
-
-MODEL = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_position_embeddings": 130,
-         "dropout": 0.1, "attention_dropout": 0.1}
-
-
-def recipe(tmp_path: Path, **top) -> Path:
-    """A two-source, three-phase recipe on tiny data (sources of different row widths)."""
-    web = make_shards(tmp_path / "web", files=3, rows=40, width=32, seed=1)
-    code = make_shards(tmp_path / "code", files=2, rows=30, width=48, seed=2)
-    val = make_shards(tmp_path / "code-val", files=1, rows=8, width=48, seed=3)
-    config = {
-        "model": MODEL,
-        "data": {"sources": {"web": {"data_dir": str(web), "weight": 3},
-                             "code": {"data_dir": str(code), "weight": 1, "val_data_dir": str(val)}},
-                 "tokenizer_filepath": str(make_tokenizer(tmp_path / "tok.json")), "mask_probability": 0.3},
-        "training": {"batch_size": 4, "learning_rate": 1e-3, "precision": "fp32", "log_interval": 1,
-                     "eval_every": 1000, "eval_batches": 1},
-        "checkpoint": {"checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every": 1000, "max_checkpoints": 1},
-        "phases": [
-            {"name": "warm", "steps": 5, "training": {"warmup_steps": 3, "batch_size_warmup_steps": 3,
-                                                      "batch_size_start": 2}},
-            {"name": "ext", "steps": 4, "data": {"sources": {"code": {}}, "mask_probability": 0.2}},
-            {"name": "decay", "steps": 3, "data": {"mask_probability": 0.15, "mask_probability_end": 0.05},
-             "training": {"schedule": "wsd", "decay_fraction": 1.0, "decay_shape": "1-sqrt"}},
-        ],
-    }
-    for section, values in top.items():
-        config[section] = values if section == "phases" else {**config.get(section, {}), **values}
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run(path: Path, *extra: str, capsys=None) -> int:
-    return main(["train", "--config_file", str(path), *extra])
+from helpers.recipes import MODEL, recipe, records, run
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, weights_only=True)["model"]
-
-
-def records(ckpt_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---- mixtures -------------------------------------------------------------------------------------------
@@ -319,8 +280,8 @@ def test_tiny_twins_run_end_to_end_and_resume(tmp_path, twin, capsys):
 
 def test_trackers_and_the_log_line_carry_the_phase_and_sources(tmp_path, capsys):
     """A real offline W&B run and a real TensorBoard event file, read back; the plain progress line off a terminal."""
-    from test_tracking import tensorboard_steps
-    from wandb_records import history
+    from helpers.train_runs import tensorboard_steps
+    from helpers.wandb_records import history
 
     path = recipe(tmp_path)
     assert run(path, "--wandb", "--tensorboard", "--set", "tensorboard.log_freq=1", "--wandb_log_freq", "1",

@@ -15,8 +15,7 @@ from sentence_transformers import SentenceTransformer  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from encoder_train.hf import export_checkpoint  # noqa: E402
-from test_hf import bpe_tokenizer, dims_for, write_checkpoint  # noqa: E402, F401
-from test_modernbert import modern_dims  # noqa: E402
+from helpers.hf_models import dims_for, modern_dims, write_checkpoint  # noqa: E402
 
 TEXTS = ["the model reads a token", "the café writes 3 words, then the model stops.", "stops"]
 

@@ -5,7 +5,6 @@ Real torchrun processes with gloo on the CPU."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,8 +18,8 @@ import torch
 from conftest import make_shards, make_tokenizer
 from encoder_train import checkpoint
 from encoder_train.cli import main
+from helpers.launch import TORCHRUN, run
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 CONFIG = """
 model: {hidden_size: 32, num_layers: 2, num_heads: 2, intermediate_size: 64, max_position_embeddings: 130,
         dropout: 0.1, attention_dropout: 0.1}
@@ -31,16 +30,9 @@ checkpoint: {checkpoint_every: 5, max_checkpoints: 5}
 """
 
 
-def train(launcher: list[str], root: Path, ckpt: Path, *extra: str, check: bool = True, **popen):
-    args = [*launcher, "-m", "encoder_train", "train", "--config_file", str(root / "c.yaml"), "--data_dir",
-            str(root / "data"), "--tokenizer_filepath", str(root / "tok.json"), "--checkpoint_dir", str(ckpt), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(args, env=env, **popen)
-    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
+def train(launcher: list[str], root: Path, ckpt: Path, *extra: str, **kw):
+    """The run of `root`'s c.yaml on its data and tok.json."""
+    return run(launcher, root / "c.yaml", (root / "data", root / "tok.json"), ckpt, *extra, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def test_every_command_reads_a_sharded_folder_and_consolidate_writes_one_file(st
     assert main(["evaluate", "--checkpoint", str(out), "--data_dir", str(straight / "data"),
                  "--max_batches", "2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == from_folder["loss"]
-    from finetune_data import examples, write_jsonl
+    from helpers.finetune_data import examples, write_jsonl
 
     train_file = write_jsonl(tmp_path / "train.jsonl", examples(24, seed=1))
     dev_file = write_jsonl(tmp_path / "dev.jsonl", examples(12, seed=2))

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from encoder_train.threads import choose, cpu_quota
-from test_hostile_train import command, config, env
+from helpers.train_runs import command, config, env
 
 
 def test_a_cgroup_quota_is_read_from_v2_then_v1(tmp_path):

@@ -7,12 +7,11 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from encoder_train.train import how_to_resume
-from test_hostile_train import command, config, env, one_sentence
+from helpers.train_runs import command, config, env, one_sentence, tensorboard_steps
 
 MAX_STEPS = 12
 
@@ -40,14 +39,6 @@ def test_the_bar_can_be_asked_for_in_a_file(tmp_path, shard_dir, tokenizer_file)
     proc = run(command(config(tmp_path, steps=4, every=5), shard_dir, tokenizer_file, tmp_path / "ckpt",
                        "--progress", "bar"))
     assert proc.returncode == 0 and "| 4/4 [" in proc.stderr and "step/s" in proc.stderr  # tqdm's bar
-
-
-def tensorboard_steps(folder: Path, tag: str = "loss") -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(folder))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 @pytest.mark.slow

@@ -342,7 +342,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from encoder_train.demo import DemoSettings, run_demo
+    from encoder_train.quickstart.demo import DemoSettings, run_demo
 
     summary = run_demo(DemoSettings(workdir=Path(args.workdir), max_steps=args.max_steps,
                                     corpus_bytes=args.corpus_bytes))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -53,16 +53,23 @@ def evaluate(
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     max_batches: int | None = None,
+    on_batch: Callable[[Batch, torch.Tensor], None] | None = None,
 ) -> dict[str, float | int]:
-    """Mean loss and accuracy over every predicted token of the held-out rows; the model's mode is restored."""
+    """Mean loss and accuracy over every predicted token of the held-out rows; the model's mode is restored.
+
+    The one loop that runs a model over the held-out masked batches: `on_batch(batch, logits)`, where given, sees
+    each batch as eval_batches made it (on the host) with the model's logits at its predicted positions, (N, V)
+    float on `device` (V: the model's vocabulary, padded), so that a caller's own measure of the same predictions
+    needs no second pass.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     predicted, tokens, rows = 0, 0, 0
     try:
-        for b in eval_batches(shards, spec, batch_size, max_batches):
-            b = b.to(device)
+        for host in eval_batches(shards, spec, batch_size, max_batches):
+            b = host.to(device)
             with autocast or contextlib.nullcontext():
                 # Through forward(), so a DDP- or FSDP-wrapped model works too.
                 out = model(b.input_ids, b.attention_mask, b.labels, b.predict_positions, reduction="sum",
@@ -75,6 +82,8 @@ def evaluate(
             predicted += b.num_predicted
             tokens += b.num_tokens
             rows += b.input_ids.shape[0]
+            if on_batch is not None:
+                on_batch(host, logits)
     finally:
         model.train(was_training)
     if predicted == 0:

@@ -9,5 +9,4 @@ The data's way through it:
   metrics.py     GLUE's metrics: accuracy, F1, Matthews, Pearson, Spearman
   glue.py        GLUE's tasks (files, columns, metrics, hyper-parameters) and the `glue` command
   export.py      a fine-tuned checkpoint -> RobertaForSequenceClassification / ModernBertForSequenceClassification
-  docstrings.py  the demo's task: which part of the standard library a docstring comes from
 """

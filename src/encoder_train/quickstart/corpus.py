@@ -123,7 +123,7 @@ def _docstring_documents() -> Iterator[str]:
         # -I -S: no environment variables, no site-packages and no .pth hooks (setuptools replaces
         # distutils from one), so only the standard library is seen. This package is appended after
         # it for the child to import this module.
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         code = f"import sys; sys.path.append({package_root!r}); import {__name__} as m; m._collect_docstrings()"
         child = subprocess.run(
             [sys.executable, "-I", "-S", "-c", code, out],

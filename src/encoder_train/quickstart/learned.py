@@ -1,8 +1,9 @@
 """What a short pretraining learned, on the held-out <mask> positions: the demo's stage 5 beyond loss and accuracy.
 
-The positions are the evaluation's fixed masks (evaluate.eval_batches: the same in every run) where the input
-is <mask>, as in fill-mask; positions left as they were or replaced by a random token, which evaluate's loss and
-accuracy also count, are left out (a model learns to copy those first). On them:
+The positions are the evaluation's fixed masks (evaluate.eval_batches: the same in every run; MaskedTally counts
+them during evaluate's own pass) where the input is <mask>, as in fill-mask; positions left as they were or
+replaced by a random token, which evaluate's loss and accuracy also count, are left out (a model learns to copy
+those first). On them:
 - the loss of the model against the loss of word frequencies alone (each token's share of the training rows,
   whatever its context): what a model has learned beyond those counts is what it reads from the context;
 - the model's commonest first guesses: a model a few minutes old answers '.', '\\n' or ' the' for most masks;
@@ -16,17 +17,16 @@ accuracy also count, are left out (a model learns to copy those first). On them:
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from encoder_train.batch import IGNORE_INDEX, MaskSpec
+from encoder_train.batch import IGNORE_INDEX, Batch, MaskSpec
 from encoder_train.data.formats.base import ShardInfo
 from encoder_train.data.shards import ShardReader
-from encoder_train.evaluate import eval_batches, fill_mask
+from encoder_train.evaluate import fill_mask
 from encoder_train.state import Trained
 
 WORD = re.compile(r" ?[A-Za-z]{4,}")  # a token that is a word of 4+ letters, with the space that starts it
@@ -83,48 +83,46 @@ def log_frequencies(shards: list[ShardInfo], spec: MaskSpec) -> torch.Tensor:
     return (counts / counts.sum()).log()
 
 
-@torch.no_grad()
-def masked_scores(model: torch.nn.Module, shards: list[ShardInfo], spec: MaskSpec, words: torch.Tensor,
-                  log_freq: torch.Tensor, tokenizer, *, batch_size: int, device: torch.device,
-                  autocast: contextlib.AbstractContextManager | None = None,
-                  ) -> tuple[MaskedScores, list[tuple[list[int], int]]]:
-    """The model's MaskedScores, and (row's original ids, position) of each word of 4+ letters it gets right at
-    its first guess, in reading order. Special tokens are never a guess, as in fill_mask."""
-    was_training = model.training
-    model.eval()
-    s, loss, freq_loss, top1, topk = MaskedScores(), 0.0, 0.0, 0, 0
-    guesses: Counter[int] = Counter()
-    right: list[tuple[list[int], int]] = []
-    try:
-        for b in eval_batches(shards, spec, batch_size, None):
-            bd = b.to(device)
-            with autocast or contextlib.nullcontext():
-                out = model(bd.input_ids, bd.attention_mask, bd.labels, bd.predict_positions, reduction="sum",
-                            packing=bd.packing, return_predicted_logits=True)
-            is_mask = b.input_ids.reshape(-1).index_select(0, b.predict_positions) == spec.mask_id  # (N,)
-            at = b.predict_positions[is_mask]  # (M,) flat indices into B*T
-            target = b.labels.reshape(-1)[at]  # (M,)
-            logits = out.predicted_logits.float().cpu()[is_mask, : spec.vocab_size]  # (M, V)
-            loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            freq_loss -= log_freq[target].sum().item()
-            logits[:, list(spec.special_ids)] = float("-inf")
-            best = logits.topk(TOP_K, dim=-1).indices  # (M, TOP_K)
-            guesses.update(best[:, 0].tolist())
-            is_word = words[target]
-            hit = best == target[:, None]
-            s.masks, s.words = s.masks + len(target), s.words + int(is_word.sum())
-            top1, topk = top1 + int((hit[:, 0] & is_word).sum()), topk + int((hit.any(1) & is_word).sum())
-            original = torch.where(b.labels != IGNORE_INDEX, b.labels, b.input_ids)  # (B, T)
-            width = b.input_ids.shape[1]
-            for flat in at[hit[:, 0] & is_word].tolist():
-                right.append((original[flat // width].tolist(), flat % width))
-    finally:
-        model.train(was_training)
-    n = max(s.masks, 1)
-    s.loss, s.frequency_loss = loss / n, freq_loss / n
-    s.first_guesses = [(tokenizer.decode([i]), c / n) for i, c in guesses.most_common(COMMON)]
-    s.word_top1, s.word_topk = top1 / max(s.words, 1), topk / max(s.words, 1)
-    return s, right
+class MaskedTally:
+    """One model's MaskedScores, batch by batch, from evaluate's own pass: `add` is its `on_batch`."""
+
+    def __init__(self, spec: MaskSpec, words: torch.Tensor, log_freq: torch.Tensor) -> None:
+        self.spec, self.words, self.log_freq = spec, words, log_freq  # words, log_freq: (vocab_size,)
+        self.s, self.loss, self.freq_loss, self.top1, self.topk = MaskedScores(), 0.0, 0.0, 0, 0
+        self.guesses: Counter[int] = Counter()
+        # (row's original ids, position) of each word of 4+ letters the model gets right at its first guess,
+        # in reading order.
+        self.right: list[tuple[list[int], int]] = []
+
+    def add(self, b: Batch, predicted_logits: torch.Tensor) -> None:
+        """`b` on the host; `predicted_logits`: (N, V) at its predicted positions, on any device. Special tokens
+        are never a guess, as in fill_mask."""
+        spec, s = self.spec, self.s
+        is_mask = b.input_ids.reshape(-1).index_select(0, b.predict_positions) == spec.mask_id  # (N,)
+        at = b.predict_positions[is_mask]  # (M,) flat indices into B*T
+        target = b.labels.reshape(-1)[at]  # (M,)
+        logits = predicted_logits.float().cpu()[is_mask, : spec.vocab_size]  # (M, V): a copy, written below
+        self.loss += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        self.freq_loss -= self.log_freq[target].sum().item()
+        logits[:, list(spec.special_ids)] = float("-inf")
+        best = logits.topk(TOP_K, dim=-1).indices  # (M, TOP_K)
+        self.guesses.update(best[:, 0].tolist())
+        is_word = self.words[target]
+        hit = best == target[:, None]
+        s.masks, s.words = s.masks + len(target), s.words + int(is_word.sum())
+        self.top1 += int((hit[:, 0] & is_word).sum())
+        self.topk += int((hit.any(1) & is_word).sum())
+        original = torch.where(b.labels != IGNORE_INDEX, b.labels, b.input_ids)  # (B, T)
+        width = b.input_ids.shape[1]
+        for flat in at[hit[:, 0] & is_word].tolist():
+            self.right.append((original[flat // width].tolist(), flat % width))
+
+    def scores(self, tokenizer) -> MaskedScores:
+        s, n = self.s, max(self.s.masks, 1)
+        s.loss, s.frequency_loss = self.loss / n, self.freq_loss / n
+        s.first_guesses = [(tokenizer.decode([i]), c / n) for i, c in self.guesses.most_common(COMMON)]
+        s.word_top1, s.word_topk = self.top1 / max(s.words, 1), self.topk / max(s.words, 1)
+        return s
 
 
 def sentence_around(ids: list[int], pos: int, trained: Trained) -> str | None:
@@ -153,7 +151,7 @@ def sentence_around(ids: list[int], pos: int, trained: Trained) -> str | None:
 
 def examples(trained: Trained, untrained_model: torch.nn.Module, right: list[tuple[list[int], int]], count: int,
              device: torch.device) -> list[Example]:
-    """The first `count` of the words the trained model got right (masked_scores) that `fill_mask` also gets right
+    """The first `count` of the words the trained model got right (MaskedTally.right) that `fill_mask` also gets right
     from their sentence alone, each with the untrained model's guesses beside."""
     untrained = replace(trained, model=untrained_model)
     found: list[Example] = []

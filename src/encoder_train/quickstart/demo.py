@@ -26,14 +26,14 @@ import torch
 
 from encoder_train.checkpoint import list_checkpoints
 from encoder_train.config import BUNDLED_CONFIG_DIR, Config, load_config
-from encoder_train.corpus import write_stdlib_corpus
 from encoder_train.data.prepare import pretokenize
 from encoder_train.data.shards import scan_shards
 from encoder_train.devices import autocast_for, pick_device
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, show_guesses
-from encoder_train.finetune.docstrings import FINETUNES, kept_results, run_demo_stage
-from encoder_train.learned import TOP_K, examples, log_frequencies, masked_scores, word_mask
+from encoder_train.quickstart.corpus import write_stdlib_corpus
+from encoder_train.quickstart.docstrings import FINETUNES, kept_results, run_demo_stage
+from encoder_train.quickstart.learned import TOP_K, MaskedTally, examples, log_frequencies, word_mask
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
 from encoder_train.train import TrainResult, train
@@ -291,12 +291,12 @@ def held_out_results(config: Config, checkpoint: Path, data: Path) -> dict[str, 
     log_freq = log_frequencies(scan_shards(data / "train", trained.model.dims.max_tokens), trained.spec)
     results: dict[str, Any] = {"checkpoint": str(checkpoint), "step": trained.state["step"]}
     for name, model in (("untrained", untrained), ("trained", trained.model)):
-        results[name] = evaluate(model, val, trained.spec, batch_size=batch, device=device, autocast=autocast)
-        scores, right = masked_scores(model, val, trained.spec, words, log_freq, trained.tokenizer,
-                                      batch_size=batch, device=device, autocast=autocast)
-        results[f"{name}_masks"] = scores.to_dict()
-    # `right`: the trained model's (the last one scored).
-    results["examples"] = [e.to_dict() for e in examples(trained, untrained, right, EXAMPLES, device)]
+        tally = MaskedTally(trained.spec, words, log_freq)  # one pass per model: evaluate's
+        results[name] = evaluate(model, val, trained.spec, batch_size=batch, device=device, autocast=autocast,
+                                 on_batch=tally.add)
+        results[f"{name}_masks"] = tally.scores(trained.tokenizer).to_dict()
+    # `tally.right`: the trained model's (the last one scored).
+    results["examples"] = [e.to_dict() for e in examples(trained, untrained, tally.right, EXAMPLES, device)]
     return results
 
 

@@ -1,0 +1,12 @@
+"""The quickstart (`encoder-train demo`): a first run on any machine, no download.
+
+The data's way through it:
+
+  corpus.py      CPython's own documentation (help() topics, standard-library docstrings) -> corpus.txt
+  demo.py        the stages: corpus -> tokenizer -> shards -> training -> evaluation -> fine-tuning
+  learned.py     what the demo shows after training: the <mask> loss against word frequencies, words it gets right
+  docstrings.py  the demo's fine-tuning task: which part of the standard library a docstring comes from
+
+It uses the trainer (train, evaluate, finetune) as any user would; nothing in the trainer imports it, only the
+cli's `demo` subcommand does.
+"""
