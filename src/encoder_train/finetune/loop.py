@@ -47,7 +47,8 @@ from encoder_train.batch import MaskSpec
 from encoder_train.config import TrainingConfig
 from encoder_train.data.shards import derive_seed
 from encoder_train.errors import UserError
-from encoder_train.finetune.classifier import SequenceClassifier, family_of
+from encoder_train.families import family_of
+from encoder_train.finetune.classifier import SequenceClassifier
 from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
@@ -575,7 +576,7 @@ def save(state: dict[str, torch.Tensor], source: Source, task: Task, metrics: tu
         "epoch": epoch,
         "dims": dataclasses.asdict(source.dims),
         "tokenizer": {"json": source.tokenizer.to_str(), "mask_spec": dataclasses.asdict(source.spec)},
-        "task": {"name": task.name, "family": family_of(source.dims), "pooling": settings.pooling,
+        "task": {"name": task.name, "family": family_of(source.dims).name, "pooling": settings.pooling,
                  "labels": task.labels.to_dict(), "text_fields": list(task.text_fields),
                  "label_field": task.label_field, "metrics": list(metrics), "max_length": max_length},
         "finetune": {**dataclasses.asdict(settings), "seed": seed, "source": source.origin},
