@@ -6,6 +6,7 @@ sentence-transformers; `family: bert` trains from scratch on a WordPiece tokeniz
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,7 +96,8 @@ def test_export_then_import_is_bit_exact_and_transformers_loads_it_whole(tmp_pat
     path, ours = write_checkpoint(tmp_path / "ckpt", hf.tokenizer, hf.dims)
     out = export_checkpoint(path, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
-    assert (config["model_type"], config["architectures"], config["type_vocab_size"]) == ("bert", ["BertForMaskedLM"], 2)
+    assert (config["model_type"], config["architectures"], config["type_vocab_size"]) == (
+        "bert", ["BertForMaskedLM"], 2)
 
     theirs, info = transformers.AutoModelForMaskedLM.from_pretrained(out, output_loading_info=True)
     assert type(theirs) is transformers.BertForMaskedLM
@@ -192,3 +194,65 @@ def test_pretokenize_help_states_each_familys_positions(capsys):
         main(["pretokenize", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "seq_len + pad id + 1 with roberta" in out and "seq_len with bert" in out and "seq_len with rotary" in out
+
+
+@pytest.mark.slow  # fine-tuning, then export: over 8 s on 2 cores
+def test_bert_fine_tunes_with_its_pooler_head_and_exports_as_bert_for_sequence_classification(capsys, tmp_path):
+    from conftest import PAD, VOCAB
+    from encoder_train.config import ModelConfig
+    from encoder_train.finetune.loop import load_finetuned
+    from encoder_train.state import model_dims
+    from finetune_data import examples, tiny_checkpoint, write_jsonl
+
+    config = ModelConfig(family="bert", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                         max_position_embeddings=32)
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", model_dims(config, VOCAB, PAD, "test"))
+    train = write_jsonl(tmp_path / "train.jsonl", examples(48, 0))
+    assert main(["finetune", "--checkpoint", str(ckpt), "--train_file", str(train), "--validation_file", str(train),
+                 "--epochs", "1", "--batch_size", "16", "--precision", "fp32",
+                 "--output_dir", str(tmp_path / "out")]) == 0
+    path = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["per_seed"][0]["checkpoint"]
+    assert main(["export-classifier", "--checkpoint", path, "--output_dir", str(tmp_path / "hf")]) == 0
+    theirs = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    ours = load_finetuned(path, torch.device("cpu")).model.eval()
+    ids = torch.tensor([[0, *range(5, 25), 2], [0, 5, 30, 41, 2, *[PAD] * 17]])
+    with torch.no_grad():
+        expected = ours(ids, ids != PAD)
+        got = theirs(input_ids=ids, attention_mask=(ids != PAD).long()).logits
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_bert_positions_are_the_same_packed_and_padded(bert_folder):
+    """Training runs the packed (unpadded) path, export compares the padded one: BERT's positions count from 0 in
+    both, so the loss is the same."""
+    from encoder_train.batch import MaskSpec
+    from encoder_train.data.loader import collate
+
+    hf = import_hf(bert_folder[0])
+    ours = MaskedLM(hf.dims).eval()
+    ours.load_state_dict(hf.state_dict)
+    tok = hf.tokenizer
+    rows = [torch.tensor(tok.encode(t).ids) for t in SENTENCES + ["stops"]]
+    s = special_tokens(tok)
+    b = collate(rows, MaskSpec(s.pad, s.mask, s.all_ids, tok.get_vocab_size(), 0.3), seed=0)
+    with torch.no_grad():
+        packed = ours(b.input_ids, b.attention_mask, b.labels, b.predict_positions, packing=b.packing).loss
+        padded = ours(b.input_ids, b.attention_mask, b.labels).loss
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("changes,longest,counted", [
+    ({}, 38, "learned positions start past the pad id, 1 + 1"),  # RoBERTa: 40 positions, pad id 1
+    ({"position_start": "zero", "type_vocab_size": 2}, 40, "learned positions count from 0"),
+    ({"position_embedding": "rotary"}, 40, "rotary positions count from 0")])
+def test_one_row_length_rule_for_every_family(changes, longest, counted):
+    from encoder_train.errors import UserError
+    from test_hf import dims_for
+
+    dims = dims_for(64, **changes)
+    assert dims.max_tokens == longest and dims.positions_for(longest) == 40
+    dims.check_row_length(longest, "here", "")
+    said = (rf"here: rows of {longest + 1} tokens do not fit model.max_position_embeddings 40, which holds rows of "
+            rf"at most {longest} tokens \({re.escape(counted)}\); raise it to 41")
+    with pytest.raises(UserError, match=said):
+        dims.check_row_length(longest + 1, "here", "")

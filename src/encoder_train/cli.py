@@ -87,8 +87,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ "
                    "folders) and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--init_from_hf", type=local_path, default=None,
-                   help="start from a local Hugging Face RoBERTa or ModernBERT masked-LM folder (weights, config.json, "
-                   "tokenizer); "
+                   help="start from a local Hugging Face RoBERTa, BERT or ModernBERT masked-LM folder (weights, "
+                   "config.json, tokenizer); "
                    "the YAML's training section still applies")
     p.add_argument("--load_checkpoint", type=local_path, default=None,
                    help="checkpoint file or sharded checkpoint folder to resume from, or 'latest' for the newest in "
@@ -355,7 +355,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face RobertaForMaskedLM or ModernBertForMaskedLM folder",
+        help="write a checkpoint as a Hugging Face RobertaForMaskedLM, BertForMaskedLM or ModernBertForMaskedLM folder",
         description="Write config.json, model.safetensors and the tokenizer so that "
         "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
         "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",
@@ -425,7 +425,7 @@ def add_finetune_source_flags(p: argparse.ArgumentParser) -> None:
                         help="checkpoint file written by `encoder-train train` (or by finetune)")
     source.add_argument("--init_from_hf", type=local_path, default=None,
                         help="a local Hugging Face masked-LM folder instead (an `encoder-train export`, or a released "
-                        "RoBERTa-style model)")
+                        "RoBERTa-, BERT- or ModernBERT-style model)")
 
 
 def add_finetune_setting_flags(p: argparse.ArgumentParser) -> None:

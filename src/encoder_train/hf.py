@@ -124,7 +124,7 @@ def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
 
 
 def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a checkpoint as a RobertaForMaskedLM or ModernBertForMaskedLM folder (`family_of`); returns it.
+    """Write a checkpoint as its family's masked-LM folder (`family_of`); returns it.
 
     With `overwrite`, files of these names already in `output_dir` are replaced and any others are left
     alone (`write_folder`).
