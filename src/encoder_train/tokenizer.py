@@ -3,7 +3,8 @@
 encoder-train follows RoBERTa's vocabulary conventions: `<s>` starts a sequence, `</s>` ends it (and
 separates packed documents), `<pad>` right-pads rows, `<mask>` replaces selected tokens, `<unk>`
 stands for the unknown. A BERT-style WordPiece tokenizer with `[CLS] [SEP] [PAD] [MASK] [UNK]` works
-as well: the names are looked up in that order.
+as well (`train_tokenizer(kind="wordpiece")` trains one): each role's names, as the families spell them, are
+looked up in turn.
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from encoder_train.data.zstd import ZstdReader
 from encoder_train.errors import UserError, require
+from encoder_train.families import FAMILIES
 
-# Each role, with the token strings that may fill it (RoBERTa's first, then BERT's).
+# Each role, with the token strings that may fill it: every family's spelling (families/), RoBERTa's first, then
+# BERT's: {"bos": ("<s>", "[CLS]"), "pad": ("<pad>", "[PAD]"), ...}.
 SPECIAL_TOKEN_NAMES: dict[str, tuple[str, ...]] = {
-    "bos": ("<s>", "[CLS]"),
-    "pad": ("<pad>", "[PAD]"),
-    "eos": ("</s>", "[SEP]"),
-    "unk": ("<unk>", "[UNK]"),
-    "mask": ("<mask>", "[MASK]"),
+    role: tuple(dict.fromkeys(f.special_tokens[i] for f in FAMILIES.values()))
+    for i, role in enumerate(("bos", "pad", "eos", "unk", "mask"))
 }
 
 

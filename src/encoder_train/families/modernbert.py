@@ -121,4 +121,5 @@ FAMILY = Family(
     config_from_hf=_from_hf,
     head="modernbert",
     head_names={"dense": "head.dense", "norm": "head.norm", "classifier": "classifier"},
+    special_tokens=("[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"),  # ModernBERT's own tokenizer; <s> ... work too
 )
