@@ -243,9 +243,10 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
                    help="vocabulary size including the 5 special tokens (default 50265, RoBERTa's)")
     p.add_argument("--min_frequency", type=positive_int, default=2,
                    help="merge only pairs seen at least this often (default 2)")
-    p.add_argument("--type", choices=("bpe", "wordpiece"), default="bpe", dest="kind",
-                   help="bpe: RoBERTa's byte-level BPE (default; model.family roberta, modernbert); wordpiece: "
-                   "BERT's (model.family bert; BERT uses --vocab_size 30522)")
+    kinds = {k: [f.name for f in families.FAMILIES.values() if f.tokenizer_type == k] for k in ("bpe", "wordpiece")}
+    p.add_argument("--type", choices=tuple(kinds), default="bpe", dest="kind",
+                   help=f"bpe: RoBERTa's byte-level BPE (default; model.family {', '.join(kinds['bpe'])}); wordpiece: "
+                   f"BERT's (model.family {', '.join(kinds['wordpiece'])}; BERT uses --vocab_size 30522)")
     p.set_defaults(func=run_tokenizer)
 
 
