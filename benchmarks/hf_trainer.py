@@ -146,17 +146,17 @@ def run_hf(
 
 
 def modern_hf_model(size: Size, seq_len: int, seed: int = SEED):
-    """ModernBertForMaskedLM describing encoder-train's modern model of this size (`modernbert_config`: layer
+    """ModernBertForMaskedLM describing encoder-train's modern model of this size (`hf_config`: layer
     types, window, rotary bases, no biases, no dropout), with SDPA attention on padded rows and logits at
     every position (its default; `sparse_prediction` off)."""
     import transformers
 
-    from encoder_train.hf import modernbert_config
+    from encoder_train.hf import hf_config
     from encoder_train.tokenizer import special_tokens, word_level_tokenizer
 
     special = special_tokens(word_level_tokenizer(size.vocab))  # the ids write_tokenizer's file has
     assert (special.bos, special.pad, special.eos) == (BOS, PAD, EOS)
-    config = modernbert_config(transformers, size.model_dims(seq_len), special)
+    config = hf_config(transformers, size.model_dims(seq_len), special)
     torch.manual_seed(seed)
     model = transformers.AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")
     assert isinstance(model, transformers.ModernBertForMaskedLM) and model.config._attn_implementation == "sdpa"

@@ -24,7 +24,7 @@ step (`--batch_size`), twice:
 With `--family modernbert` both sides train the modern family instead (`model.family: modernbert`:
 rotary positions, GeGLU, no biases, pre-LN, every 3rd layer global and a 128-token window elsewhere,
 no dropout): encoder-train with that config key, the Trainer with `ModernBertForMaskedLM` built by
-`encoder_train.hf.modernbert_config` from the same dimensions (SDPA attention, the window as a mask on
+`encoder_train.hf.hf_config` from the same dimensions (SDPA attention, the window as a mask on
 padded rows, logits over every position), the same collator, rows and settings. Sizes: small (RoBERTa
 small's width, depth and heads; intermediate 384, 1.5 x hidden as in ModernBERT) and base
 (ModernBERT-base: 22 x 768, 12 heads, intermediate 1152, vocabulary 50,368; rows of 512).

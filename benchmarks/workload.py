@@ -29,7 +29,7 @@ class Size:
     ffn: int  # intermediate size (GeGLU: the up projection is 2 x ffn wide, value and gate)
     vocab: int
     seq_lens: tuple[int, ...]  # row lengths benchmarked by default
-    family: str = "roberta"  # model.family: "modernbert" sets its architecture (see config.py FAMILIES)
+    family: str = "roberta"  # model.family: "modernbert" sets its architecture (see families/)
 
     @property
     def label(self) -> str:

@@ -11,7 +11,7 @@ import torch
 from conftest import PAD, VOCAB
 from encoder_train.batch import MaskSpec
 from encoder_train.config import BUNDLED_CONFIG_DIR, load_config
-from encoder_train.hf import export_checkpoint, from_hf, import_hf, modernbert_config, to_hf
+from encoder_train.hf import export_checkpoint, from_hf, hf_config, import_hf, to_hf
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.tokenizer import special_tokens, word_level_tokenizer
 from helpers.hf_models import assert_same_logits, modern_dims, padded_batch, perturb, write_checkpoint
@@ -25,7 +25,7 @@ def word_tokenizer():
 
 
 def hf_model(dims: ModelDims, tokenizer) -> torch.nn.Module:
-    config = modernbert_config(transformers, dims, special_tokens(tokenizer))
+    config = hf_config(transformers, dims, special_tokens(tokenizer))
     config._attn_implementation = "eager"
     return transformers.ModernBertForMaskedLM(config)
 

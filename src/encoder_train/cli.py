@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from encoder_train import families
 from encoder_train.config import BUNDLED_CONFIG_DIR, FLAG_TO_KEY, flag_for, load_config, parse_set, resolve_config_path
 from encoder_train.errors import UserError
 from encoder_train.urls import local_only, redact, with_credentials
@@ -86,8 +87,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder for checkpoints (checkpoint_XXXXXXXX.pt files, or sharded checkpoint_XXXXXXXX/ "
                    "folders) and metrics.jsonl (default: ./checkpoints)")
     p.add_argument("--init_from_hf", type=local_path, default=None,
-                   help="start from a local Hugging Face RoBERTa or ModernBERT masked-LM folder (weights, config.json, "
-                   "tokenizer); "
+                   help="start from a local Hugging Face RoBERTa, BERT or ModernBERT masked-LM folder (weights, "
+                   "config.json, tokenizer); "
                    "the YAML's training section still applies")
     p.add_argument("--load_checkpoint", type=local_path, default=None,
                    help="checkpoint file or sharded checkpoint folder to resume from, or 'latest' for the newest in "
@@ -227,9 +228,10 @@ def add_input_flags(p: argparse.ArgumentParser) -> None:
 def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenizer",
-        help="train a byte-level BPE tokenizer (RoBERTa's) on text",
+        help="train a byte-level BPE tokenizer (RoBERTa's) or a WordPiece one (BERT's) on text",
         description="Train a byte-level BPE tokenizer with RoBERTa's special tokens (<s> <pad> </s> <unk> <mask>) "
-        "and post-processing, from plain-text (paragraphs separated by blank lines), .jsonl (a \"text\" field), "
+        "and post-processing (<s> A </s>), or with --type wordpiece BERT's cased WordPiece ([PAD] [UNK] [CLS] [SEP] "
+        "[MASK], [CLS] A [SEP]), from plain-text (paragraphs separated by blank lines), .jsonl (a \"text\" field), "
         "Parquet (a \"text\" column; --text_field names another) and .gz or .zst files of text or .jsonl, "
         "streaming. The output loads with tokenizers.Tokenizer.from_file.",
     )
@@ -241,6 +243,10 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
                    help="vocabulary size including the 5 special tokens (default 50265, RoBERTa's)")
     p.add_argument("--min_frequency", type=positive_int, default=2,
                    help="merge only pairs seen at least this often (default 2)")
+    kinds = {k: [f.name for f in families.FAMILIES.values() if f.tokenizer_type == k] for k in ("bpe", "wordpiece")}
+    p.add_argument("--type", choices=tuple(kinds), default="bpe", dest="kind",
+                   help=f"bpe: RoBERTa's byte-level BPE (default; model.family {', '.join(kinds['bpe'])}); wordpiece: "
+                   f"BERT's (model.family {', '.join(kinds['wordpiece'])}; BERT uses --vocab_size 30522)")
     p.set_defaults(func=run_tokenizer)
 
 
@@ -250,7 +256,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     from encoder_train.tokenizer import train_tokenizer
 
     tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency,
-                          overwrite=args.overwrite, text_field=args.text_field)
+                          overwrite=args.overwrite, text_field=args.text_field, kind=args.kind)
     print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
           + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else ""))
     return 0
@@ -275,9 +281,10 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folders", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
                    help="the folders under --output_dir for the training and the held-out shards (default train "
                    "val); a source's data_dir and val_data_dir, e.g. --output_dir shards --folders web web-val")
+    needs = "; ".join(f.positions_needed for f in families.FAMILIES.values())
     p.add_argument("--seq_len", type=positive_int, default=512,
-                   help="tokens per row including <s> and </s> (default 512; the model needs "
-                   "max_position_embeddings >= seq_len + 2)")
+                   help=f"tokens per row including <s> and </s> (or [CLS] and [SEP]; default 512). The model needs "
+                   f"max_position_embeddings of at least {needs}; --config_file checks it")
     p.add_argument("--rows_per_shard", type=positive_int, default=8192, help="rows per .pt file (default 8192)")
     p.add_argument("--val_fraction", type=float, default=0.01,
                    help="share of rows held out in OUTPUT_DIR/val (default 0.01; 0 holds out none)")
@@ -299,14 +306,10 @@ def run_pretokenize(args: argparse.Namespace) -> int:
         config = load_config(resolve_config_path(args.config_file, None))
         tokenizer = load_tokenizer(args.tokenizer_filepath)
         pad = special_tokens(tokenizer, args.tokenizer_filepath).pad
-        max_positions = model_dims(config.model, tokenizer.get_vocab_size(), pad, str(args.config_file)).max_tokens
-        if args.seq_len > max_positions:
-            raise UserError(
-                f"--seq_len {args.seq_len} is longer than rows the model of {args.config_file} can read: its "
-                f"model.max_position_embeddings {config.model.max_position_embeddings} leaves {max_positions} "
-                f"positions after RoBERTa's offset (pad id {pad} + 1); pass --seq_len {max_positions} or less, "
-                f"or raise model.max_position_embeddings to {args.seq_len + pad + 1}."
-            )
+        dims = model_dims(config.model, tokenizer.get_vocab_size(), pad, str(args.config_file))
+        dims.check_row_length(args.seq_len, f"--seq_len {args.seq_len} with the model of {args.config_file}",
+                              f", or pass --seq_len {dims.max_tokens} or less")
+        max_positions = dims.max_tokens
     report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                          overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty(),
@@ -353,7 +356,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a checkpoint as a Hugging Face RobertaForMaskedLM or ModernBertForMaskedLM folder",
+        help="write a checkpoint as a Hugging Face RobertaForMaskedLM, BertForMaskedLM or ModernBertForMaskedLM folder",
         description="Write config.json, model.safetensors and the tokenizer so that "
         "transformers.AutoModelForMaskedLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR) and "
         "pipeline('fill-mask', model=DIR) work. Needs pip install 'encoder-train[hf]'.",
@@ -423,7 +426,7 @@ def add_finetune_source_flags(p: argparse.ArgumentParser) -> None:
                         help="checkpoint file written by `encoder-train train` (or by finetune)")
     source.add_argument("--init_from_hf", type=local_path, default=None,
                         help="a local Hugging Face masked-LM folder instead (an `encoder-train export`, or a released "
-                        "RoBERTa-style model)")
+                        "RoBERTa-, BERT- or ModernBERT-style model)")
 
 
 def add_finetune_setting_flags(p: argparse.ArgumentParser) -> None:

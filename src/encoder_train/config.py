@@ -36,6 +36,7 @@ from pydantic import (
     model_validator,
 )
 
+from encoder_train import families
 from encoder_train.errors import UserError
 from encoder_train.optimizers import OPTIMIZERS
 from encoder_train.urls import credentials_refusal, is_remote, local_only, local_path, redact
@@ -74,39 +75,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-# `model.family: modernbert` sets these unless the file sets them itself: ModernBERT's architecture
-# (Warner et al. 2024, as transformers' ModernBertConfig defaults), every choice still a key of its own.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "roberta": {},  # the schema's defaults are RoBERTa's
-    "modernbert": {
-        "position_embedding": "rotary",
-        "rope_theta": 160_000.0,
-        "local_rope_theta": 10_000.0,
-        "global_attention_every": 3,
-        "local_attention": 128,
-        "feed_forward": "geglu",
-        "attention_bias": False,
-        "feed_forward_bias": False,
-        "norm_bias": False,
-        "head_bias": False,
-        "token_type_embedding": False,
-        "pre_layer_norm": True,
-        "first_attention_norm": False,
-        "init": "modernbert",
-        "dropout": 0.0,
-        "attention_dropout": 0.0,
-        "max_position_embeddings": 8192,
-    },
-}
-
-
 class ModelConfig(Section):
-    family: Literal["roberta", "modernbert"] = "roberta"
+    family: Literal[families.NAMES] = "roberta"  # type: ignore[valid-type]  # the registry's names
     """Sets the architecture's defaults in one word (`modernbert`: rotary positions, GeGLU, no biases, pre-LN,
-    local/global attention, 8,192 positions); each key below still overrides it."""
+    local/global attention, 8,192 positions; `bert`: positions from 0, two token types, eps 1e-12, 512
+    positions); each key below still overrides it."""
     init_from_hf: LocalPath | None = None
-    """Local Hugging Face RoBERTa or ModernBERT masked-LM folder to start from (flag --init_from_hf); its config.json
-    and tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive pretraining."""
+    """Local Hugging Face RoBERTa, BERT or ModernBERT masked-LM folder to start from (flag --init_from_hf); its
+    config.json and tokenizer replace this section's shape and --tokenizer_filepath: continued, domain-adaptive
+    pretraining."""
     vocab_size: Int | None = Field(default=None, ge=8)
     """Vocabulary size; absent: the tokenizer's size rounded up to a multiple of `pad_vocab_multiple`."""
     pad_vocab_multiple: Int = Field(default=64, ge=1)
@@ -120,8 +97,8 @@ class ModelConfig(Section):
     intermediate_size: Int = Field(default=3072, ge=1)
     """Width of the feed-forward layer (4 x hidden in BERT/RoBERTa)."""
     max_position_embeddings: Int = Field(default=514, ge=3)
-    """Positions. Learned ones are offset past the pad id (RoBERTa), so 514 allows 512-token rows; with rotary
-    positions it is the longest row."""
+    """Positions. RoBERTa's learned ones are offset past the pad id, so 514 allows 512-token rows; with BERT's
+    (position_start: zero) or rotary positions it is the longest row."""
     dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
     """Dropout on embeddings, attention output and feed-forward output."""
     attention_dropout: Float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -158,6 +135,12 @@ class ModelConfig(Section):
     """A bias in the MLM head's dense layer (the decoder keeps its own bias either way)."""
     token_type_embedding: Bool = True
     """RoBERTa's single token-type vector added to every token's embedding; ModernBERT has none."""
+    type_vocab_size: Int = Field(default=1, ge=1)
+    """Token-type rows (BERT 2): every input is type 0 (masked-LM without the next-sentence task); the others
+    are kept so that a Hugging Face model exports back whole."""
+    position_start: Literal["after_pad", "zero"] = "after_pad"
+    """Where learned positions count from: `after_pad` (RoBERTa: the first token at pad id + 1, pads at the pad
+    id) or `zero` (BERT: each token at its place in the row)."""
     init: Literal["bert", "modernbert"] = "bert"
     """Initialisation: BERT's N(0, 0.02) everywhere, or ModernBERT's (normal truncated at 2 sigma; output
     projections scaled by 1 / sqrt(2 x num_layers))."""
@@ -166,8 +149,8 @@ class ModelConfig(Section):
     @classmethod
     def _family_defaults(cls, data: Any) -> Any:
         """A family fills in every key the file leaves out; keys the file sets win."""
-        if isinstance(data, dict) and data.get("family") in FAMILIES:
-            return {**FAMILIES[data["family"]], **data}
+        if isinstance(data, dict) and data.get("family") in families.FAMILIES:
+            return {**families.FAMILIES[data["family"]].defaults, **data}
         return data
 
 

@@ -1,16 +1,17 @@
-"""Hugging Face interop: export a checkpoint as a `RobertaForMaskedLM` or `ModernBertForMaskedLM` folder,
-import one to train on.
+"""Hugging Face interop: export a checkpoint as its family's masked-LM folder (`RobertaForMaskedLM`,
+`BertForMaskedLM`, `ModernBertForMaskedLM`), import one to train on.
 
-Each family is a mapping of parameter names (`NAMES`, `MODERN_NAMES` below). RoBERTa's is a pure
-renaming: same shapes, same positions (`pad_id + cumsum` of the real tokens), one token type, exact
-GELU, post-LN blocks, an MLM head whose decoder is tied to the word embeddings. ModernBERT's renames
-too, and fuses our query/key/value into its one `Wqkv` (concatenated in that order). Nothing else is
-reshaped, so an exported model gives the same logits as ours, and export -> import gives the same
-tensors bit for bit. Which family a model exports to follows from its options (`family_of`).
+Each family (`families/`) gives its parameter names, its config field map (read both ways: export writes it,
+import reads it back) and the tensors it ignores; this module only applies them. RoBERTa's and BERT's are a
+pure renaming: same shapes, same positions, exact GELU, post-LN blocks, an MLM head whose decoder is tied to
+the word embeddings. ModernBERT's renames too, and fuses our query/key/value into its one `Wqkv` (concatenated
+in that order). Nothing else is reshaped, so an exported model gives the same logits as ours, and export ->
+import gives the same tensors bit for bit. Which family a model exports to follows from its options
+(`family_of`).
 
 An exported folder holds what `from_pretrained` reads:
 
-    config.json            RobertaConfig (written by the installed `transformers`)
+    config.json            the family's config class (written by the installed `transformers`)
     model.safetensors      the weights under Hugging Face's names; the decoder weight is tied, not stored
     tokenizer.json         the checkpoint's own `tokenizers` tokenizer, unchanged
     tokenizer_config.json  which token plays which role (bos, eos, sep, cls, pad, unk, mask)
@@ -18,10 +19,9 @@ An exported folder holds what `from_pretrained` reads:
 so `AutoModelForMaskedLM`, `AutoTokenizer` and `pipeline("fill-mask", model=DIR)` work on it.
 
 What cannot be expressed is refused rather than approximated, naming the option: a learned-position
-model with pre-LN blocks (RoBERTa has no final LayerNorm and normalises after each block), a rotary
+model with pre-LN blocks (RoBERTa and BERT have no final LayerNorm and normalise after each block), a rotary
 model that differs from ModernBERT in a way its config cannot say (post-LN, GELU without the gate, a
-token type, a first-layer attention norm), and BERT folders (BERT numbers positions from 0 for every
-token, pads included, where we count real tokens from `pad_id + 1`).
+token type, a first-layer attention norm).
 
 `transformers` and `safetensors` are optional (`pip install 'encoder-train[hf]'`) and imported
 only when needed.
@@ -42,99 +42,32 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from encoder_train import families
 from encoder_train.checkpoint import follow_umask
 from encoder_train.errors import UserError, require
+from encoder_train.families import Family
 from encoder_train.model import MaskedLM, ModelDims
 from encoder_train.state import load_trained
-from encoder_train.tokenizer import ROBERTA_SPECIAL_TOKENS, SpecialTokens, special_tokens
+from encoder_train.tokenizer import BERT_SPECIAL_TOKENS, ROBERTA_SPECIAL_TOKENS, SpecialTokens, special_tokens
 
-# Our module -> RobertaForMaskedLM's; `{i}` is a layer index. Each module's `weight` / `bias` keep
-# their names; `head` -> `lm_head` covers the decoder bias `head.bias` -> `lm_head.bias`. The
-# decoder weight is the word-embedding matrix on both sides and is stored once.
-NAMES: dict[str, str] = {
-    "embeddings.word_embeddings": "roberta.embeddings.word_embeddings",  # (V, H)
-    "embeddings.position_embeddings": "roberta.embeddings.position_embeddings",  # (max_position_embeddings, H)
-    "embeddings.token_type_embeddings": "roberta.embeddings.token_type_embeddings",  # (1, H)
-    "embeddings.norm": "roberta.embeddings.LayerNorm",
-    "encoder.layers.{i}.attention.query": "roberta.encoder.layer.{i}.attention.self.query",  # (H, H)
-    "encoder.layers.{i}.attention.key": "roberta.encoder.layer.{i}.attention.self.key",
-    "encoder.layers.{i}.attention.value": "roberta.encoder.layer.{i}.attention.self.value",
-    "encoder.layers.{i}.attention.output": "roberta.encoder.layer.{i}.attention.output.dense",
-    "encoder.layers.{i}.attention_norm": "roberta.encoder.layer.{i}.attention.output.LayerNorm",
-    "encoder.layers.{i}.feed_forward.up": "roberta.encoder.layer.{i}.intermediate.dense",  # (I, H)
-    "encoder.layers.{i}.feed_forward.down": "roberta.encoder.layer.{i}.output.dense",  # (H, I)
-    "encoder.layers.{i}.feed_forward_norm": "roberta.encoder.layer.{i}.output.LayerNorm",
-    "head": "lm_head",  # head.bias (V,): the decoder's bias
-    "head.dense": "lm_head.dense",
-    "head.norm": "lm_head.layer_norm",
-}
-
-# Tensors a Hugging Face file may hold that our model does without. The pooler serves sentence
-# classification, never masked-LM; `position_ids` is a constant buffer older versions saved; the
-# decoder's weight and bias are tied copies (checked to be copies, see `_tied`).
-IGNORED = re.compile(r"roberta\.pooler\..*|roberta\.embeddings\.position_ids|lm_head\.decoder\.(weight|bias)")
-
-ROBERTA_TYPES = ("roberta", "xlm-roberta")  # same architecture, same parameter names
 # The weights files from_pretrained looks for, in its order; the one found is named in our messages.
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
 
-# Our module -> ModernBertForMaskedLM's. query, key and value all map to `Wqkv`: fused on export (their rows
-# concatenated, q then k then v, as ModernBERT splits them), split on import.
-MODERN_NAMES: dict[str, str] = {
-    "embeddings.word_embeddings": "model.embeddings.tok_embeddings",  # (V, H)
-    "embeddings.norm": "model.embeddings.norm",
-    "encoder.layers.{i}.attention_norm": "model.layers.{i}.attn_norm",  # absent in layer 0
-    "encoder.layers.{i}.attention.query": "model.layers.{i}.attn.Wqkv",  # rows [0, H) of (3H, H)
-    "encoder.layers.{i}.attention.key": "model.layers.{i}.attn.Wqkv",  # rows [H, 2H)
-    "encoder.layers.{i}.attention.value": "model.layers.{i}.attn.Wqkv",  # rows [2H, 3H)
-    "encoder.layers.{i}.attention.output": "model.layers.{i}.attn.Wo",
-    "encoder.layers.{i}.feed_forward_norm": "model.layers.{i}.mlp_norm",
-    "encoder.layers.{i}.feed_forward.up": "model.layers.{i}.mlp.Wi",  # (2I, H): value half, then gate half
-    "encoder.layers.{i}.feed_forward.down": "model.layers.{i}.mlp.Wo",  # (H, I)
-    "encoder.final_norm": "model.final_norm",
-    "head": "decoder",  # head.bias (V,): the decoder's bias
-    "head.dense": "head.dense",
-    "head.norm": "head.norm",
-}
-QKV = ("query", "key", "value")
-MODERN_IGNORED = re.compile(r"decoder\.weight")  # the tied copy of the embeddings
-
-
-def family_of(dims: ModelDims) -> str:
-    """"roberta" or "modernbert": which Hugging Face class expresses this model; refuses, naming the option,
-    a model neither can."""
-    if not dims.rotary:
-        if dims.pre_layer_norm:
-            raise UserError(
-                "this model uses pre-LN blocks (model.pre_layer_norm: true) with learned positions, which neither "
-                "RobertaForMaskedLM (post-LN) nor ModernBertForMaskedLM (rotary positions) can express."
-            )
-        roberta_only = {"feed_forward": "gelu", "global_attention_every": 1, "attention_bias": True,
-                        "feed_forward_bias": True, "norm_bias": True, "head_bias": True, "token_type_embedding": True}
-        bad = [k for k, v in roberta_only.items() if getattr(dims, k) != v]
-        if bad:
-            raise UserError(f"this model sets model.{bad[0]} = {getattr(dims, bad[0])!r} with learned positions, which "
-                            "RobertaForMaskedLM cannot express; use rotary positions (ModernBertForMaskedLM) or "
-                            f"model.{bad[0]}: {roberta_only[bad[0]]!r}.")
-        return "roberta"
-    modern_only = {"pre_layer_norm": True, "first_attention_norm": False, "feed_forward": "geglu",
-                   "token_type_embedding": False}
-    bad = [k for k, v in modern_only.items() if getattr(dims, k) != v]
-    if bad:
-        raise UserError(f"this model sets model.{bad[0]} = {getattr(dims, bad[0])!r} with rotary positions, which "
-                        f"ModernBertForMaskedLM cannot express (it needs model.{bad[0]}: {modern_only[bad[0]]!r}); "
-                        "only models RobertaForMaskedLM or ModernBertForMaskedLM can express are exported.")
-    return "modernbert"
+def family_of(dims: ModelDims) -> Family:
+    """The family whose Hugging Face class expresses this model; refuses, naming the option, a model it cannot."""
+    family = families.family_of(dims)
+    family.check_expressible(dims)
+    return family
 
 
 def hf_names(dims: ModelDims) -> dict[str, str]:
     """Every tensor of `MaskedLM(dims)`: our name -> the Hugging Face class's, in our state-dict order (q, k and
     v all name the fused Wqkv in the modern family)."""
-    table = NAMES if family_of(dims) == "roberta" else MODERN_NAMES
+    table = family_of(dims).names
     modules = {ours.format(i=i): hf.format(i=i) for ours, hf in table.items() for i in range(dims.num_layers)}
     names = {}
     for name in _shapes(dims):
@@ -144,29 +77,40 @@ def hf_names(dims: ModelDims) -> dict[str, str]:
 
 
 def to_hf(state: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, torch.Tensor]:
-    """Our state dict -> the Hugging Face class's, q/k/v fused where it fuses them."""
+    """Our state dict -> the Hugging Face class's; tensors of ours that share one name there (q, k, v -> Wqkv)
+    are concatenated in our order."""
     names, out = hf_names(dims), {}
+    fused = _fused(names)
     for ours, tensor in state.items():
-        parent, attr = ours.rsplit(".", 1)
         if names[ours] in out:
             continue
-        if parent.endswith(".query") and names[ours].endswith(("Wqkv.weight", "Wqkv.bias")):
-            stem = parent.rsplit(".", 1)[0]
-            tensor = torch.cat([state[f"{stem}.{part}.{attr}"] for part in QKV])
+        if names[ours] in fused:
+            tensor = torch.cat([state[part] for part in fused[names[ours]]])
         out[names[ours]] = tensor.contiguous()
     return out
 
 
 def from_hf(hf: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, torch.Tensor | None]:
-    """The Hugging Face class's tensors -> ours (None where the file lacks one), Wqkv split into q, k, v."""
+    """The Hugging Face class's tensors -> ours (None where the file lacks one), a fused tensor split in our
+    order (Wqkv -> q, k, v)."""
+    names = hf_names(dims)
+    fused = _fused(names)
     out: dict[str, torch.Tensor | None] = {}
-    for ours, name in hf_names(dims).items():
+    for ours, name in names.items():
         tensor = hf.get(name)
-        part = ours.rsplit(".", 2)[-2]
-        if tensor is not None and name.endswith(("Wqkv.weight", "Wqkv.bias")):
-            tensor = tensor.chunk(3)[QKV.index(part)]
+        if tensor is not None and name in fused:
+            parts = fused[name]
+            tensor = tensor.chunk(len(parts))[parts.index(ours)]
         out[ours] = tensor
     return out
+
+
+def _fused(names: dict[str, str]) -> dict[str, list[str]]:
+    """HF names that several of our tensors map to -> ours, in our order: (3H, H) Wqkv <- query, key, value."""
+    by_hf: dict[str, list[str]] = {}
+    for ours, hf in names.items():
+        by_hf.setdefault(hf, []).append(ours)
+    return {hf: ours for hf, ours in by_hf.items() if len(ours) > 1}
 
 
 def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
@@ -180,7 +124,7 @@ def _shapes(dims: ModelDims) -> dict[str, torch.Size]:
 
 
 def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a checkpoint as a RobertaForMaskedLM or ModernBertForMaskedLM folder (`family_of`); returns it.
+    """Write a checkpoint as its family's masked-LM folder (`family_of`); returns it.
 
     With `overwrite`, files of these names already in `output_dir` are replaced and any others are left
     alone (`write_folder`).
@@ -200,14 +144,9 @@ def export_checkpoint(checkpoint_path: str | Path, output_dir: str | Path, overw
             f"with {dims.pad_id}; it cannot be exported."
         )
     weights = to_hf(trained.model.state_dict(), dims)
-    if family == "modernbert":
-        config = modernbert_config(transformers, dims, special)
-    else:
-        config = roberta_config(transformers, dims, special)
-        # The tied decoder bias is stored under both names (a copy: safetensors refuses shared tensors):
-        # transformers 4.4x ties `lm_head.bias` to `lm_head.decoder.bias` after loading, in that direction,
-        # and so loses the bias of a file holding only `lm_head.bias` (as its own save_pretrained writes).
-        weights["lm_head.decoder.bias"] = weights["lm_head.bias"].clone()
+    config = hf_config(transformers, dims, special)
+    for name, copy in family.copies.items():  # a copy: safetensors refuses shared tensors
+        weights[copy] = weights[name].clone()
 
     write_folder(out, config, weights, tokenizer, special, dims, sentence_transformers_files(dims))
     return out
@@ -287,60 +226,14 @@ def write_folder(
         raise UserError(f"could not write to {out} ({e.strerror}); pass a writable --output_dir.") from None
 
 
-def roberta_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:
-    return transformers.RobertaConfig(
-        architectures=["RobertaForMaskedLM"],
-        vocab_size=dims.vocab_size,
-        hidden_size=dims.hidden_size,
-        num_hidden_layers=dims.num_layers,
-        num_attention_heads=dims.num_heads,
-        intermediate_size=dims.intermediate_size,
-        hidden_act="gelu",  # exact (erf) GELU, as F.gelu
-        hidden_dropout_prob=dims.dropout,
-        attention_probs_dropout_prob=dims.attention_dropout,
-        max_position_embeddings=dims.max_position_embeddings,
-        type_vocab_size=1,
-        layer_norm_eps=dims.layer_norm_eps,
-        pad_token_id=special.pad,  # also RoBERTa's position offset: padding_idx = pad_token_id
-        bos_token_id=special.bos,
-        eos_token_id=special.eos,
-        tie_word_embeddings=True,
-    )
-
-
-def modernbert_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:
-    """ModernBertConfig describing `dims`: layer types, window, both rotary bases, biases, norms."""
-    layer_types = ["full_attention" if dims.is_global(i) else "sliding_attention" for i in range(dims.num_layers)]
-    return transformers.ModernBertConfig(
-        architectures=["ModernBertForMaskedLM"],
-        vocab_size=dims.vocab_size,
-        hidden_size=dims.hidden_size,
-        intermediate_size=dims.intermediate_size,
-        num_hidden_layers=dims.num_layers,
-        num_attention_heads=dims.num_heads,
-        hidden_activation="gelu",  # exact (erf) GELU, as F.gelu
-        classifier_activation="gelu",
-        max_position_embeddings=dims.max_position_embeddings,
-        norm_eps=dims.layer_norm_eps,
-        norm_bias=dims.norm_bias,
-        attention_bias=dims.attention_bias,
-        mlp_bias=dims.feed_forward_bias,
-        classifier_bias=dims.head_bias,
-        decoder_bias=True,
-        embedding_dropout=dims.dropout,
-        mlp_dropout=dims.dropout,
-        attention_dropout=dims.attention_dropout,
-        layer_types=layer_types,
-        local_attention=dims.local_attention,  # its sliding_window is local_attention // 2, as ours
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": dims.rope_theta},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": dims.local_rope_theta}},
-        pad_token_id=special.pad,
-        bos_token_id=special.bos,
-        eos_token_id=special.eos,
-        cls_token_id=special.bos,
-        sep_token_id=special.eos,
-        tie_word_embeddings=True,
-    )
+def hf_config(transformers: ModuleType, dims: ModelDims, special: SpecialTokens) -> Any:
+    """The family's transformers config describing `dims` (its masked-LM class named in `architectures`), from
+    the family's one field map: the values import reads back."""
+    family = family_of(dims)
+    kwargs = {f.hf: getattr(dims, f.ours) for f in family.config_fields}
+    kwargs |= family.config_written | (family.config_to_hf(dims) if family.config_to_hf else {})
+    kwargs |= {key: getattr(special, role) for key, role in family.special_ids.items()}
+    return getattr(transformers, family.config_class)(architectures=[family.masked_lm], **kwargs)
 
 
 def _tokenizer_config(tokenizer: Tokenizer, special: SpecialTokens, dims: ModelDims) -> dict[str, Any]:
@@ -380,13 +273,15 @@ class HFModel:
 
 
 def import_hf(directory: str | Path) -> HFModel:
-    """Read a local RobertaForMaskedLM or ModernBertForMaskedLM folder (config.json, weights, tokenizer) to train on.
+    """Read a local RobertaForMaskedLM, BertForMaskedLM or ModernBertForMaskedLM folder (config.json, weights,
+    tokenizer) to train on.
 
     `transformers` reads the config and the weights (model.safetensors or pytorch_model.bin, either
     possibly sharded, with its .index.json); we rename, refuse what our model cannot compute, and read
-    the tokenizer: tokenizer.json, or RoBERTa's vocab.json + merges.txt (byte-level BPE). Token types
-    other than type 0 are dropped (RobertaConfig defaults to 2 though RoBERTa uses one): type 0 is
-    what Hugging Face adds when no token_type_ids are given, so the logits are unchanged.
+    the tokenizer: tokenizer.json, or RoBERTa's vocab.json + merges.txt (byte-level BPE), or BERT's vocab.txt
+    (WordPiece). RoBERTa's token types other than type 0 are dropped (RobertaConfig defaults to 2 though
+    RoBERTa uses one): type 0 is what Hugging Face adds when no token_type_ids are given, so the logits are
+    unchanged. BERT's second type is kept (unused in training) so that export gives it back.
     """
     transformers = _require("transformers")
     directory = Path(directory)
@@ -401,12 +296,13 @@ def import_hf(directory: str | Path) -> HFModel:
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, huggingface_hub's validation errors, ...
         raise UserError(f"{config_file} could not be read by transformers ({_why(e)}); re-save the model with "
                         "save_pretrained.") from None
-    dims = _dims(config, config_file)
+    family = families.for_model_type(config.model_type, config_file)
+    dims = _dims(config, config_file, family)
     _check_stored_shapes(directory, dims, config_file)  # before from_pretrained allocates what config.json says
     hf, info, weights_file = _load_weights(transformers, directory, config)
 
     names = hf_names(dims)
-    architecture = "RobertaForMaskedLM" if family_of(dims) == "roberta" else "ModernBertForMaskedLM"
+    architecture = family.masked_lm
     mismatched = {name: (file_shape, config_shape) for name, file_shape, config_shape in info["mismatched_keys"]}
     for name in names.values():
         if name in mismatched:
@@ -423,99 +319,31 @@ def import_hf(directory: str | Path) -> HFModel:
                 "masked-LM head)."
             )
         if ours.endswith("token_type_embeddings.weight"):
-            tensor = tensor[:1]  # (type_vocab_size, H) -> (1, H): type 0 only
+            tensor = tensor[:dims.type_vocab_size]  # RoBERTa: (2, H) -> (1, H), type 0 only; BERT keeps both
         # fp32 whatever the file holds: an upcast from fp16 / bf16 is exact.
         state[ours] = tensor.float() if tensor.is_floating_point() else tensor
 
     stored = set(hf) | set(info["unexpected_keys"])
-    ignored = IGNORED if architecture == "RobertaForMaskedLM" else MODERN_IGNORED
-    unknown = sorted(k for k in stored - set(names.values()) if not ignored.fullmatch(k))
+    unknown = sorted(k for k in stored - set(names.values()) if not family.ignored.fullmatch(k))
     if unknown:
         raise UserError(
             f"{weights_file} holds tensors our model has no place for ({', '.join(unknown[:3])}"
             f"{', ...' if len(unknown) > 3 else ''}); only plain {architecture} models can be imported."
         )
-    _tied(hf, state, weights_file)
+    _tied(hf, state, weights_file, family)
     tokenizer = _read_tokenizer(directory, dims, config_file)
     return HFModel(dims, state, tokenizer)
 
 
-def _dims(config: Any, path: Path) -> ModelDims:
-    """ModelDims from a transformers config, refusing what our model computes differently."""
-    model_type = config.model_type
-    if model_type == "modernbert":
-        return _modern_dims(config, path)
-    if model_type == "bert":
-        raise UserError(
-            f"{path} describes a BERT model, which our encoder cannot reproduce exactly (BERT numbers positions from "
-            "0 for every token, we count real tokens from the pad id + 1); only RoBERTa-architecture folders "
-            "are supported."
-        )
-    if model_type not in ROBERTA_TYPES:
-        raise UserError(
-            f"{path} describes a {model_type!r} model; only RoBERTa- and ModernBERT-architecture folders "
-            "(model_type roberta or modernbert, e.g. RobertaForMaskedLM, ModernBertForMaskedLM) are supported."
-        )
-    # Each (key, value our model computes); a config that says otherwise is refused. transformers 5 has
-    # no position_embedding_type, but keeps the key of a config.json that sets it.
-    fixed = {"hidden_act": "gelu", "position_embedding_type": "absolute", "is_decoder": False,
-             "add_cross_attention": False}
-    _refuse_other_values(config, path, fixed)
-    return _build_dims(path, "size or pad_token_id", lambda: dict(
-        vocab_size=int(config.vocab_size),
-        hidden_size=int(config.hidden_size),
-        num_layers=int(config.num_hidden_layers),
-        num_heads=int(config.num_attention_heads),
-        intermediate_size=int(config.intermediate_size),
-        max_position_embeddings=int(config.max_position_embeddings),
-        pad_id=int(config.pad_token_id),  # RoBERTa's position offset: it must be set
-        dropout=float(config.hidden_dropout_prob),
-        attention_dropout=float(config.attention_probs_dropout_prob),
-        layer_norm_eps=float(config.layer_norm_eps),
-    ))
-
-
-def _modern_dims(config: Any, path: Path) -> ModelDims:
-    """ModelDims from a ModernBertConfig: its layer types give the global-layer period, its rotary parameters
-    the two bases; what our model computes differently is refused."""
-    fixed = {"hidden_activation": "gelu", "classifier_activation": "gelu", "decoder_bias": True,
-             "tie_word_embeddings": True}
-    _refuse_other_values(config, path, fixed)
-    layer_types = list(config.layer_types)
-    globals_at = [i for i, t in enumerate(layer_types) if t == "full_attention"]
-    every = globals_at[1] - globals_at[0] if len(globals_at) > 1 else len(layer_types)
-    if not globals_at or globals_at[0] != 0 or globals_at != list(range(0, len(layer_types), every)):
-        raise UserError(f"{path}: layer_types {layer_types} is not one global layer every N starting at layer 0, "
-                        "the only pattern our model builds.")
-    rope = config.rope_parameters
-    if any(rope[t].get("rope_type", "default") != "default" for t in ("full_attention", "sliding_attention")):
-        raise UserError(f"{path} uses a rotary scaling (rope_type other than default) our model does not compute.")
-    return _build_dims(path, "size, rotary base or pad_token_id", lambda: dict(
-        vocab_size=int(config.vocab_size),
-        hidden_size=int(config.hidden_size),
-        num_layers=int(config.num_hidden_layers),
-        num_heads=int(config.num_attention_heads),
-        intermediate_size=int(config.intermediate_size),
-        max_position_embeddings=int(config.max_position_embeddings),
-        pad_id=int(config.pad_token_id),
-        dropout=float(config.mlp_dropout),
-        attention_dropout=float(config.attention_dropout),
-        layer_norm_eps=float(config.norm_eps),
-        pre_layer_norm=True,
-        first_attention_norm=False,
-        position_embedding="rotary",
-        rope_theta=float(rope["full_attention"]["rope_theta"]),
-        local_rope_theta=float(rope["sliding_attention"]["rope_theta"]),
-        global_attention_every=every,
-        local_attention=int(config.local_attention),
-        feed_forward="geglu",
-        attention_bias=bool(config.attention_bias),
-        feed_forward_bias=bool(config.mlp_bias),
-        norm_bias=bool(config.norm_bias),
-        head_bias=bool(config.classifier_bias),
-        token_type_embedding=False,
-        init="modernbert",
-    ))
+def _dims(config: Any, path: Path, family: Family) -> ModelDims:
+    """ModelDims from a transformers config through the family's field map, refusing what our model computes
+    differently."""
+    _refuse_other_values(config, path, family.config_required)
+    return _build_dims(path, "size or pad_token_id", lambda: {
+        **family.dims_defaults(),
+        **{f.ours: f.cast(getattr(config, f.hf)) for f in family.config_fields},
+        **(family.config_from_hf(config, path) if family.config_from_hf else {}),
+    })
 
 
 def _refuse_other_values(config: Any, path: Path, fixed: dict[str, Any]) -> None:
@@ -629,22 +457,21 @@ def _load_weights(
     return {k: v for k, v in model.state_dict().items() if k not in missing}, info, found[0]
 
 
-def _tied(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_file: Path) -> None:
+def _tied(hf: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights_file: Path, family: Family) -> None:
     """Refuse a stored decoder that is not a copy of what our head ties it to (an untied head)."""
-    ties = {"lm_head.decoder.weight": "embeddings.word_embeddings.weight", "lm_head.decoder.bias": "head.bias",
-            "decoder.weight": "embeddings.word_embeddings.weight"}
-    for name, ours in ties.items():
+    for name, ours in family.tied.items():
         if name in hf and not torch.equal(hf[name].float(), state[ours]):
             raise UserError(
-                f"{weights_file}: {name} differs from the tensor it is tied to in RoBERTa ({ours} here); our model "
-                "ties them, so an untied head cannot be imported."
+                f"{weights_file}: {name} differs from the tensor it is tied to in {family.masked_lm} ({ours} here); "
+                "our model ties them, so an untied head cannot be imported."
             )
 
 
 def _read_tokenizer(directory: Path, dims: ModelDims, config_file: Path) -> Tokenizer:
-    """tokenizer.json, else vocab.json + merges.txt built into RoBERTa's byte-level BPE tokenizer."""
+    """tokenizer.json, else vocab.json + merges.txt built into RoBERTa's byte-level BPE tokenizer, else BERT's
+    vocab.txt built into its WordPiece tokenizer."""
     path = directory / "tokenizer.json"
-    vocab, merges = directory / "vocab.json", directory / "merges.txt"
+    vocab, merges, wordpieces = directory / "vocab.json", directory / "merges.txt", directory / "vocab.txt"
     if path.is_file():
         try:
             tokenizer = Tokenizer.from_file(str(path))
@@ -655,10 +482,13 @@ def _read_tokenizer(directory: Path, dims: ModelDims, config_file: Path) -> Toke
     elif vocab.is_file() and merges.is_file():
         path = vocab
         tokenizer = _byte_level_bpe(vocab, merges)
+    elif wordpieces.is_file():
+        path = wordpieces
+        tokenizer = _wordpiece(wordpieces, directory / "tokenizer_config.json")
     else:
         raise UserError(
-            f"{directory} has no tokenizer.json (nor vocab.json + merges.txt); save the tokenizer there with "
-            "tokenizer.save_pretrained."
+            f"{directory} has no tokenizer.json (nor vocab.json + merges.txt, nor vocab.txt); save the tokenizer "
+            "there with tokenizer.save_pretrained."
         )
     if tokenizer.get_vocab_size() > dims.vocab_size:
         raise UserError(
@@ -688,6 +518,30 @@ def _byte_level_bpe(vocab: Path, merges: Path) -> Tokenizer:
     if bos is not None and eos is not None:
         tokenizer.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos), trim_offsets=True,
                                                                 add_prefix_space=False)
+    return tokenizer
+
+
+def _wordpiece(vocab: Path, tokenizer_config: Path) -> Tokenizer:
+    """BERT's tokenizer from its vocab.txt (as `BertWordPieceTokenizer`), lower-casing as tokenizer_config.json's
+    do_lower_case says (absent: true, BertTokenizer's default, as bert-base-uncased)."""
+    lowercase = True
+    if tokenizer_config.is_file():
+        try:
+            lowercase = bool(json.loads(tokenizer_config.read_text()).get("do_lower_case", True))
+        except (ValueError, OSError, AttributeError) as e:
+            raise UserError(f"{tokenizer_config} could not be read as JSON ({e}); re-save the tokenizer.") from None
+    try:
+        tokenizer = Tokenizer(models.WordPiece.from_file(str(vocab), unk_token="[UNK]"))
+    except Exception as e:  # noqa: BLE001 - the library raises a bare Exception for unparsable files
+        raise UserError(f"{vocab} could not be read as a WordPiece vocabulary ({e}); re-save it.") from None
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    # Only the special tokens the vocabulary holds; a missing one is reported by `special_tokens`.
+    tokenizer.add_special_tokens([t for t in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(t.content) is not None])
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls is not None and sep is not None:
+        tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
     return tokenizer
 
 

@@ -6,13 +6,16 @@ V = vocabulary, N = predicted (masked) positions, N_tokens = real tokens. The la
 of `layouts.py`: padded rows (B, T, H) or the real tokens packed, (N_tokens, H); the fast dropout, attention
 and fused loss they call are in `kernels.py`.
 
-RoBERTa's choices: learned absolute positions counted from `pad_id + 1` (pads sit at position
+RoBERTa's choices by default: learned absolute positions counted from `pad_id + 1` (pads sit at position
 `pad_id`), a single token type, GELU, post-LN blocks (pre-LN as an option), input and output
-embeddings tied, an MLM head dense -> GELU -> LayerNorm -> decoder with its own bias.
+embeddings tied, an MLM head dense -> GELU -> LayerNorm -> decoder with its own bias. BERT's are options
+on the same classes (positions counted from 0, two token types), ModernBERT's too (rotary positions, GeGLU,
+pre-LN, local attention, no biases): `families/` names each family's settings.
 
-Parameter names and shapes map one-to-one onto Hugging Face's `RobertaForMaskedLM`, so an export
-is a pure renaming (`hf.py`): `embeddings.word_embeddings` <-> `roberta.embeddings.word_embeddings`,
-`encoder.layers.0.attention.query` <-> `roberta.encoder.layer.0.attention.self.query`, and so on.
+Parameter names and shapes map one-to-one onto each family's Hugging Face class, so an export is a
+renaming (`hf.py`, with each family's table in `families/`): `embeddings.word_embeddings` <->
+`roberta.embeddings.word_embeddings`, `encoder.layers.0.attention.query` <->
+`roberta.encoder.layer.0.attention.self.query`, and so on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoder_train.batch import IGNORE_INDEX
+from encoder_train.errors import UserError
 from encoder_train.kernels import Dropout, LinearCrossEntropy
 from encoder_train.layouts import Layout, Packed, Padded, make_layout
 
@@ -59,15 +63,43 @@ class ModelDims:
     head_bias: bool = True
     token_type_embedding: bool = True
     init: str = "bert"  # or "modernbert"
+    # BERT's options (the defaults are RoBERTa's)
+    position_start: str = "after_pad"  # or "zero": where learned positions start counting
+    type_vocab_size: int = 1  # token-type rows; every input uses type 0, the others are kept for export
 
     @property
     def rotary(self) -> bool:
         return self.position_embedding == "rotary"
 
+    # ---- the shape rule: how many tokens a row may hold for the positions, in one place ----
+
+    @property
+    def first_position(self) -> int:
+        """The position of a row's first token: RoBERTa's learned positions start past the pad id (pads sit at
+        pad_id), BERT's learned positions and rotary ones at 0."""
+        return self.pad_id + 1 if not self.rotary and self.position_start == "after_pad" else 0
+
     @property
     def max_tokens(self) -> int:
-        """Longest row: learned positions run from pad_id + 1 upwards; rotary ones from 0 within each row."""
-        return self.max_position_embeddings if self.rotary else self.max_position_embeddings - self.pad_id - 1
+        """Longest row the positions hold."""
+        return self.max_position_embeddings - self.first_position
+
+    def positions_for(self, tokens: int) -> int:
+        """model.max_position_embeddings a row of `tokens` tokens needs."""
+        return tokens + self.first_position
+
+    def check_row_length(self, tokens: int, where: str, fix: str) -> None:
+        """Refuse rows of `tokens` tokens that the positions cannot hold, in one sentence for every family:
+        `where` names what asked for them, `fix` is what to do besides raising max_position_embeddings."""
+        if tokens <= self.max_tokens:
+            return
+        counted = ("rotary positions count from 0" if self.rotary else "learned positions count from 0"
+                   if not self.first_position else f"learned positions start past the pad id, {self.pad_id} + 1")
+        raise UserError(
+            f"{where}: rows of {tokens} tokens do not fit model.max_position_embeddings "
+            f"{self.max_position_embeddings}, which holds rows of at most {max(self.max_tokens, 0)} tokens "
+            f"({counted}); raise it to {self.positions_for(tokens)}{fix}."
+        )
 
     def is_global(self, layer: int) -> bool:
         """Layers 0, N, 2N, ... attend over the whole row; the others within the local window."""
@@ -75,17 +107,21 @@ class ModelDims:
 
 
 class Embeddings(nn.Module):
-    """Token embeddings, plus learned positions and RoBERTa's one token type where the model has them, then a
-    LayerNorm. Rotary models add no positions here: attention rotates q and k instead."""
+    """Token embeddings, plus learned positions and a token type where the model has them, then a LayerNorm.
+    Rotary models add no positions here: attention rotates q and k instead."""
 
     def __init__(self, d: ModelDims):
         super().__init__()
         self.pad_id = d.pad_id
+        self.after_pad = d.first_position > 0  # RoBERTa's positions; BERT's count from 0
         self.word_embeddings = nn.Embedding(d.vocab_size, d.hidden_size, padding_idx=d.pad_id)
-        self.position_embeddings = (None if d.rotary else
-                                    nn.Embedding(d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id))
-        # RoBERTa: one type, added everywhere
-        self.token_type_embeddings = nn.Embedding(1, d.hidden_size) if d.token_type_embedding else None
+        # RoBERTa's pad row of the positions is the pads' position, kept at zero; BERT's has no pad row.
+        self.position_embeddings = (None if d.rotary else nn.Embedding(
+            d.max_position_embeddings, d.hidden_size, padding_idx=d.pad_id if self.after_pad else None))
+        # Type 0 added everywhere (RoBERTa has one type; BERT's type 1 marks a second segment, which masked-LM
+        # pretraining without the next-sentence task never has): (type_vocab_size, H)
+        self.token_type_embeddings = (nn.Embedding(d.type_vocab_size, d.hidden_size) if d.token_type_embedding
+                                      else None)
         self.norm = nn.LayerNorm(d.hidden_size, eps=d.layer_norm_eps, bias=d.norm_bias)
         self.dropout = Dropout(d.dropout)
 
@@ -95,8 +131,10 @@ class Embeddings(nn.Module):
         else:
             x = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
+            if not self.after_pad:  # BERT's: each token's place in its row, (T,) padded or (N_tokens,) packed
+                positions = layout.positions()
             # RoBERTa's positions: real tokens count up from pad_id + 1, pads stay at pad_id.
-            if isinstance(layout, Packed):  # (N_tokens,): each token's place in its row, offset
+            elif isinstance(layout, Packed):  # (N_tokens,): each token's place in its row, offset
                 positions = layout.positions() + (self.pad_id + 1)
             else:
                 keep = layout.mask.long()  # (B, T)

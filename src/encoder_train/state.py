@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from tokenizers import Tokenizer
 
-from encoder_train import checkpoint, distributed
+from encoder_train import checkpoint, distributed, families
 from encoder_train.batch import MaskSpec
 from encoder_train.config import Config, ModelConfig, TrainingConfig, resolved_vocab_size
 from encoder_train.distributed import World
@@ -69,17 +69,14 @@ def model_dims(cfg: ModelConfig, tokenizer_vocab: int, pad_id: int, source: str)
     names = {f.name for f in dataclasses.fields(ModelDims)}
     shared = {k: v for k, v in cfg.model_dump().items() if k in names}
     dims = ModelDims(**shared | {"vocab_size": resolved_vocab_size(cfg, tokenizer_vocab, source), "pad_id": pad_id})
-    if dims.max_tokens < 2:
-        raise UserError(
-            f"{source}: model.max_position_embeddings ({cfg.max_position_embeddings}) leaves no room for tokens "
-            f"after RoBERTa's position offset (pad id {pad_id} + 1); raise it to at least {pad_id + 3}."
-        )
+    dims.check_row_length(2, source, "")  # <s> and </s> at least
     return dims
 
 
 def model_section(dims: ModelDims, cfg: ModelConfig) -> ModelConfig:
     """The config's model section describing `dims` (an imported folder's shape replaces the YAML's)."""
-    return cfg.model_copy(update={k: v for k, v in dataclasses.asdict(dims).items() if k in ModelConfig.model_fields})
+    shape = {k: v for k, v in dataclasses.asdict(dims).items() if k in ModelConfig.model_fields}
+    return cfg.model_copy(update={**shape, "family": families.family_of(dims).name})
 
 
 def check_same_shape(saved: dict[str, Any], dims: ModelDims, path: Path) -> None:

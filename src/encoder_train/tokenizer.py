@@ -3,7 +3,8 @@
 encoder-train follows RoBERTa's vocabulary conventions: `<s>` starts a sequence, `</s>` ends it (and
 separates packed documents), `<pad>` right-pads rows, `<mask>` replaces selected tokens, `<unk>`
 stands for the unknown. A BERT-style WordPiece tokenizer with `[CLS] [SEP] [PAD] [MASK] [UNK]` works
-as well: the names are looked up in that order.
+as well (`train_tokenizer(kind="wordpiece")` trains one): each role's names, as the families spell them, are
+looked up in turn.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from encoder_train.errors import UserError
+from encoder_train.families import FAMILIES
 from encoder_train.textfiles import iter_texts
 
-# Each role, with the token strings that may fill it (RoBERTa's first, then BERT's).
+# Each role, with the token strings that may fill it: every family's spelling (families/), RoBERTa's first, then
+# BERT's: {"bos": ("<s>", "[CLS]"), "pad": ("<pad>", "[PAD]"), ...}.
 SPECIAL_TOKEN_NAMES: dict[str, tuple[str, ...]] = {
-    "bos": ("<s>", "[CLS]"),
-    "pad": ("<pad>", "[PAD]"),
-    "eos": ("</s>", "[SEP]"),
-    "unk": ("<unk>", "[UNK]"),
-    "mask": ("<mask>", "[MASK]"),
+    role: tuple(dict.fromkeys(f.special_tokens[i] for f in FAMILIES.values()))
+    for i, role in enumerate(("bos", "pad", "eos", "unk", "mask"))
 }
 
 
@@ -98,6 +98,10 @@ ROBERTA_SPECIAL_TOKENS = (
     AddedToken("<mask>", lstrip=True, special=True),
 )
 
+# BERT's, in the order BertWordPieceTokenizer gives them ids 0..4. "a [MASK]." masks the word alone: WordPiece
+# splits on spaces before it looks words up.
+BERT_SPECIAL_TOKENS = tuple(AddedToken(t, special=True) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))
+
 # Documents handed to the Rust trainer per call: big enough to amortise the Python-to-Rust crossing.
 TRAIN_BATCH_DOCUMENTS = 1000
 
@@ -126,21 +130,22 @@ def _training_pieces(text: str) -> list[str]:
 
 
 def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2,
-                    overwrite: bool = False, text_field: str = "text") -> Tokenizer:
-    """Train a RoBERTa-style byte-level BPE tokenizer on the files `iter_texts` reads (text, .jsonl, Parquet,
-    .gz and .zst) and save it to `output`.
+                    overwrite: bool = False, text_field: str = "text", kind: str = "bpe") -> Tokenizer:
+    """Train a tokenizer on the files `iter_texts` reads (text, .jsonl, Parquet, .gz and .zst) and save it to
+    `output`: `kind` "bpe" is RoBERTa's byte-level BPE (<s> <pad> </s> <unk> <mask>, "<s> A </s>"),
+    "wordpiece" BERT's cased WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK], "[CLS] A [SEP]").
 
     `text_field` names the .jsonl field and the Parquet column that hold the text. An existing `output`
     file is replaced only with `overwrite`.
     """
-    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
-    smallest = len(ROBERTA_SPECIAL_TOKENS) + len(byte_alphabet)
+    # The specials and (BPE) the 256 bytes; WordPiece's alphabet is the text's, so one more token at least.
+    smallest = len(BERT_SPECIAL_TOKENS) + 1 if kind == "wordpiece" else len(ROBERTA_SPECIAL_TOKENS) + 256
     if vocab_size < smallest:
-        raise UserError(
-            f"vocab_size {vocab_size} is too small: a byte-level BPE vocabulary starts with "
-            f"{len(ROBERTA_SPECIAL_TOKENS)} special tokens and {len(byte_alphabet)} byte tokens; "
-            f"pass --vocab_size {smallest} or more (RoBERTa uses 50265)."
-        )
+        what = ("a WordPiece vocabulary starts with its 5 special tokens" if kind == "wordpiece" else
+                f"a byte-level BPE vocabulary starts with {len(ROBERTA_SPECIAL_TOKENS)} special tokens and 256 byte "
+                "tokens")
+        raise UserError(f"vocab_size {vocab_size} is too small: {what}; pass --vocab_size {smallest} or more "
+                        f"({'BERT uses 30522' if kind == 'wordpiece' else 'RoBERTa uses 50265'}).")
     if vocab_size > MAX_VOCAB_SIZE:
         raise UserError(
             f"vocab_size {vocab_size} is too large: the largest vocabularies in use hold about 250,000 tokens; "
@@ -159,6 +164,27 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
             f"tokenizer output {output} already exists; pass --overwrite to replace it, or choose another --output."
         )
 
+    tokenizer, trainer = (_wordpiece if kind == "wordpiece" else _byte_level_bpe)(vocab_size, min_frequency)
+    documents = (piece for text in iter_texts(inputs, text_field=text_field) for piece in _training_pieces(text))
+    batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
+    tokenizer.train_from_iterator(batches, trainer)
+    _frame(tokenizer, kind)
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(output.name + ".tmp")
+        tokenizer.save(str(tmp))
+        os.replace(tmp, output)  # never leave a half-written tokenizer.json behind
+    except OSError as e:
+        raise UserError(
+            f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output."
+        ) from None
+    return tokenizer
+
+
+def _byte_level_bpe(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    """RoBERTa's byte-level BPE, untrained, and its trainer."""
+    byte_alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokenizer = Tokenizer(models.BPE())  # no unk_token: every byte is in the vocabulary
     # "Hello world" -> "Hello", "Ġworld": spaces are kept as part of the following word, so decoding
     # restores the text exactly; no space is added in front of the first word.
@@ -171,27 +197,35 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         initial_alphabet=byte_alphabet,  # all 256 bytes, even those the corpus lacks
         show_progress=sys.stderr.isatty(),  # a progress bar for a person at a terminal, not for logs
     )
-    documents = (piece for text in iter_texts(inputs, text_field=text_field) for piece in _training_pieces(text))
-    batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
-    tokenizer.train_from_iterator(batches, trainer)
+    return tokenizer, trainer
 
+
+def _wordpiece(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    """BERT's cased WordPiece (as `BertWordPieceTokenizer(lowercase=False)`), untrained, and its trainer:
+    "Hello, world" -> "Hello", ",", "world"; "unaffable" -> "un", "##aff", "##able"."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(BERT_SPECIAL_TOKENS),
+        show_progress=sys.stderr.isatty(), continuing_subword_prefix="##",
+    )
+    return tokenizer, trainer
+
+
+def _frame(tokenizer: Tokenizer, kind: str) -> None:
+    """The post-processor: `<s> A </s>` and `<s> A </s></s> B </s>` (RoBERTa), or `[CLS] A [SEP]` and
+    `[CLS] A [SEP] B [SEP]` (BERT); pretokenize packs rows without it. (sep, cls) are passed by position: the
+    keyword for cls differs between tokenizers versions."""
+    if kind == "wordpiece":
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep), ("[CLS]", cls))
+        return
     bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
-    # `<s> A </s>` and `<s> A </s></s> B </s>`, as RoBERTa; pretokenize packs rows without it.
-    # (sep, cls) are passed by position: the keyword for cls differs between tokenizers versions.
     tokenizer.post_processor = processors.RobertaProcessing(
         ("</s>", eos), ("<s>", bos), trim_offsets=True, add_prefix_space=False
     )
-
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(output.name + ".tmp")
-        tokenizer.save(str(tmp))
-        os.replace(tmp, output)  # never leave a half-written tokenizer.json behind
-    except OSError as e:
-        raise UserError(
-            f"could not write the tokenizer to {output} ({e.strerror}); pass a writable --output."
-        ) from None
-    return tokenizer
 
 
 def word_level_tokenizer(vocab_size: int) -> Tokenizer:

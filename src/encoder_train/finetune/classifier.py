@@ -6,9 +6,12 @@
 "model" entry is an ordinary checkpoint's: `load_trained`, `evaluate`, `fill-mask` and `export` read it as
 they read any other. The head's parameters are saved beside it, under "classifier".
 
-One head per family (`HEADS`), each with Hugging Face's module names, so that export is a renaming:
+One head per kind (`HEADS`; each family names its kind and the Hugging Face names of the head's modules, see
+`families/`), so that export is a renaming:
 
   roberta     RobertaClassificationHead: the <s> token -> dropout -> dense -> tanh -> dropout -> out_proj
+  bert        BertForSequenceClassification's pooler and classifier: the [CLS] token -> dense -> tanh -> dropout
+              -> out_proj (its `bert.pooler.dense` and `classifier`)
   modernbert  ModernBertForSequenceClassification's: the CLS token or the mean of the real tokens (its
               `classifier_pooling`) -> dense -> GELU -> LayerNorm -> dropout -> classifier
 """
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoder_train.errors import UserError
+from encoder_train.families import family_of
 from encoder_train.model import MaskedLM, ModelDims
 
 Pooling = Literal["cls", "mean"]
@@ -38,12 +42,14 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: Pooling) -> to
 
 
 class RobertaHead(nn.Module):
-    """RobertaClassificationHead: pooled <s> -> dropout -> dense -> tanh -> dropout -> out_proj."""
+    """RobertaClassificationHead: pooled <s> -> dropout -> dense -> tanh -> dropout -> out_proj. BERT's pooler
+    and classifier are the same without the first dropout (`dropout_first`)."""
 
     pooling: Pooling = "cls"
 
-    def __init__(self, hidden_size: int, num_outputs: int, dropout: float):
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float, dropout_first: bool = True):
         super().__init__()
+        self.dropout_first = dropout_first
         self.dense = nn.Linear(hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.out_proj = nn.Linear(hidden_size, num_outputs)
@@ -57,9 +63,15 @@ class RobertaHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H), (B, T) -> (B, C)"""
-        x = self.dropout(pool(hidden, attention_mask, self.pooling))
+        x = pool(hidden, attention_mask, self.pooling)
+        if self.dropout_first:
+            x = self.dropout(x)
         x = self.dropout(torch.tanh(self.dense(x)))
         return self.out_proj(x)
+
+    def hf_config(self) -> dict:
+        """Entries the sequence-classification class's config takes for this head: none."""
+        return {}
 
 
 class ModernBertHead(nn.Module):
@@ -88,6 +100,10 @@ class ModernBertHead(nn.Module):
         x = self.norm(F.gelu(self.dense(pool(hidden, attention_mask, self.pooling))))
         return self.classifier(self.drop(x))
 
+    def hf_config(self) -> dict:
+        """ModernBertForSequenceClassification's pooling."""
+        return {"classifier_pooling": self.pooling}
+
 
 def roberta_head(dims: ModelDims, num_outputs: int, dropout: float, pooling: Pooling) -> nn.Module:
     if pooling != "cls":
@@ -96,28 +112,31 @@ def roberta_head(dims: ModelDims, num_outputs: int, dropout: float, pooling: Poo
     return RobertaHead(dims.hidden_size, num_outputs, dropout)
 
 
+def bert_head(dims: ModelDims, num_outputs: int, dropout: float, pooling: Pooling) -> nn.Module:
+    if pooling != "cls":
+        raise UserError(f"--pooling {pooling}: BERT's pooler reads the [CLS] token only (and so does "
+                        "BertForSequenceClassification); leave --pooling out for this model.")
+    return RobertaHead(dims.hidden_size, num_outputs, dropout, dropout_first=False)
+
+
+# A family's `head` -> the head it fine-tunes with.
 HEADS: dict[str, Callable[[ModelDims, int, float, Pooling], nn.Module]] = {
     "roberta": roberta_head,
+    "bert": bert_head,
     "modernbert": ModernBertHead,
 }
-
-
-def family_of(dims: ModelDims) -> str:
-    """The published architecture the encoder follows, which fixes its head: ModernBERT's for rotary positions
-    (the option `model.family: modernbert` sets), RoBERTa's otherwise."""
-    return "modernbert" if getattr(dims, "position_embedding", "learned") == "rotary" else "roberta"
 
 
 class SequenceClassifier(nn.Module):
     def __init__(self, backbone: MaskedLM, num_outputs: int, dropout: float | None = None, pooling: Pooling = "cls"):
         super().__init__()
         dims = backbone.dims
-        self.family = family_of(dims)
+        self.family = family_of(dims)  # its published architecture fixes the head
         self.num_outputs = num_outputs
         self.backbone = backbone
         for p in backbone.head.parameters():  # the MLM head: kept in the checkpoint, not trained
             p.requires_grad_(False)
-        self.head = HEADS[self.family](dims, num_outputs, dims.dropout if dropout is None else dropout, pooling)
+        self.head = HEADS[self.family.head](dims, num_outputs, dims.dropout if dropout is None else dropout, pooling)
 
     @torch.no_grad()
     def start_at(self, value: float) -> None:

@@ -1,12 +1,13 @@
-"""Export a fine-tuned checkpoint as a Hugging Face `RobertaForSequenceClassification` or
-`ModernBertForSequenceClassification` folder, whichever family the model is, for `pipeline("text-classification")`.
+"""Export a fine-tuned checkpoint as its family's Hugging Face sequence-classification folder
+(`RobertaForSequenceClassification`, `BertForSequenceClassification`, `ModernBertForSequenceClassification`),
+for `pipeline("text-classification")`.
 
 The encoder goes through hf.py's mapping (`to_hf`, the family's config, the tokenizer files) with the MLM head
-left out; the classification head's modules carry Hugging Face's names already (classifier.py), so it is a
-prefix: `dense`, `out_proj` -> `classifier.dense`, `classifier.out_proj` (RoBERTa); `dense`, `norm` ->
-`head.dense`, `head.norm` and `classifier` -> `classifier` (ModernBERT). The config adds the labels (id2label,
-label2id), `problem_type` (regression: the pipeline then returns the number as it is) and the head's dropout
-and pooling.
+left out; the classification head's modules are renamed by the family's `head_names` (families/): `dense`,
+`out_proj` -> `classifier.dense`, `classifier.out_proj` (RoBERTa), -> `bert.pooler.dense`, `classifier` (BERT);
+`dense`, `norm`, `classifier` -> `head.dense`, `head.norm`, `classifier` (ModernBERT). The config adds the labels
+(id2label, label2id), `problem_type` (regression: the pipeline then returns the number as it is) and the head's
+dropout and pooling.
 
 The exported tokenizer frames texts as fine-tuning did, `<s> A </s>` and `<s> A </s></s> B </s>` (RoBERTa's
 post-processor with the tokenizer's own special tokens), whatever post-processor the tokenizer had.
@@ -20,15 +21,8 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from encoder_train.finetune.loop import load_finetuned
-from encoder_train.hf import _require, check_output_dir, modernbert_config, roberta_config, to_hf, write_folder
+from encoder_train.hf import _require, check_output_dir, hf_config, to_hf, write_folder
 from encoder_train.tokenizer import special_tokens
-
-# Our head's module -> the Hugging Face class's, per family.
-HEAD_NAMES = {
-    "roberta": {"dense": "classifier.dense", "out_proj": "classifier.out_proj"},
-    "modernbert": {"dense": "head.dense", "norm": "head.norm", "classifier": "classifier"},
-}
-CLASSES = {"roberta": "RobertaForSequenceClassification", "modernbert": "ModernBertForSequenceClassification"}
 
 
 def export_classifier(checkpoint_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -46,18 +40,15 @@ def export_classifier(checkpoint_path: str | Path, output_dir: str | Path, overw
     weights = to_hf(encoder, dims)  # refuses, naming the option, what the family's class cannot express
     for name, tensor in model.head.state_dict().items():
         module, param = name.rsplit(".", 1)
-        weights[f"{HEAD_NAMES[model.family][module]}.{param}"] = tensor.contiguous()
+        weights[f"{model.family.head_names[module]}.{param}"] = tensor.contiguous()
 
     regression = labels.kind == "regression"
     names = ["score"] if regression else list(labels.names)
-    if model.family == "modernbert":
-        config = modernbert_config(transformers, dims, special)
-        config.classifier_pooling = model.head.pooling
-    else:
-        config = roberta_config(transformers, dims, special)
+    config = hf_config(transformers, dims, special)
+    config.update(model.head.hf_config())
     dropout = finetuned.state["finetune"].get("dropout")  # None: the encoder's, as fine-tuning used
     config.classifier_dropout = dims.dropout if dropout is None else dropout
-    config.architectures = [CLASSES[model.family]]
+    config.architectures = [model.family.sequence_classification]
     config.id2label = dict(enumerate(names))
     config.label2id = {n: i for i, n in enumerate(names)}
     config.problem_type = "regression" if regression else "single_label_classification"

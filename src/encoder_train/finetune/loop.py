@@ -46,7 +46,8 @@ from encoder_train import checkpoint, devices
 from encoder_train.batch import MaskSpec
 from encoder_train.config import TrainingConfig
 from encoder_train.errors import UserError
-from encoder_train.finetune.classifier import SequenceClassifier, family_of
+from encoder_train.families import family_of
+from encoder_train.finetune.classifier import SequenceClassifier
 from encoder_train.finetune.metrics import METRICS, score
 from encoder_train.finetune.tasks import Labels, Split, Task
 from encoder_train.model import MaskedLM, ModelDims
@@ -576,7 +577,7 @@ def save(state: dict[str, torch.Tensor], source: Source, task: Task, metrics: tu
         "epoch": epoch,
         "dims": dataclasses.asdict(source.dims),
         "tokenizer": {"json": source.tokenizer.to_str(), "mask_spec": dataclasses.asdict(source.spec)},
-        "task": {"name": task.name, "family": family_of(source.dims), "pooling": settings.pooling,
+        "task": {"name": task.name, "family": family_of(source.dims).name, "pooling": settings.pooling,
                  "labels": task.labels.to_dict(), "text_fields": list(task.text_fields),
                  "label_field": task.label_field, "metrics": list(metrics), "max_length": max_length},
         "finetune": {**dataclasses.asdict(settings), "seed": seed, "source": source.origin},
