@@ -18,7 +18,7 @@ from encoder_train.hf import export_checkpoint, import_hf
 from encoder_train.model import MaskedLM
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import special_tokens
-from test_hf import assert_same_logits, perturb
+from helpers.hf_models import assert_same_logits, perturb
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,7 +89,7 @@ def test_import_gives_transformers_logits(bert_folder):
 
 
 def test_export_then_import_is_bit_exact_and_transformers_loads_it_whole(tmp_path, bert_folder):
-    from test_hf import write_checkpoint
+    from helpers.hf_models import write_checkpoint
 
     folder, _ = bert_folder
     hf = import_hf(folder)
@@ -248,7 +248,7 @@ def test_bert_positions_are_the_same_packed_and_padded(bert_folder):
     ({"position_embedding": "rotary"}, 40, "rotary positions count from 0")])
 def test_one_row_length_rule_for_every_family(changes, longest, counted):
     from encoder_train.errors import UserError
-    from test_hf import dims_for
+    from helpers.hf_models import dims_for
 
     dims = dims_for(64, **changes)
     assert dims.max_tokens == longest and dims.positions_for(longest) == 40
