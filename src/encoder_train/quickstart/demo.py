@@ -28,7 +28,7 @@ from encoder_train.checkpoint import list_checkpoints
 from encoder_train.config import BUNDLED_CONFIG_DIR, Config, load_config
 from encoder_train.data.prepare import pretokenize
 from encoder_train.data.shards import scan_shards
-from encoder_train.devices import autocast_for, pick_device
+from encoder_train.devices import autocast_for, native_bf16, pick_device
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, show_guesses
 from encoder_train.quickstart.corpus import write_stdlib_corpus
@@ -253,8 +253,13 @@ def pretrain(s: DemoSettings, work: Work, progress: Progress) -> tuple[Config, T
         planned = load_config(s.config_file).training
         overrides["training.max_steps"] = s.max_steps
         overrides["training.warmup_steps"] = planned.warmup_steps * s.max_steps // planned.max_steps
+    emulated = load_config(s.config_file).training.precision == "bf16" and not native_bf16(pick_device())
+    if emulated:  # the demo is meant to take minutes: emulated bf16 would take it to hours
+        overrides["training.precision"] = "fp32"
     config = load_config(s.config_file, overrides)
     print(f"[4/6] training ({s.config_file.name}): checkpoints and metrics.jsonl in {work.checkpoints}")
+    if emulated:
+        print("      this CPU has no native bf16 (it would run many times slower than fp32): training in fp32")
     found = list_checkpoints(work.checkpoints)
     before = found[-1][0] if found else 0
     # The demo passes --load_checkpoint latest itself: after a stop, running it again is all it takes.
