@@ -198,12 +198,11 @@ def test_pretokenize_help_states_each_familys_positions(capsys):
 
 @pytest.mark.slow  # fine-tuning, then export: over 8 s on 2 cores
 def test_bert_fine_tunes_with_its_pooler_head_and_exports_as_bert_for_sequence_classification(capsys, tmp_path):
-    from finetune_data import examples, tiny_checkpoint, write_jsonl
-
     from conftest import PAD, VOCAB
     from encoder_train.config import ModelConfig
     from encoder_train.finetune.loop import load_finetuned
     from encoder_train.state import model_dims
+    from helpers.finetune_data import examples, tiny_checkpoint, write_jsonl
 
     config = ModelConfig(family="bert", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
                          max_position_embeddings=32)
