@@ -11,6 +11,7 @@ work folder keeps each stage's seconds over every run, so summary.json's time is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shlex
 import signal
@@ -32,7 +33,7 @@ from encoder_train.devices import autocast_for, native_bf16, pick_device
 from encoder_train.errors import UserError
 from encoder_train.evaluate import evaluate, show_guesses
 from encoder_train.quickstart.corpus import write_stdlib_corpus
-from encoder_train.quickstart.docstrings import FINETUNES, kept_results, run_demo_stage
+from encoder_train.quickstart.docstrings import DEMO_SETTINGS, FINETUNES, kept_results, run_demo_stage
 from encoder_train.quickstart.learned import TOP_K, MaskedTally, examples, log_frequencies, word_mask
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
@@ -334,7 +335,9 @@ def show_evaluation(r: dict[str, Any]) -> None:
 def finetune_stage(config: Config, checkpoint: Path, work: Work, progress: Progress) -> dict[str, Any] | None:
     print("[6/6] fine-tuning the trained and the untrained model: which package a docstring comes from")
     done = [name for name in FINETUNES if name in kept_results(work.root, checkpoint)]
-    finetuned = run_demo_stage(work.root, checkpoint, config.training.seed)
+    # In the precision pretraining ran in: fp32 where this CPU would only emulate bf16 (see `pretrain`).
+    settings = dataclasses.replace(DEMO_SETTINGS, precision=config.training.precision)
+    finetuned = run_demo_stage(work.root, checkpoint, config.training.seed, settings=settings)
     progress.did("skipped: too few docstrings" if finetuned is None else "skipped" if len(done) == len(FINETUNES)
                  else "resumed" if done else "ran")
     return finetuned
