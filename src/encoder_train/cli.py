@@ -566,6 +566,49 @@ def run_export_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score models and checkpoints on a suite of tasks (mlm, classification, ...) into a report card",
+        description="Evaluate every --model on every task of SUITE (docs/evaluation.md): DIR/report.json, "
+        "DIR/report.md and, for a run's checkpoint folder, a plot per metric across its checkpoints. The report is "
+        "written as each (model, task) finishes; a rerun skips what is done. Nothing is downloaded.",
+    )
+    p.add_argument("--suite", type=local_path, required=True, help="the suite YAML (tasks: {NAME: {kind: ...}})")
+    p.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
+                   help="a model: a checkpoint file or sharded folder, a run's checkpoint folder (its phase ends "
+                   "and its last checkpoint, as NAME@STEP) or a Hugging Face folder; repeat for more")
+    p.add_argument("--output_dir", type=local_path, required=True, help="where the report (and exports) go")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: a GPU when there is one)")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from encoder_train.evaluation.models import model_rows
+    from encoder_train.evaluation.runner import failures_sentence, run_suite
+    from encoder_train.evaluation.suite import load_suite
+
+    if not args.model:
+        raise UserError("eval needs at least one --model NAME=PATH; pass the checkpoint, run folder or Hugging Face "
+                        "folder to evaluate.")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device; pass cpu, cuda or cuda:N.") from None
+    rows = model_rows(args.model)  # before the suite's files are read: a typo in a path is the quicker news
+    suite = load_suite(Path(args.suite))
+    report = run_suite(suite, rows, Path(args.output_dir), device=device)
+    failed = failures_sentence(report, rows, suite)
+    if failed:
+        raise UserError(failed)
+    print(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="encoder-train",
@@ -583,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_glue_parser(sub)
     add_export_classifier_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
@@ -595,8 +639,8 @@ def rank_prefix() -> str:
 
 # The commands that compute, and those of them that print their CPU thread count at start (evaluate and fill-mask
 # print only their answer).
-COMPUTES = ("train", "evaluate", "fill-mask", "finetune", "glue", "demo")
-SAYS_THREADS = ("train", "finetune", "glue", "demo")
+COMPUTES = ("train", "evaluate", "fill-mask", "finetune", "glue", "demo", "eval")
+SAYS_THREADS = ("train", "finetune", "glue", "demo", "eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

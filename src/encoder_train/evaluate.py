@@ -26,8 +26,10 @@ from encoder_train.tokenizer import special_tokens
 EVAL_SEED = 20190726  # fixed: evaluation masks never depend on the run's seed
 
 
-def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_batches: int | None) -> Iterator[Batch]:
-    """Every row of every shard, in order, `batch_size` rows at a time, masked with the fixed eval seed."""
+def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_batches: int | None,
+                 seed: int = EVAL_SEED) -> Iterator[Batch]:
+    """Every row of every shard, in order, `batch_size` rows at a time, masked with the fixed eval seed (an
+    evaluation suite may name another)."""
     index, row = 0, 0  # batches and rows so far: a row's mask depends on its position only
     for shard in shards:
         reader = ShardReader(shard)
@@ -37,7 +39,7 @@ def eval_batches(shards: list[ShardInfo], spec: MaskSpec, batch_size: int, max_b
                 if max_batches is not None and index >= max_batches:
                     return
                 chunk = reader.rows(start, min(batch_size, shard.rows - start))
-                yield collate(list(chunk), spec, EVAL_SEED, row)
+                yield collate(list(chunk), spec, seed, row)
                 index, row = index + 1, row + len(chunk)
         finally:
             reader.close()
@@ -54,6 +56,7 @@ def evaluate(
     autocast: contextlib.AbstractContextManager | None = None,
     max_batches: int | None = None,
     on_batch: Callable[[Batch, torch.Tensor], None] | None = None,
+    seed: int = EVAL_SEED,
 ) -> dict[str, float | int]:
     """Mean loss and accuracy over every predicted token of the held-out rows; the model's mode is restored.
 
@@ -68,7 +71,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     predicted, tokens, rows = 0, 0, 0
     try:
-        for host in eval_batches(shards, spec, batch_size, max_batches):
+        for host in eval_batches(shards, spec, batch_size, max_batches, seed):
             b = host.to(device)
             with autocast or contextlib.nullcontext():
                 # Through forward(), so a DDP- or FSDP-wrapped model works too.
@@ -104,11 +107,16 @@ def evaluate(
     }
 
 
+FIX_TOKENIZER = ("pass the tokenizer the checkpoint was trained with, or leave out --tokenizer_filepath to use the one "
+                 "stored in the checkpoint")
+
+
 def check_same_vocabulary(trained: Trained, tokenizer: Tokenizer, path: str | Path,
-                          checkpoint_path: str | Path) -> None:
+                          checkpoint_path: str | Path, fix: str = FIX_TOKENIZER) -> None:
     """Refuse a tokenizer whose ids name other tokens than the checkpoint's: the model's answers would be garbage.
 
-    Only the token -> id mapping must agree; normalization and pre-tokenization may differ.
+    Only the token -> id mapping must agree; normalization and pre-tokenization may differ. `fix`: what the
+    message tells the user to do.
     """
     spec, special = trained.spec, special_tokens(tokenizer, path)
     diffs = [f"{what} {given} vs {stored}" for what, given, stored in (
@@ -125,8 +133,7 @@ def check_same_vocabulary(trained: Trained, tokenizer: Tokenizer, path: str | Pa
     if diffs:
         raise UserError(
             f"tokenizer {path} does not match the vocabulary of checkpoint {checkpoint_path} "
-            f"({path} vs checkpoint: {', '.join(diffs)}); pass the tokenizer the checkpoint was trained with, "
-            "or leave out --tokenizer_filepath to use the one stored in the checkpoint."
+            f"({path} vs checkpoint: {', '.join(diffs)}); {fix}."
         )
 
 
