@@ -1,0 +1,192 @@
+"""`encoder-train eval`'s core on real checkpoints: the mlm kind gives `encoder-train evaluate`'s numbers; a run
+folder gives one row per kept checkpoint (its phase ends and its last); a Hugging Face export and our checkpoint of
+the same weights give the same numbers; a killed evaluation resumes without recomputing what it recorded; the
+classification kind's protocol (the median over seeds of the best learning rate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import make_shards
+from encoder_train.cli import main
+from helpers.recipes import recipe, run
+
+
+def write_suite(folder: Path, text: str) -> Path:
+    path = folder / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def report_of(out: Path) -> dict:
+    return json.loads((out / "report.json").read_text())
+
+
+def test_mlm_numbers_are_those_of_evaluate(capsys, tmp_path, pretrained):
+    make_shards(tmp_path / "val", files=2, rows=20, seed=7)
+    suite = write_suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val, batch_size: 8}\n"
+                                  "  held30: {kind: mlm, data_dir: val, batch_size: 8, mask_rate: 0.3}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", str(suite), "--model", f"a={pretrained}", "--output_dir", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(pretrained), "--data_dir", str(tmp_path / "val"),
+                 "--batch_size", "8"]) == 0
+    standalone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = report_of(out)
+    got = report["results"]["a"]["held"]
+    assert got["loss"] == standalone["loss"]  # the same computation
+    assert got["accuracy"] == standalone["accuracy"]
+    assert report["details"]["a"]["held"]["tokens"] == standalone["tokens"]
+    # another mask rate masks about twice the tokens
+    assert report["details"]["a"]["held30"]["tokens"] > 1.5 * standalone["tokens"]
+    assert report["models"]["a"] == {"path": str(pretrained), "step": 8, "kind": "checkpoint", "group": "a"}
+    details = report["details"]["a"]["held"]
+    assert details["settings"]["mask_rate"] == 0.15 and details["settings"]["data_dir"] == str(tmp_path / "val")
+    assert {"torch", "transformers", "sentence-transformers", "encoder-train"} <= details["versions"].keys()
+    assert details["seconds"] > 0
+    md = (out / "report.md").read_text()
+    assert "## held (mlm)" in md and f"| a | {got['loss']:.4f} | {got['accuracy']:.4f} |" in md
+
+
+def test_a_run_folder_gives_its_phase_ends_and_its_last_checkpoint(capsys, tmp_path):
+    # Three phases of 5, 4 and 3 steps, stopped at step 7, a checkpoint every 2 steps (3 kept): 5 ends a phase, 6 is
+    # an ordinary checkpoint, 7 the last.
+    path = recipe(tmp_path, checkpoint={"checkpoint_every": 2, "max_checkpoints": 3})
+    assert run(path, "--max_steps", "7") == 0
+    ckpt = tmp_path / "ckpt"
+    assert {p.name for p in ckpt.glob("checkpoint_*")} == {f"checkpoint_0000000{s}.pt" for s in (5, 6, 7)}
+    suite = write_suite(tmp_path, "tasks:\n"
+                        "  code: {kind: mlm, data_dir: code-val, batch_size: 4, reference: {loss: 3.0},\n"
+                        "         reference_source: the paper's table 2}\n"
+                        "  web: {kind: mlm, data_dir: web, max_batches: 2, batch_size: 4}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", str(suite), "--model", f"run={ckpt}", "--output_dir", str(out)]) == 0
+    report = report_of(out)
+    assert list(report["results"]) == ["run@5", "run@7"]
+    assert {m: (v["step"], v["group"]) for m, v in report["models"].items()} == {"run@5": (5, "run"),
+                                                                                 "run@7": (7, "run")}
+    assert report["results"]["run@5"]["code"]["loss"] != report["results"]["run@7"]["code"]["loss"]
+    for metric in ("loss", "accuracy", "perplexity"):
+        assert (out / "plots" / f"run.{metric}.png").stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert md.index("| run@5 |") < md.index("| run@7 |")
+    assert "| reference | 3.0000 |" in md and "Reference: the paper's table 2." in md
+    assert "![run.loss](plots/run.loss.png)" in md
+    printed = capsys.readouterr().out
+    assert "run@5 / code: loss" in printed and "plot: " in printed
+
+
+def test_an_export_and_our_checkpoint_of_the_same_weights_give_the_same_numbers(capsys, tmp_path, pretrained):
+    pytest.importorskip("transformers")
+    assert main(["export", "--checkpoint", str(pretrained), "--output_dir", str(tmp_path / "hf")]) == 0
+    make_shards(tmp_path / "val", files=1, rows=24, seed=11)
+    suite = write_suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val, batch_size: 8}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", str(suite), "--model", f"ours={pretrained}", "--model",
+                 f"hf={tmp_path / 'hf'}", "--output_dir", str(out)]) == 0
+    report = report_of(out)
+    assert report["results"]["hf"]["held"] == report["results"]["ours"]["held"]
+    assert report["models"]["hf"] == {"path": str(tmp_path / "hf"), "step": None, "kind": "hf", "group": "hf"}
+
+
+def test_a_checkpoint_is_exported_once_and_embeds_through_sentence_transformers(tmp_path, pretrained):
+    pytest.importorskip("sentence_transformers")
+    import torch
+
+    from encoder_train.evaluation.models import LoadedModel, rows_for
+
+    (row,) = rows_for("a", pretrained)
+    model = LoadedModel(row, tmp_path / "out", torch.device("cpu"))
+    folder = model.hf_folder()
+    assert folder == tmp_path / "out" / "models" / "a" and (folder / "model.safetensors").is_file()
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    again = LoadedModel(row, tmp_path / "out", torch.device("cpu"))  # a rerun reuses the complete export
+    assert again.hf_folder() == folder and (folder / "model.safetensors").stat().st_mtime_ns == written
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    st = model.sentence_transformer(16)
+    assert st.max_seq_length == 16
+    assert model.sentence_transformer(1000).max_seq_length == 62  # the model's window: 64 positions, RoBERTa's 2
+    vectors = st.encode(["w5 w6 w7", "w8"])
+    assert vectors.shape == (2, 32)
+
+
+@pytest.mark.slow
+def test_a_killed_evaluation_resumes_without_recomputing_what_it_recorded(tmp_path, pretrained):
+    # The first task is quick, the second reads 24,000 rows: the kill lands during the second.
+    make_shards(tmp_path / "small", files=1, rows=8, seed=3)
+    make_shards(tmp_path / "big", files=4, rows=6000, width=32, seed=4)
+    suite = write_suite(tmp_path, "tasks:\n  quick: {kind: mlm, data_dir: small}\n"
+                                  "  slow: {kind: mlm, data_dir: big, batch_size: 16}\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "encoder_train", "eval", "--suite", str(suite), "--model", f"a={pretrained}",
+               "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "report.json").exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.communicate()
+    first = report_of(out)
+    assert child.returncode == -signal.SIGKILL and list(first["results"]["a"]) == ["quick"]
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a / quick: done before, kept" in done.stdout and "a / slow: loss" in done.stdout
+    second = report_of(out)
+    assert second["details"]["a"]["quick"] == first["details"]["a"]["quick"]
+    assert set(second["results"]["a"]) == {"quick", "slow"}
+
+    # Changed task settings, or a changed model file, make the pair run again.
+    suite.write_text(suite.read_text().replace("data_dir: small}", "data_dir: small, batch_size: 4}"))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert "a / quick: loss" in done.stdout and "a / slow: done before, kept" in done.stdout
+
+
+def write_task(folder: Path, n: int, seed: int) -> Path:
+    """A two-label task a tiny model learns: label 1 when the text holds w9."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for _ in range(n):
+        words = [f"w{rng.randrange(10, 60)}" for _ in range(rng.randrange(3, 9))]
+        label = rng.random() < 0.5
+        if label:
+            words[rng.randrange(len(words))] = "w9"
+        lines.append(" ".join(words) + f"\t{int(label)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ("train.tsv" if seed == 0 else "dev.tsv")).write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.mark.slow
+def test_classification_reports_the_median_over_seeds_of_the_best_learning_rate(capsys, tmp_path, pretrained):
+    task = write_task(tmp_path / "task", 48, seed=0)
+    write_task(task, 24, seed=1)
+    suite = write_suite(tmp_path, "tasks:\n  w9:\n    kind: classification\n    data_dir: task\n"
+                                  "    learning_rates: [1.0e-4, 3.0e-3]\n    seeds: 3\n    epochs: 2\n"
+                                  "    batch_size: 8\n    max_length: 16\n    precision: fp32\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", str(suite), "--model", f"a={pretrained}", "--output_dir", str(out)]) == 0
+    report = report_of(out)
+    result, details = report["results"]["a"]["w9"], report["details"]["a"]["w9"]
+    grid = details["grid"]
+    assert set(grid) == {"0.0001", "0.003"} and details["seeds"] == [0, 1, 2]
+    # The best rate has the higher median score; its median accuracy is the result, its seeds the spread.
+    best = max(grid, key=lambda lr: (grid[lr]["score"], -float(lr)))
+    assert details["learning_rate"] == float(best)
+    per_seed = [s["accuracy"] for s in grid[best]["per_seed"]]
+    assert len(per_seed) == 3
+    assert result["accuracy"] == statistics.median(per_seed)
+    assert details["spread"]["accuracy"] == {"min": min(per_seed), "max": max(per_seed),
+                                             "std": pytest.approx(statistics.stdev(per_seed))}
+    assert (out / "work" / "a" / "w9").is_dir() and not list((out / "work").rglob("*.pt"))

@@ -1,0 +1,110 @@
+"""`encoder-train eval` refuses bad input in one sentence (exit 2, no traceback) and loses nothing: a misspelt or
+missing suite key, a wrong type, an unknown kind, two --model with one name, a PATH that is not a model, and a task
+that fails on one model while the other models' results are kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_shards
+from encoder_train.cli import main
+from helpers.hf_models import dims_for, write_checkpoint
+
+
+def suite(folder: Path, text: str) -> Path:
+    path = folder / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+def refused(capsys, *argv: str) -> str:
+    assert main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("encoder-train: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def val(tmp_path):
+    return make_shards(tmp_path / "val", files=1, rows=12, seed=5)
+
+
+@pytest.mark.parametrize("body, words", [
+    ("kind: mlm\n    data_dir: val\n    mask_rat: 0.2", ["unknown key 'mask_rat'", "did you mean 'mask_rate'",
+                                                         "max_length"]),
+    ("kind: mlm\n    batch_size: 8", ["lacks the required key 'data_dir'"]),
+    ("kind: mlm\n    data_dir: val\n    batch_size: eight", ["batch_size must be an integer", "'eight'"]),
+    ("kind: mlm\n    data_dir: val\n    max_batches: 1.5", ["max_batches must be an integer or null"]),
+    ("kind: mlm\n    data_dir: val\n    mask_rate: 1.5", ["mask_rate 1.5 must lie between 0 and 1"]),
+    ("kind: mlmm\n    data_dir: val", ["kind 'mlmm' is unknown", "did you mean 'mlm'", "classification"]),
+    ("data_dir: val", ["has no `kind`", "mlm, classification"]),
+    ("kind: mlm\n    data_dir: missing", ["missing", "does not exist"]),
+])
+def test_a_bad_suite_is_one_sentence_naming_file_task_and_key(capsys, tmp_path, pretrained, val, body, words):
+    path = suite(tmp_path, f"tasks:\n  held:\n    {body}\n")
+    line = refused(capsys, "--suite", str(path), "--model", f"a={pretrained}", "--output_dir", str(tmp_path / "out"))
+    assert str(path) in line and "held" in line
+    for word in words:
+        assert word in line
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_misspelt_top_level_key_and_a_task_name_that_is_no_plain_name(capsys, tmp_path, pretrained, val):
+    line = refused(capsys, "--suite", str(suite(tmp_path, "taks:\n  held: {kind: mlm, data_dir: val}\n")),
+                   "--model", f"a={pretrained}", "--output_dir", str(tmp_path / "out"))
+    assert "no `tasks:`" in line
+    line = refused(capsys, "--suite", str(suite(tmp_path, "tasks:\n  held out: {kind: mlm, data_dir: val}\n")),
+                   "--model", f"a={pretrained}", "--output_dir", str(tmp_path / "out"))
+    assert "'held out' is not a plain name" in line
+
+
+def test_models_two_with_one_name_a_bad_name_and_paths_that_are_not_models(capsys, tmp_path, pretrained, val):
+    path = suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val}\n")
+    common = ("--suite", str(path), "--output_dir", str(tmp_path / "out"))
+    line = refused(capsys, *common, "--model", f"a={pretrained}", "--model", f"a={pretrained}")
+    assert "names 'a' twice" in line
+    line = refused(capsys, *common, "--model", f"a@1={pretrained}")
+    assert "not a plain name" in line
+    line = refused(capsys, *common, "--model", str(pretrained))
+    assert "is not NAME=PATH" in line
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    for bad, words in ((tmp_path / "notes.txt", "is not a model"), (tmp_path / "empty", "is not a model"),
+                       (tmp_path / "nowhere", "does not exist"), (tmp_path / "half", "no weights")):
+        line = refused(capsys, *common, "--model", f"b={bad}")
+        assert str(bad) in line and words in line
+        assert "save_pretrained" in line if bad.name == "half" else "Hugging Face folder" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_task_failing_on_one_model_keeps_the_others_results(capsys, tmp_path, pretrained, val, bpe_tokenizer):
+    # Model b has another vocabulary than the shards' tokenizer: the mlm task refuses it, model a is scored.
+    other, _ = write_checkpoint(tmp_path / "other", bpe_tokenizer, dims_for(bpe_tokenizer.get_vocab_size()))
+    tokenizer = pretrained.parent.parent / "tok.json"
+    path = suite(tmp_path, f"tasks:\n  held: {{kind: mlm, data_dir: val, tokenizer: {tokenizer}}}\n"
+                           "  plain: {kind: mlm, data_dir: val, max_batches: 1}\n")
+    out = tmp_path / "out"
+    line = refused(capsys, "--suite", str(path), "--model", f"b={other}", "--model", f"a={pretrained}",
+                   "--output_dir", str(out))
+    assert "task held failed on model b" in line and "does not match the vocabulary" in line
+    assert "report.json" in line
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["results"]["a"]) == {"held", "plain"}
+    assert set(report["results"]["b"]) == {"plain"}  # its other task still ran
+    assert "does not match the vocabulary" in report["details"]["b"]["held"]["error"]
+    assert "failed: " in (out / "report.md").read_text()
+
+    # A rerun tries the failed pair again and keeps the finished ones.
+    before = report["details"]["a"]["held"]["finished"]
+    refused(capsys, "--suite", str(path), "--model", f"b={other}", "--model", f"a={pretrained}",
+            "--output_dir", str(out))
+    again = json.loads((out / "report.json").read_text())
+    assert again["details"]["a"]["held"]["finished"] == before
+    assert "error" in again["details"]["b"]["held"]
