@@ -151,42 +151,55 @@ def test_a_killed_evaluation_resumes_without_recomputing_what_it_recorded(tmp_pa
     assert "a / quick: loss" in done.stdout and "a / slow: done before, kept" in done.stdout
 
 
-def write_task(folder: Path, n: int, seed: int) -> Path:
-    """A two-label task a tiny model learns: label 1 when the text holds w9."""
+def write_task(folder: Path, name: str, n: int, seed: int) -> Path:
+    """A two-label task a tiny model learns in a few steps, not perfectly: label 1 texts use words w10-w24, label 0
+    texts w20-w34 (a text of shared words is a guess)."""
     import random
 
     rng = random.Random(seed)
     lines = ["sentence\tlabel"]
-    for _ in range(n):
-        words = [f"w{rng.randrange(10, 60)}" for _ in range(rng.randrange(3, 9))]
-        label = rng.random() < 0.5
-        if label:
-            words[rng.randrange(len(words))] = "w9"
-        lines.append(" ".join(words) + f"\t{int(label)}")
+    for i in range(n):
+        label = i % 2
+        low = 10 if label else 20
+        lines.append(" ".join(f"w{rng.randrange(low, low + 15)}" for _ in range(rng.randrange(2, 6))) + f"\t{label}")
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / ("train.tsv" if seed == 0 else "dev.tsv")).write_text("\n".join(lines) + "\n")
+    (folder / name).write_text("\n".join(lines) + "\n")
     return folder
 
 
 @pytest.mark.slow
 def test_classification_reports_the_median_over_seeds_of_the_best_learning_rate(capsys, tmp_path, pretrained):
-    task = write_task(tmp_path / "task", 48, seed=0)
-    write_task(task, 24, seed=1)
+    task = write_task(tmp_path / "task", "train.tsv", 64, seed=0)
+    write_task(task, "dev.tsv", 40, seed=1)
     suite = write_suite(tmp_path, "tasks:\n  w9:\n    kind: classification\n    data_dir: task\n"
-                                  "    learning_rates: [1.0e-4, 3.0e-3]\n    seeds: 3\n    epochs: 2\n"
+                                  "    learning_rates: [1.0e-3, 3.0e-3]\n    seeds: 2\n    epochs: 3\n"
                                   "    batch_size: 8\n    max_length: 16\n    precision: fp32\n")
     out = tmp_path / "out"
     assert main(["eval", "--suite", str(suite), "--model", f"a={pretrained}", "--output_dir", str(out)]) == 0
     report = report_of(out)
     result, details = report["results"]["a"]["w9"], report["details"]["a"]["w9"]
     grid = details["grid"]
-    assert set(grid) == {"0.0001", "0.003"} and details["seeds"] == [0, 1, 2]
+    assert set(grid) == {"0.001", "0.003"} and details["seeds"] == [0, 1]
     # The best rate has the higher median score; its median accuracy is the result, its seeds the spread.
     best = max(grid, key=lambda lr: (grid[lr]["score"], -float(lr)))
     assert details["learning_rate"] == float(best)
     per_seed = [s["accuracy"] for s in grid[best]["per_seed"]]
-    assert len(per_seed) == 3
+    assert len(per_seed) == 2
     assert result["accuracy"] == statistics.median(per_seed)
     assert details["spread"]["accuracy"] == {"min": min(per_seed), "max": max(per_seed),
                                              "std": pytest.approx(statistics.stdev(per_seed))}
     assert (out / "work" / "a" / "w9").is_dir() and not list((out / "work").rglob("*.pt"))
+
+
+def test_the_best_rate_is_the_one_of_the_highest_median_not_the_highest_mean():
+    from encoder_train.evaluation.kinds.classification import summarise
+
+    def runs(*scores):
+        return [{"seed": i, "epoch": 1, "score": s, "accuracy": s} for i, s in enumerate(scores)]
+
+    # 1e-5: one lucky seed (mean 0.70, median 0.55); 3e-5: steady (mean 0.66, median 0.65); 5e-5: ties 3e-5
+    best, grid, found, spread = summarise({1e-5: runs(0.5, 0.55, 1.0), 3e-5: runs(0.6, 0.65, 0.73),
+                                           5e-5: runs(0.65, 0.65, 0.66)})
+    assert best == 3e-5 and found == {"accuracy": 0.65}
+    assert grid["1e-05"]["score"] == 0.55 and [r["accuracy"] for r in grid["1e-05"]["per_seed"]] == [0.5, 0.55, 1.0]
+    assert spread["accuracy"] == {"min": 0.6, "max": 0.73, "std": pytest.approx(statistics.stdev([0.6, 0.65, 0.73]))}

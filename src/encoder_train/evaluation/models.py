@@ -189,7 +189,13 @@ class LoadedModel:
             modules = require("sentence_transformers.sentence_transformer.modules", "eval",
                               "embedding a text (the retrieval and sts kinds)")
             st = require("sentence_transformers", "eval", "embedding a text (the retrieval and sts kinds)")
-            encoder = modules.Transformer(str(self.hf_folder()))
+            folder = self.hf_folder()
+            # An export says how its masked-LM weights give token vectors (loaded whole, the last hidden states):
+            # read as a bare encoder instead, its head would be reported as unexpected weights.
+            config_file = folder / "sentence_bert_config.json"
+            saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            how = {k: saved[k] for k in ("transformer_task", "modality_config", "module_output_name") if k in saved}
+            encoder = modules.Transformer(str(folder), **how)
             window = encoder.max_seq_length or max_length  # config and tokenizer's limits, as the package reads them
             encoder.max_seq_length = min(max_length, window)
             pooling = modules.Pooling(encoder.get_embedding_dimension(), "mean")

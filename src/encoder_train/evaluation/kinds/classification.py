@@ -133,26 +133,35 @@ def run(task: TaskConfig, model: EvalModel, work_dir: Path) -> Metrics:
     source = model.finetune_source()
     native = "bf16" if devices.native_bf16(devices.pick_device()) else "fp32"  # finetune's own device
     seeds = s.seed_list()
-    grid: dict[str, dict[str, Any]] = {}
+    runs: dict[float, list[dict[str, float]]] = {}
     for rate in s.learning_rates:
-        runs = []
+        runs[rate] = []
         for seed in seeds:
-            out = work_dir / f"lr_{rate:g}"
-            result = finetune(source, loaded, metrics, settings(task, glue_settings, rate, seed, native), out,
-                              overwrite=True, say=lambda _: None, task_name=task.name)
+            result = finetune(source, loaded, metrics, settings(task, glue_settings, rate, seed, native),
+                              work_dir / f"lr_{rate:g}", overwrite=True, say=lambda _: None, task_name=task.name)
             (only,) = result.seeds
             only.checkpoint.unlink(missing_ok=True)  # scratch: the numbers are what the report keeps
-            runs.append({"seed": seed, "epoch": only.epoch, "score": only.score, **only.metrics})
-        names = [k for k in runs[0] if k not in ("seed", "epoch")]
-        grid[f"{rate:g}"] = {**{k: statistics.median(r[k] for r in runs) for k in names}, "per_seed": runs}
-    best = max(grid, key=lambda r: (grid[r]["score"], -float(r)))
-    runs = grid[best]["per_seed"]
-    names = [k for k in runs[0] if k not in ("seed", "epoch", "score")]
-    spread = {k: {"min": min(r[k] for r in runs), "max": max(r[k] for r in runs),
-                  "std": statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0} for k in names}
-    used = dataclasses.asdict(settings(task, glue_settings, float(best), seeds[0], native))
+            runs[rate].append({"seed": seed, "epoch": only.epoch, "score": only.score, **only.metrics})
+    best, grid, found, spread = summarise(runs)
+    used = dataclasses.asdict(settings(task, glue_settings, best, seeds[0], native))
     hyper = {k: used[k] for k in ("batch_size", "epochs", "warmup_ratio", "weight_decay", "dropout", "pooling",
                                   "precision", "max_length", "gradient_clip")}
-    return {**{k: grid[best][k] for k in names},
-            "details": {"learning_rate": float(best), "seeds": seeds, "spread": spread, "grid": grid,
-                        "hyperparameters": hyper}}
+    return {**found, "details": {"learning_rate": best, "seeds": seeds, "spread": spread, "grid": grid,
+                                 "hyperparameters": hyper}}
+
+
+def summarise(runs: dict[float, list[dict[str, float]]]) -> tuple[float, dict[str, Any], dict[str, float],
+                                                                   dict[str, dict[str, float]]]:
+    """{rate: every seed's {seed, epoch, score, metric: value}} -> (the chosen rate, the grid of medians with the
+    runs, each metric's median at that rate, its spread there: min, max, sample std)."""
+    grid = {}
+    for rate, seeds in runs.items():
+        names = [k for k in seeds[0] if k not in ("seed", "epoch")]
+        grid[f"{rate:g}"] = {**{k: statistics.median(r[k] for r in seeds) for k in names}, "per_seed": seeds}
+    best = max(runs, key=lambda rate: (grid[f"{rate:g}"]["score"], -rate))  # a tie: the lower rate
+    chosen = runs[best]
+    names = [k for k in chosen[0] if k not in ("seed", "epoch", "score")]
+    found = {k: grid[f"{best:g}"][k] for k in names}
+    spread = {k: {"min": min(r[k] for r in chosen), "max": max(r[k] for r in chosen),
+                  "std": statistics.stdev([r[k] for r in chosen]) if len(chosen) > 1 else 0.0} for k in names}
+    return best, grid, found, spread
