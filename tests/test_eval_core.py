@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_shards
+from conftest import PRETRAIN, make_shards, make_tokenizer
 from encoder_train.cli import main
 from helpers.recipes import recipe, run
 
@@ -32,6 +33,7 @@ def report_of(out: Path) -> dict:
 
 
 def test_mlm_numbers_are_those_of_evaluate(capsys, tmp_path, pretrained):
+    pretrained = Path(shutil.copy2(pretrained, tmp_path / "model.pt"))  # this test changes its time
     make_shards(tmp_path / "val", files=2, rows=20, seed=7)
     suite = write_suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val, batch_size: 8}\n"
                                   "  held30: {kind: mlm, data_dir: val, batch_size: 8, mask_rate: 0.3}\n")
@@ -55,7 +57,17 @@ def test_mlm_numbers_are_those_of_evaluate(capsys, tmp_path, pretrained):
     md = (out / "report.md").read_text()
     assert "## held (mlm)" in md and f"| a | {got['loss']:.4f} | {got['accuracy']:.4f} |" in md
 
+    # A rerun keeps both pairs; a model file changed since (its time here) runs them again.
+    assert main(["eval", "--suite", str(suite), "--model", f"a={pretrained}", "--output_dir", str(out)]) == 0
+    assert capsys.readouterr().out.count("done before, kept") == 2
+    os.utime(pretrained, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert main(["eval", "--suite", str(suite), "--model", f"a={pretrained}", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "done before" not in printed and "a / held: loss" in printed
+    assert report_of(out)["results"]["a"] == report["results"]["a"]  # the same numbers, computed again
 
+
+@pytest.mark.slow
 def test_a_run_folder_gives_its_phase_ends_and_its_last_checkpoint(capsys, tmp_path):
     # Three phases of 5, 4 and 3 steps, stopped at step 7, a checkpoint every 2 steps (3 kept): 5 ends a phase, 6 is
     # an ordinary checkpoint, 7 the last.
@@ -82,6 +94,28 @@ def test_a_run_folder_gives_its_phase_ends_and_its_last_checkpoint(capsys, tmp_p
     assert "![run.loss](plots/run.loss.png)" in md
     printed = capsys.readouterr().out
     assert "run@5 / code: loss" in printed and "plot: " in printed
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_is_a_model_as_its_run_folder_is(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text(PRETRAIN)
+    ckpt = tmp_path / "ckpt"
+    assert main(["train", "--config_file", str(tmp_path / "c.yaml"), "--data_dir", str(make_shards(tmp_path / "data")),
+                 "--tokenizer_filepath", str(make_tokenizer(tmp_path / "tok.json")), "--checkpoint_dir", str(ckpt),
+                 "--set", "checkpoint.format=sharded", "--set", "training.data_parallel=ddp"]) == 0
+    folder = ckpt / "checkpoint_00000008"
+    assert (folder / "COMPLETE.json").is_file()
+    make_shards(tmp_path / "val", files=1, rows=16, seed=7)
+    suite = write_suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val, batch_size: 8}\n")
+    out = tmp_path / "out"
+    assert main(["eval", "--suite", str(suite), "--model", f"one={folder}", "--model", f"run={ckpt}",
+                 "--output_dir", str(out)]) == 0
+    assert main(["evaluate", "--checkpoint", str(folder), "--data_dir", str(tmp_path / "val"),
+                 "--batch_size", "8"]) == 0
+    standalone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = report_of(out)
+    assert list(report["results"]) == ["one", "run@8"] and report["models"]["one"]["step"] == 8
+    assert report["results"]["one"]["held"]["loss"] == report["results"]["run@8"]["held"]["loss"] == standalone["loss"]
 
 
 def test_an_export_and_our_checkpoint_of_the_same_weights_give_the_same_numbers(capsys, tmp_path, pretrained):

@@ -1,6 +1,7 @@
 """run_suite: every model x every task, skipping what the report already holds, recording each pair as it ends.
 
-A pair runs in its own scratch folder, OUTPUT_DIR/work/<model>/<task>/ (emptied first: nothing of an earlier,
+The output folder is locked while it runs (checkpoint.FolderLock): a second evaluation into it is refused. A pair
+runs in its own scratch folder, OUTPUT_DIR/work/<model>/<task>/ (emptied first: nothing of an earlier,
 interrupted try is taken for this one's). A task that fails with a UserError on one model is recorded as that
 pair's error and the loop goes on; `failures` then names it, and the CLI exits with 2 (the other results kept).
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from encoder_train import checkpoint
 from encoder_train.errors import UserError
 from encoder_train.evaluation.kinds import kind_module
 from encoder_train.evaluation.models import LoadedModel, ModelRow, fingerprint
@@ -28,8 +30,14 @@ def run_suite(suite: Suite, rows: list[ModelRow], output_dir: Path, say: Callabl
     from encoder_train.devices import pick_device
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     device = device or pick_device()
+    # One evaluation per folder at a time: two would each rewrite report.json from what they had read.
+    with checkpoint.FolderLock(output_dir, flag="--output_dir"):
+        return _run(suite, rows, output_dir, say, device)
+
+
+def _run(suite: Suite, rows: list[ModelRow], output_dir: Path, say: Callable[[str], None],
+         device: torch.device) -> Report:
     report = Report.load(output_dir)
     report.describe_suite(suite.path, suite.tasks)
     found_versions = versions()

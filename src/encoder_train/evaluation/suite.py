@@ -61,7 +61,11 @@ def load_suite(path: str | Path) -> Suite:
         raise UserError(f"suite {path}: `tasks` must map task names to their settings and name at least one task.")
     configs = [_task(path, name, body) for name, body in tasks.items()]
     for task in configs:
-        kind_module(task.kind).check(task)
+        try:
+            kind_module(task.kind).check(task)
+        except UserError as e:
+            where = f"suite {path}, task {task.name}"
+            raise (e if str(path) in str(e) else UserError(f"{where}: {e}")) from None
     return Suite(path, configs)
 
 
