@@ -108,3 +108,26 @@ def test_a_task_failing_on_one_model_keeps_the_others_results(capsys, tmp_path, 
     again = json.loads((out / "report.json").read_text())
     assert again["details"]["a"]["held"]["finished"] == before
     assert "error" in again["details"]["b"]["held"]
+
+
+def test_classification_keys_are_checked_and_yaml_1_1_exponents_read_as_numbers(capsys, tmp_path, pretrained):
+    from encoder_train.evaluation.suite import load_suite
+
+    task = tmp_path / "task"
+    task.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (task / name).write_text("sentence\tlabel\nw5 w6\t0\nw7 w8\t1\n")
+    # YAML 1.1 reads 1e-5 (no dot) as a text; the suite takes it as the number it means
+    path = suite(tmp_path, "tasks:\n  t: {kind: classification, data_dir: task, learning_rates: [1e-5, 3.0e-5], "
+                           "seeds: [3, 7]}\n")
+    (loaded,) = load_suite(path).tasks
+    assert loaded.settings.learning_rates == (1e-5, 3e-5) and loaded.settings.seed_list() == [3, 7]
+    assert loaded.settings.data_dir == task  # resolved against the suite's folder
+
+    for body, words in (("learning_rates: [1e-5]", "give either data_dir"),
+                        ("data_dir: task, seeds: [1, 1]", "distinct seeds"),
+                        ("data_dir: task, learning_rates: [fast]", "learning_rates must be a list of numbers"),
+                        ("data_dir: task, metrics: [pearson]", "does not score a classification task")):
+        path = suite(tmp_path, f"tasks:\n  t: {{kind: classification, {body}}}\n")
+        line = refused(capsys, "--suite", str(path), "--model", f"a={pretrained}", "--output_dir", str(tmp_path / "o"))
+        assert str(path) in line and "task t" in line and words in line

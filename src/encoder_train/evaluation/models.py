@@ -149,6 +149,7 @@ class LoadedModel:
     device: torch.device
     _folder: Path | None = None
     _sentence: dict[int, Any] = field(default_factory=dict)
+    _trained: Any = None  # state.Trained, once loaded
 
     @property
     def name(self) -> str:
@@ -203,6 +204,11 @@ class LoadedModel:
         return self._sentence[max_length]
 
     def masked_lm(self):
+        if self._trained is None:
+            self._trained = self._load_masked_lm()
+        return self._trained
+
+    def _load_masked_lm(self):
         from encoder_train.state import Trained, load_trained
 
         if self.row.kind == "checkpoint":

@@ -31,6 +31,7 @@ from encoder_train.evaluation.spec import TaskConfig
 from encoder_train.urls import credentials_refusal, is_url, local_only
 
 TASK_KEYS = ("kind", "reference", "reference_source")  # beside the kind's own keys
+YAML_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # task and model names become folder names
 
 
@@ -152,6 +153,8 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str) and YAML_FLOAT.match(value.strip()):  # YAML 1.1 reads 1e-5 (no dot) as a text
+            return True, float(value)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else None
     if hint is str:

@@ -26,7 +26,7 @@ from typing import Any
 from encoder_train.errors import UserError
 from encoder_train.evaluation.spec import EvalModel, Metrics, TaskConfig
 from encoder_train.finetune.glue import glue_task, resolve_task, task_files
-from encoder_train.finetune.loop import FinetuneSettings, finetune
+from encoder_train.finetune.loop import FinetuneSettings, check_metrics, finetune
 from encoder_train.finetune.tasks import Task
 
 # ModernBERT's GLUE sweep (its paper, appendix): the grid when the suite names none.
@@ -112,8 +112,6 @@ def load(task: TaskConfig) -> tuple[Task, tuple[str, ...], dict[str, Any]]:
 def check(task: TaskConfig) -> None:
     loaded, metrics, glue_settings = load(task)
     settings(task, glue_settings, task.settings.learning_rates[0], 0)  # its own checks, before any model loads
-    from encoder_train.finetune.loop import check_metrics
-
     check_metrics(metrics, loaded)
 
 
