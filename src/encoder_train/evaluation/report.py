@@ -161,7 +161,8 @@ class Report:
 
     def plot(self, say=print) -> list[Path]:
         """For each run given as a folder (rows sharing a group, with steps): one PNG per metric, x the step, one
-        line per task that reports it. Skipped, with a note, without matplotlib (the `eval` extra)."""
+        line per task that reports it (and a dashed one at its reference value). Skipped, with a note, without
+        matplotlib (the `eval` extra)."""
         models, results = self.data["models"], self.data["results"]
         groups: dict[str, list[str]] = {}
         for m, info in models.items():
@@ -191,7 +192,10 @@ class Report:
             for metric, tasks in lines.items():
                 fig, ax = plt.subplots(figsize=(6, 4))
                 for task, points in tasks.items():
-                    ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=task)
+                    line, = ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=task)
+                    reference = self.data["suite"]["tasks"].get(task, {}).get("reference", {}).get(metric)
+                    if reference is not None:  # the published value, in the task's colour
+                        ax.axhline(reference, linestyle="--", color=line.get_color(), label=f"{task}: reference")
                 ax.set_xlabel("step")
                 ax.set_ylabel(metric)
                 ax.set_title(f"{group}: {metric}")
