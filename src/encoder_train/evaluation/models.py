@@ -174,6 +174,8 @@ class LoadedModel:
         if (target / EXPORTED).is_file() and json.loads((target / EXPORTED).read_text()) == source:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
+        for stale in target.parent.glob(f".{self.row.name}.*.tmp"):  # an export killed midway (the folder is locked)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{self.row.name}.", suffix=".tmp"))
         try:
             export_checkpoint(self.row.path, tmp, overwrite=True)
