@@ -131,3 +131,22 @@ def test_classification_keys_are_checked_and_yaml_1_1_exponents_read_as_numbers(
         path = suite(tmp_path, f"tasks:\n  t: {{kind: classification, {body}}}\n")
         line = refused(capsys, "--suite", str(path), "--model", f"a={pretrained}", "--output_dir", str(tmp_path / "o"))
         assert str(path) in line and "task t" in line and words in line
+
+
+def test_a_checkpoint_gone_after_it_was_listed_is_recorded_and_the_others_go_on(tmp_path, pretrained, val):
+    import shutil
+
+    from encoder_train.evaluation.models import model_rows
+    from encoder_train.evaluation.runner import failures_sentence, run_suite
+    from encoder_train.evaluation.suite import load_suite
+
+    copy = shutil.copy2(pretrained, tmp_path / "copy.pt")
+    rows = model_rows([f"gone={copy}", f"a={pretrained}"])
+    Path(copy).unlink()
+    loaded = load_suite(suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val}\n"))
+    said = []
+    report = run_suite(loaded, rows, tmp_path / "out", say=said.append)
+    assert "held" in report.data["results"]["a"] and "gone" in report.data["details"]["gone"]["held"]["error"]
+    sentence = failures_sentence(report, rows, loaded)
+    assert "task held failed on model gone" in sentence and "pass it where it is now" in sentence
+    assert any(line.startswith("a / held: loss") for line in said)

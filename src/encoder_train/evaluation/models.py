@@ -132,6 +132,8 @@ def _step_of(path: Path, name: str) -> int:
 def fingerprint(path: Path) -> str:
     """What tells a changed model from the one a result was computed on: every file's size and modification time
     (a hash of them for a folder). Cheap: nothing is read."""
+    if not path.exists():
+        raise FileNotFoundError(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:

@@ -43,7 +43,15 @@ def _run(suite: Suite, rows: list[ModelRow], output_dir: Path, say: Callable[[st
     found_versions = versions()
     for row in rows:
         report.describe_model(row)
-        model_fp = fingerprint(row.path)
+        try:
+            model_fp = fingerprint(row.path)
+        except OSError:  # removed since it was listed (a run's rotation, a moved folder)
+            gone = f"{row.path} is gone (deleted or moved since the evaluation started); pass it where it is now"
+            for task in suite.tasks:
+                report.record_error(row.name, task.name, gone, {})
+            report.write()
+            say(f"{row.name}: {gone}")
+            continue
         model = LoadedModel(row, output_dir, device)
         for task in suite.tasks:
             task_fp = task_fingerprint(task)
