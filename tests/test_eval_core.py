@@ -237,3 +237,17 @@ def test_the_best_rate_is_the_one_of_the_highest_median_not_the_highest_mean():
     assert best == 3e-5 and found == {"accuracy": 0.65}
     assert grid["1e-05"]["score"] == 0.55 and [r["accuracy"] for r in grid["1e-05"]["per_seed"]] == [0.5, 0.55, 1.0]
     assert spread["accuracy"] == {"min": 0.6, "max": 0.73, "std": pytest.approx(statistics.stdev([0.6, 0.65, 0.73]))}
+
+
+def test_without_matplotlib_the_plots_are_skipped_with_the_command_that_adds_them(tmp_path, monkeypatch):
+    from encoder_train.evaluation.report import Report
+
+    report = Report.load(tmp_path)
+    for step, loss in ((5, 4.7), (9, 4.5)):
+        report.data["models"][f"run@{step}"] = {"path": "x", "step": step, "kind": "checkpoint", "group": "run"}
+        report.data["results"][f"run@{step}"] = {"held": {"loss": loss}}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
+    said = []
+    assert report.plot(said.append) == []
+    assert len(said) == 1 and "need matplotlib" in said[0] and "[eval]" in said[0]
+    assert not (tmp_path / "plots").exists()

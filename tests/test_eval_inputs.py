@@ -150,3 +150,14 @@ def test_a_checkpoint_gone_after_it_was_listed_is_recorded_and_the_others_go_on(
     sentence = failures_sentence(report, rows, loaded)
     assert "task held failed on model gone" in sentence and "pass it where it is now" in sentence
     assert any(line.startswith("a / held: loss") for line in said)
+
+
+def test_a_hugging_face_model_of_a_family_we_do_not_read_is_refused_for_mlm_in_one_sentence(capsys, tmp_path, val):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=2, hidden_dim=64,
+                                           max_position_embeddings=64)
+    transformers.DistilBertForMaskedLM(config).save_pretrained(tmp_path / "distil")
+    path = suite(tmp_path, "tasks:\n  held: {kind: mlm, data_dir: val}\n")
+    line = refused(capsys, "--suite", str(path), "--model", f"d={tmp_path / 'distil'}", "--output_dir",
+                   str(tmp_path / "out"))
+    assert "task held failed on model d" in line and "'distilbert'" in line and "RobertaForMaskedLM" in line
