@@ -25,9 +25,9 @@ naming the manifest, never a half-read manifest.
 from __future__ import annotations
 
 import json
-import posixpath
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
@@ -106,9 +106,71 @@ class Manifest:
 def shard_info(entry: ShardEntry, root: str, store: ObjectStore | None, max_tokens: int) -> ShardInfo:
     """The ShardInfo a header read of the shard would give, from its entry alone (no byte of the shard is read).
     `root`: the folder the manifest lies in, a path or a URL; `store`: None for a local folder."""
-    path = root.rstrip("/") + "/" + entry.path if store is not None else posixpath.join(root, entry.path)
+    path = root.rstrip("/") + "/" + entry.path if store is not None else str(Path(root) / entry.path)
     check_width(path, entry.width, max_tokens)
     return ShardInfo(path, entry.rows, entry.width, DTYPES[entry.dtype], entry.offset, entry.row_stride, store)
+
+
+@dataclass(frozen=True)
+class Located:
+    """The manifest that describes a data folder's shards."""
+
+    manifest: Manifest
+    where: str  # the manifest's path or URL, for messages
+    root: str  # the folder it lies in (the data folder, or its parent)
+    folder: str  # the data folder relative to `root`: "" or one of manifest.folders' values ("train")
+
+
+class ManifestStore(Protocol):
+    """What `locate` needs of a data folder's store (data/store.py's LocalStore or RemoteStore, listed)."""
+
+    root: str
+    remote: bool
+    top_files: set[str] | None  # a remote store's names directly under its root, from its listing
+
+    def read_whole(self, location: str) -> bytes | None: ...
+
+
+def locate(store: ManifestStore) -> Located | None:
+    """The manifest of the store's data folder: `DATA_DIR/manifest.json`, or, when DATA_DIR is one of the folders
+    a manifest names (`OUTPUT_DIR/train`), `OUTPUT_DIR/manifest.json`; None when there is none (the shards' own
+    headers are read then). A listed bucket costs one request: whether DATA_DIR holds a manifest is in its listing.
+    """
+    root = store.root.rstrip("/") if store.remote else str(Path(store.root))
+    if store.remote:
+        here = None if NAME not in (store.top_files or ()) else store.read_whole(f"{root}/{NAME}")
+    else:
+        here = store.read_whole(str(Path(root) / NAME))
+    if here is not None:
+        return Located(Manifest.from_json(here, _join(root, NAME, store.remote)), _join(root, NAME, store.remote),
+                       root, "")
+    parent, name = _split(root, store.remote)
+    if parent is None:
+        return None
+    where = _join(parent, NAME, store.remote)
+    text = store.read_whole(where)
+    if text is None:
+        return None
+    manifest = Manifest.from_json(text, where)
+    if name not in manifest.folders.values():
+        return None  # a folder of its own beside the manifest's: its shards' headers are read
+    return Located(manifest, where, parent, name)
+
+
+def _join(root: str, name: str, remote: bool) -> str:
+    return f"{root}/{name}" if remote else str(Path(root) / name)
+
+
+def _split(root: str, remote: bool) -> tuple[str | None, str]:
+    """(parent, name) of a folder; no parent above a bucket (`s3://bucket`) or the file system's root."""
+    if remote:
+        scheme, _, rest = root.partition("://")
+        if "/" not in rest:
+            return None, rest
+        parent, name = rest.rsplit("/", 1)
+        return f"{scheme}://{parent}", name
+    path = Path(root).absolute()
+    return (None, "") if path.parent == path else (str(Path(root).parent), path.name)
 
 
 @dataclass(frozen=True)
