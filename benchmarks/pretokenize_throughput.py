@@ -30,6 +30,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -73,31 +74,56 @@ def main() -> None:
 
         # The sides take turns, each `--trials` times, and each keeps its best time: a machine shared with other
         # work slows whichever side runs at the time, and the turns spread that over all of them.
-        best: dict[str, tuple[float, int]] = {}
+        best: dict[str, Timed] = {}
         for trial in range(args.trials):
+            clock = Clock()
             report = pretokenize(inputs, tokenizer_path, work / "shards", args.seq_len,
                                  rows_per_shard=args.rows_per_shard, overwrite=True, progress=False)
-            timed = {OURS: (report.seconds, report.tokens), CEILING: _ceiling(inputs, tokenizer_path)}
+            timed = {OURS: clock.stop(report.tokens), CEILING: _ceiling(inputs, tokenizer_path)}
             if not args.no_datasets:
                 timed[f"datasets map(num_proc={args.num_proc}) + group_texts"] = _datasets_map(
                     inputs, tokenizer_path, args.seq_len, args.num_proc, work / f"hf-{trial}")
-            for name, (seconds, tokens) in timed.items():
-                if name not in best or seconds < best[name][0]:
-                    best[name] = (seconds, tokens)
-        rows = [(name, *best[name]) for name in best]
+            for name, t in timed.items():
+                if name not in best or t.seconds < best[name].seconds:
+                    best[name] = t
 
-    ceiling = rows[1][1]
+    ceiling = best[CEILING]
     print()
-    print(f"{'':44} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'of ceiling':>10}")
-    for name, seconds, tokens in rows:
-        print(f"{name:44} {seconds:8.2f} {input_mb / seconds:7.2f} {tokens / seconds / 1e6:7.2f} "
-              f"{ceiling / seconds:10.0%}")
+    print(f"{'':44} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'of ceiling':>10} {'CPU s':>7} {'of ceiling':>10}")
+    for name, t in best.items():
+        print(f"{name:44} {t.seconds:8.2f} {input_mb / t.seconds:7.2f} {t.tokens / t.seconds / 1e6:7.2f} "
+              f"{ceiling.seconds / t.seconds:10.0%} {t.cpu_seconds:7.2f} {ceiling.cpu_seconds / t.cpu_seconds:10.0%}")
     if not args.no_datasets:
-        print(f"pretokenize / datasets: {rows[2][1] / rows[0][1]:.2f}x as fast")
+        others = [t for name, t in best.items() if name not in (OURS, CEILING)]
+        print(f"pretokenize / datasets: {others[0].seconds / best[OURS].seconds:.2f}x as fast")
+    print("of ceiling: the ceiling's seconds (CPU seconds) / the side's; CPU seconds count every thread and child "
+          "process, the measure that another program on the same cores disturbs least")
     print(f"input {input_mb:.1f} MB ({', '.join(p.name for p in inputs[:3])}{', ...' if len(inputs) > 3 else ''}), "
           f"seq_len {report.seq_len}, {report.documents} documents, {report.tokens} tokens, "
           f"{report.rows} rows in {report.shards} shards (fill {report.fill_ratio:.4f})")
     print(_machine())
+
+
+@dataclass(frozen=True)
+class Timed:
+    seconds: float  # wall clock
+    cpu_seconds: float  # user + system, every thread and every finished child process
+    tokens: int
+
+
+class Clock:
+    """Wall and CPU time from its creation to `stop`."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), _cpu()
+
+    def stop(self, tokens: int) -> Timed:
+        return Timed(time.perf_counter() - self.wall, _cpu() - self.cpu, tokens)
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _repeated_stdlib_corpus(path: Path, repeat: int) -> Path:
@@ -108,8 +134,8 @@ def _repeated_stdlib_corpus(path: Path, repeat: int) -> Path:
     return path
 
 
-def _ceiling(inputs: list[Path], tokenizer_path: Path) -> tuple[float, int]:
-    """(seconds, tokens) of encode_batch on the documents, read beforehand, in pretokenize's batches."""
+def _ceiling(inputs: list[Path], tokenizer_path: Path) -> Timed:
+    """The time and tokens of encode_batch on the documents, read beforehand, in pretokenize's batches."""
     tokenizer = load_tokenizer(tokenizer_path)
     tokenizer.encode_special_tokens = True  # as pretokenize encodes
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
@@ -122,15 +148,15 @@ def _ceiling(inputs: list[Path], tokenizer_path: Path) -> tuple[float, int]:
             batch, chars = [], 0
     batches.append(batch)
     tokens = 0
-    start = time.perf_counter()
+    clock = Clock()
     for batch in batches:
         tokens += sum(len(e.ids) for e in encode_batch(batch, add_special_tokens=False))
-    return time.perf_counter() - start, tokens
+    return clock.stop(tokens)
 
 
 def _datasets_map(inputs: list[Path], tokenizer_path: Path, seq_len: int, num_proc: int,
-                  cache: Path) -> tuple[float, int]:
-    """(seconds, document tokens) of run_mlm.py's way: load the .jsonl, tokenize with map, group into blocks."""
+                  cache: Path) -> Timed:
+    """The time and document tokens of run_mlm.py's way: load the .jsonl, tokenize with map, group into blocks."""
     import datasets
     from transformers import PreTrainedTokenizerFast
 
@@ -148,15 +174,15 @@ def _datasets_map(inputs: list[Path], tokenizer_path: Path, seq_len: int, num_pr
         total = (len(concatenated[next(iter(examples))]) // seq_len) * seq_len
         return {k: [t[i : i + seq_len] for i in range(0, total, seq_len)] for k, t in concatenated.items()}
 
-    start = time.perf_counter()
+    clock = Clock()
     raw = datasets.load_dataset("json", data_files=[str(p) for p in inputs], split="train", cache_dir=str(cache))
     tokenized = raw.map(tokenize, batched=True, num_proc=num_proc, remove_columns=raw.column_names)
     grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
-    seconds = time.perf_counter() - start
+    done = clock.stop(0)
     # Document tokens: each row of input_ids holds <s> ... </s> around the document.
     tokens = sum(len(ids) - 2 for ids in tokenized["input_ids"])
     assert len(grouped) > 0
-    return seconds, tokens
+    return Timed(done.seconds, done.cpu_seconds, tokens)
 
 
 def _machine() -> str:
