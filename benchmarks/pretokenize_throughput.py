@@ -1,13 +1,14 @@
 """How fast `pretokenize` turns text into packed shards, beside the tokenizer's own limit and beside what users do
 today with `datasets`, on the same file.
 
-    python benchmarks/pretokenize_throughput.py                      # stdlib corpus x 10 as .jsonl, ~19 MB
+    python benchmarks/pretokenize_throughput.py                      # stdlib corpus x 10 as .jsonl, ~20 MB
     python benchmarks/pretokenize_throughput.py --input a.jsonl b.jsonl.zst --tokenizer tokenizer.json
     python benchmarks/pretokenize_throughput.py --no_datasets        # without the `datasets` reference
 
-Without --input it writes the quickstart corpus (CPython's documentation) `--repeat` times into one .jsonl file
-(one document per line, so that every side reads the same documents); without --tokenizer it trains one
-(`--vocab_size`) on that input first. Each side gets the same files and the same cores:
+Without --input it writes the quickstart corpus (CPython's documentation) `--repeat` times as .jsonl files (one
+document per line, so that every side reads the same documents; one file per copy, so that tasks split them);
+without --tokenizer it trains one (`--vocab_size`) on that input first. Each side gets the same files and the same
+cores:
 
 - ours: `pretokenize` (the function `encoder-train pretokenize` runs): read, tokenize, pack, write the shards.
 - ceiling: `tokenizers`' `encode_batch` alone, on the same documents already in memory, in the same batches of
@@ -16,6 +17,8 @@ Without --input it writes the quickstart corpus (CPython's documentation) `--rep
 - datasets: `load_dataset("json")`, then `map(batched=True, num_proc=N)` with the transformers tokenizer made from
   the same tokenizer.json, then run_mlm.py's `group_texts` (concatenate, cut into blocks of seq_len), as
   transformers' examples/pytorch/language-modeling/run_mlm.py does it; its cache in a fresh folder.
+- tasks: the whole command (`encoder-train pretokenize --num_tasks N --task_index i`) as one task, and as two tasks
+  on two processes at once, each on half the cores: whether tasks scale.
 
 Each side runs `--trials` times (2), taking turns, and its best time counts. Bytes/s are of the input files as
 stored; tokens/s count each side's document tokens. Timings vary with the machine and with what else runs on it;
@@ -28,6 +31,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--rows_per_shard", type=int, default=8192)
     parser.add_argument("--num_proc", type=int, default=2, help="datasets' map processes (default 2)")
     parser.add_argument("--no_datasets", action="store_true", help="skip the datasets reference")
+    parser.add_argument("--no_tasks", action="store_true", help="skip one task against two on two processes")
     parser.add_argument("--trials", type=int, default=2, help="runs of each side, taking turns; the best counts")
     parser.add_argument("--work_dir", type=Path, help="where input, tokenizer and shards go (default: a temp dir)")
     args = parser.parse_args()
@@ -65,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        inputs = args.input or [_repeated_stdlib_corpus(work / "corpus.jsonl", args.repeat)]
+        inputs = args.input or _repeated_stdlib_corpus(work / "corpus", args.repeat)
         tokenizer_path = args.tokenizer
         if tokenizer_path is None:
             tokenizer_path = work / "tokenizer.json"
@@ -86,6 +92,7 @@ def main() -> None:
             for name, t in timed.items():
                 if name not in best or t.seconds < best[name].seconds:
                     best[name] = t
+        scaling = None if args.no_tasks else _tasks(inputs, tokenizer_path, args, work / "tasks")
 
     ceiling = best[CEILING]
     print()
@@ -101,6 +108,8 @@ def main() -> None:
     print(f"input {input_mb:.1f} MB ({', '.join(p.name for p in inputs[:3])}{', ...' if len(inputs) > 3 else ''}), "
           f"seq_len {report.seq_len}, {report.documents} documents, {report.tokens} tokens, "
           f"{report.rows} rows in {report.shards} shards (fill {report.fill_ratio:.4f})")
+    if scaling is not None:
+        print(scaling)
     print(_machine())
 
 
@@ -126,12 +135,47 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _repeated_stdlib_corpus(path: Path, repeat: int) -> Path:
-    """The quickstart corpus, `repeat` times over, as one .jsonl file: one {"text": document} per line."""
-    single = write_stdlib_corpus(path.with_name("stdlib_once.txt"))
-    lines = [json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in iter_texts([single.path])]
-    path.write_text("".join(lines * repeat), encoding="utf-8")
-    return path
+def _repeated_stdlib_corpus(folder: Path, repeat: int) -> list[Path]:
+    """The quickstart corpus, `repeat` times over, as `repeat` .jsonl files (one {"text": document} per line), so
+    that tasks can split them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    single = write_stdlib_corpus(folder / "stdlib_once.txt")
+    text = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in iter_texts([single.path]))
+    paths = [folder / f"part-{i:03d}.jsonl" for i in range(repeat)]
+    for p in paths:
+        p.write_text(text, encoding="utf-8")
+    return paths
+
+
+def _tasks(inputs: list[Path], tokenizer_path: Path, args: argparse.Namespace, work: Path) -> str:
+    """The whole `encoder-train pretokenize` command as one task, then as two tasks on two processes at once
+    (`--num_tasks 2 --task_index i`, inputs split by file), each task on half the cores (RAYON_NUM_THREADS), so that
+    two tasks have the cores one task would leave idle. A line for the table."""
+    help_text = subprocess.run([sys.executable, "-m", "encoder_train", "pretokenize", "--help"], capture_output=True,
+                               text=True).stdout
+    if "--num_tasks" not in help_text:
+        return "tasks: skipped (this pretokenize has no --num_tasks)"
+    threads = max(1, usable_cores() // 2)
+    env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}
+
+    def run(num_tasks: int, out: Path) -> float:
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-m", "encoder_train", "pretokenize", "--input", *map(str, inputs),
+                                   "--tokenizer_filepath", str(tokenizer_path), "--output_dir", str(out),
+                                   "--seq_len", str(args.seq_len), "--rows_per_shard", str(args.rows_per_shard),
+                                   "--num_tasks", str(num_tasks), "--task_index", str(i)],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for i in range(num_tasks)]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise SystemExit(f"pretokenize --num_tasks {num_tasks} failed: {err[-2000:]}")
+        return time.perf_counter() - start
+
+    one = min(run(1, work / f"one-{t}") for t in range(args.trials))
+    two = min(run(2, work / f"two-{t}") for t in range(args.trials))
+    return (f"tasks ({threads} thread(s) each, whole commands with their start-up): one task {one:.2f} s, two tasks "
+            f"on two processes {two:.2f} s: {one / two:.2f}x as fast (2x would be perfect)")
 
 
 def _ceiling(inputs: list[Path], tokenizer_path: Path) -> Timed:
