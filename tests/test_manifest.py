@@ -220,21 +220,29 @@ def test_training_from_a_bucket_with_a_manifest_reads_no_header_and_matches_a_lo
     offsets = {f"{url}/{s.path}": s.offset for s in Manifest.from_json((out / NAME).read_text(), "m").shards}
     reads: list[tuple[str, int, int]] = []
     wholes: list[str] = []
-    read, read_whole = RemoteStore.read, RemoteStore.read_whole
+    listings: list[str] = []
+    read, read_whole, listing = RemoteStore.read, RemoteStore.read_whole, RemoteStore.list
 
     def counted_read(self, u, start, length, where=""):
         reads.append((u, start, length))
         return read(self, u, start, length, where)
 
-    def counted_whole(self, u):
+    def counted_whole(self, u, denied_is_absent=False):
         wholes.append(u)
-        return read_whole(self, u)
+        return read_whole(self, u, denied_is_absent)
+
+    def counted_list(self):
+        listings.append(self.root)
+        return listing(self)
 
     monkeypatch.setattr(RemoteStore, "read", counted_read)
     monkeypatch.setattr(RemoteStore, "read_whole", counted_whole)
+    monkeypatch.setattr(RemoteStore, "list", counted_list)
     rc, text = train(capsys, tmp_path, tmp_path / "remote", f"{url}/train", f"{url}/val")
     assert rc == 0, text
-    # One manifest read per data folder (train, val), and every ranged read inside a shard's rows: no header.
+    # Per data folder (train, val) one listing and one manifest read, and every ranged read lies inside a shard's
+    # rows: no header is read, before the first step or after.
+    assert listings == [f"{url}/train", f"{url}/val"]
     assert wholes == [f"{url}/manifest.json"] * 2
     assert reads and all(start >= offsets[u] for u, start, _ in reads), reads[:5]
     assert train(capsys, tmp_path, tmp_path / "local", str(out / "train"), str(out / "val"))[0] == 0

@@ -128,7 +128,7 @@ class ManifestStore(Protocol):
     remote: bool
     top_files: set[str] | None  # a remote store's names directly under its root, from its listing
 
-    def read_whole(self, location: str) -> bytes | None: ...
+    def read_whole(self, location: str, denied_is_absent: bool = False) -> bytes | None: ...
 
 
 def locate(store: ManifestStore) -> Located | None:
@@ -148,7 +148,7 @@ def locate(store: ManifestStore) -> Located | None:
     if parent is None:
         return None
     where = _join(parent, NAME, store.remote)
-    text = store.read_whole(where)
+    text = store.read_whole(where, denied_is_absent=True)  # the parent may lie outside what the credentials read
     if text is None:
         return None
     manifest = Manifest.from_json(text, where)

@@ -211,12 +211,17 @@ class LocalStore:
     def open(self, path: str) -> LocalFile:
         return LocalFile(path)
 
-    def read_whole(self, path: str) -> bytes | None:
-        """A small file's bytes (a manifest), or None when there is none."""
+    def read_whole(self, path: str, denied_is_absent: bool = False) -> bytes | None:
+        """A small file's bytes (a manifest), or None when there is none (or, with `denied_is_absent`, when it may
+        not be read)."""
         try:
             return Path(path).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except PermissionError:
+            if denied_is_absent:
+                return None
+            raise UserError(f"file {path} cannot be read (permission denied); fix its permissions.") from None
         except OSError as e:
             raise UserError(f"file {path} cannot be read ({e.strerror}); fix its permissions.") from None
 
@@ -316,9 +321,10 @@ class RemoteStore:
     def open(self, url: str) -> RemoteFile:
         return RemoteFile(self, url)
 
-    def read_whole(self, url: str) -> bytes | None:
+    def read_whole(self, url: str, denied_is_absent: bool = False) -> bytes | None:
         """A small object's bytes (a manifest), or None when there is none: one request. `url` may lie outside
-        the root (a manifest one folder up)."""
+        the root (a manifest one folder up); `denied_is_absent`: None when the store refuses it too (credentials
+        scoped to the root's prefix: S3 answers 403, not 404, for a missing key outside what they may list)."""
         path = self._cls._strip_protocol(url)
 
         def fetch() -> bytes | None:
@@ -326,6 +332,10 @@ class RemoteStore:
                 return self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
+            except PermissionError:
+                if denied_is_absent:
+                    return None
+                raise
 
         return self.retry(f"file {url}", fetch)
 
