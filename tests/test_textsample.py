@@ -64,6 +64,7 @@ def test_a_rate_keeps_the_same_documents_whatever_the_order_of_the_files(tmp_pat
     assert sorted(sample(paths[::-1], Sampling(rate=0.25, seed=7))[0]) == sorted(kept)
     assert sample(paths, Sampling(rate=0.25, seed=8))[0] != kept  # another seed, another sample
     assert set(sample(paths, Sampling(rate=0.5, seed=7))[0]) >= set(kept)  # a higher rate keeps a superset
+    assert sample(paths, Sampling(rate=0.25, seed=-(10**30)))[0] != kept  # any integer is a seed
 
 
 def test_a_file_is_read_no_further_than_its_share(tmp_path):

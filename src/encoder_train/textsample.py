@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encoder_train.errors import UserError
+from encoder_train.seeds import derive_seed
 from encoder_train.textfiles import check_formats, check_inputs, iter_texts
 
 
@@ -43,7 +44,8 @@ class Sampling:
         """Whether the document whose UTF-8 bytes are `data` is in the sample (always, at rate 1)."""
         if self.rate >= 1.0:
             return True
-        digest = hashlib.blake2b(data, digest_size=8, key=self.seed.to_bytes(8, "little", signed=True)).digest()
+        key = derive_seed(self.seed, "sample").to_bytes(8, "little")  # any integer seed, as 8 bytes
+        digest = hashlib.blake2b(data, digest_size=8, key=key).digest()
         return int.from_bytes(digest, "little") < self.rate * 2**64
 
 
