@@ -43,10 +43,10 @@ def test_json_round_trip_is_exact(folder):
 def test_shard_info_is_what_the_header_gives(folder):
     m = manifest_for(folder)
     from_headers = scan_shards(folder, 64)
-    from_manifest = [shard_info(e, str(folder), None, 64) for e in m.shards]
+    from_manifest = [shard_info(e, str(folder / e.path), None, 64) for e in m.shards]
     assert from_manifest == from_headers  # path, rows, width, dtype, offset, row_stride
     with pytest.raises(UserError, match="rows of 16 tokens but the model's positions hold at most 8"):
-        shard_info(m.shards[0], str(folder), None, 8)
+        shard_info(m.shards[0], str(folder / m.shards[0].path), None, 8)
 
 
 def test_check_listing_finds_missing_unlisted_and_resized(folder):
@@ -134,6 +134,9 @@ def test_local_scan_with_a_manifest_reads_no_header_and_matches_the_scan(tmp_pat
         assert Source(SINGLE, found, None, str(out / d)).fingerprint() == Source(
             SINGLE, headers[d], None, str(out / d)).fingerprint()
     assert len(scan_shards(out, 64)) == 4  # the whole output folder, from its own manifest
+    monkeypatch.chdir(out / "train")  # a relative data folder, "." included: the paths a header scan gives
+    assert scan_shards(".", 64) == [dataclasses.replace(s, path=str(Path(s.path).relative_to(out / "train")))
+                                    for s in headers["train"]]
 
 
 def test_local_folder_that_disagrees_with_its_manifest(tmp_path):

@@ -103,10 +103,9 @@ class Manifest:
         return _Reader(where).manifest(text)
 
 
-def shard_info(entry: ShardEntry, root: str, store: ObjectStore | None, max_tokens: int) -> ShardInfo:
-    """The ShardInfo a header read of the shard would give, from its entry alone (no byte of the shard is read).
-    `root`: the folder the manifest lies in, a path or a URL; `store`: None for a local folder."""
-    path = root.rstrip("/") + "/" + entry.path if store is not None else str(Path(root) / entry.path)
+def shard_info(entry: ShardEntry, path: str, store: ObjectStore | None, max_tokens: int) -> ShardInfo:
+    """The ShardInfo a header read of the shard at `path` (as its folder's listing spells it: a path, or a URL of
+    `store`) would give, from its entry alone: no byte of the shard is read. `store`: None for a local folder."""
     check_width(path, entry.width, max_tokens)
     return ShardInfo(path, entry.rows, entry.width, DTYPES[entry.dtype], entry.offset, entry.row_stride, store)
 
@@ -170,7 +169,7 @@ def _split(root: str, remote: bool) -> tuple[str | None, str]:
         parent, name = rest.rsplit("/", 1)
         return f"{scheme}://{parent}", name
     path = Path(root).absolute()
-    return (None, "") if path.parent == path else (str(Path(root).parent), path.name)
+    return (None, "") if path.parent == path else (str(path.parent), path.name)
 
 
 @dataclass(frozen=True)

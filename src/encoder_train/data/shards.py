@@ -224,4 +224,5 @@ def from_manifest(located: manifest.Located, store: LocalStore | RemoteStore, li
         )
     entries = {s.path: s for s in located.manifest.shards}
     bucket = store if store.remote else None
-    return [manifest.shard_info(entries[path], located.root, bucket, max_tokens) for path, _ in rel]
+    return [manifest.shard_info(entries[r], path, bucket, max_tokens)
+            for (r, _), (path, _) in zip(rel, listed, strict=True)]
