@@ -247,18 +247,34 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--type", choices=tuple(kinds), default="bpe", dest="kind",
                    help=f"bpe: RoBERTa's byte-level BPE (default; model.family {', '.join(kinds['bpe'])}); wordpiece: "
                    f"BERT's (model.family {', '.join(kinds['wordpiece'])}; BERT uses --vocab_size 30522)")
+    p.add_argument("--max_bytes", type=positive_int, default=None, metavar="N",
+                   help="train on at most N bytes of text, an equal share from the start of each input (a file with "
+                   "less passes the rest on); reading stops there (default: all of it)")
+    p.add_argument("--sample_rate", type=float, default=None, metavar="P",
+                   help="keep each document with probability P, by a seeded hash of its text: the same sample every "
+                   "time (default 1)")
+    p.add_argument("--sample_seed", type=int, default=0, metavar="S",
+                   help="the seed of --sample_rate's hash (default 0)")
     p.set_defaults(func=run_tokenizer)
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from encoder_train.textsample import SampleReport, Sampling
     from encoder_train.tokenizer import train_tokenizer
 
+    sampled = args.max_bytes is not None or args.sample_rate is not None
+    sample = Sampling(args.max_bytes, 1.0 if args.sample_rate is None else args.sample_rate,
+                      args.sample_seed) if sampled else None
+    report = SampleReport()
     tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency,
-                          overwrite=args.overwrite, text_field=args.text_field, kind=args.kind)
+                          overwrite=args.overwrite, text_field=args.text_field, kind=args.kind, sample=sample,
+                          report=report)
     print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
-          + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else ""))
+          + (" (the text ran out of merges before --vocab_size)" if tok.get_vocab_size() < args.vocab_size else "")
+          + (f", trained on a sample of {report.documents:,} documents, {report.text_bytes:,} bytes of text"
+             if sampled else ""))
     return 0
 
 

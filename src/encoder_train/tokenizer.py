@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from encoder_train.errors import UserError
 from encoder_train.families import FAMILIES
 from encoder_train.textfiles import iter_texts
+from encoder_train.textsample import SampleReport, Sampling, sample_texts
 
 # Each role, with the token strings that may fill it: every family's spelling (families/), RoBERTa's first, then
 # BERT's: {"bos": ("<s>", "[CLS]"), "pad": ("<pad>", "[PAD]"), ...}.
@@ -130,13 +131,15 @@ def _training_pieces(text: str) -> list[str]:
 
 
 def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequency: int = 2,
-                    overwrite: bool = False, text_field: str = "text", kind: str = "bpe") -> Tokenizer:
+                    overwrite: bool = False, text_field: str = "text", kind: str = "bpe",
+                    sample: Sampling | None = None, report: SampleReport | None = None) -> Tokenizer:
     """Train a tokenizer on the files `iter_texts` reads (text, .jsonl, Parquet, .gz and .zst) and save it to
     `output`: `kind` "bpe" is RoBERTa's byte-level BPE (<s> <pad> </s> <unk> <mask>, "<s> A </s>"),
     "wordpiece" BERT's cased WordPiece ([PAD] [UNK] [CLS] [SEP] [MASK], "[CLS] A [SEP]").
 
     `text_field` names the .jsonl field and the Parquet column that hold the text. An existing `output`
-    file is replaced only with `overwrite`.
+    file is replaced only with `overwrite`. With `sample`, it trains on a bounded, reproducible sample of the text
+    (textsample.py), whose size `report` receives.
     """
     # The specials and (BPE) the 256 bytes; WordPiece's alphabet is the text's, so one more token at least.
     smallest = len(BERT_SPECIAL_TOKENS) + 1 if kind == "wordpiece" else len(ROBERTA_SPECIAL_TOKENS) + 256
@@ -165,7 +168,9 @@ def train_tokenizer(inputs: list[Path], output: Path, vocab_size: int, min_frequ
         )
 
     tokenizer, trainer = (_wordpiece if kind == "wordpiece" else _byte_level_bpe)(vocab_size, min_frequency)
-    documents = (piece for text in iter_texts(inputs, text_field=text_field) for piece in _training_pieces(text))
+    texts = (iter_texts(inputs, text_field=text_field) if sample is None else
+             sample_texts(inputs, sample, report if report is not None else SampleReport(), text_field))
+    documents = (piece for text in texts for piece in _training_pieces(text))
     batches = iter(lambda: list(itertools.islice(documents, TRAIN_BATCH_DOCUMENTS)), [])
     tokenizer.train_from_iterator(batches, trainer)
     _frame(tokenizer, kind)

@@ -280,11 +280,13 @@ def _encode(tokenizer: Tokenizer, texts: list[str], eos: int) -> np.ndarray:
     """Token ids of `texts` without the post-processor's <s>/</s>, each preceded by `eos`: (n,) int32."""
     # encode_batch_fast skips the character offsets that packing never uses (tokenizers >= 0.20).
     encode_batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    flat: list[int] = []
+    # One small array per document, joined once: twice as fast as one Python list of every id (this runs on the
+    # encoding thread, between two encode_batch calls, so its time adds to the tokenizer's).
+    separator = np.array([eos], dtype=np.int32)
+    parts: list[np.ndarray] = []
     for encoding in encode_batch(texts, add_special_tokens=False):
-        flat.append(eos)
-        flat += encoding.ids
-    return np.array(flat, dtype=np.int32)
+        parts += (separator, np.array(encoding.ids, dtype=np.int32))
+    return np.concatenate(parts)
 
 
 class _RowPacker:

@@ -24,10 +24,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from encoder_train.data import manifest
 from encoder_train.data.blocks import FETCH_THREADS, BlockCache, cache_budget
 from encoder_train.data.formats import format_for
 from encoder_train.data.formats.base import ID_DTYPES, ShardInfo
-from encoder_train.data.store import LocalFile, find_shards, open_store, retry_seconds
+from encoder_train.data.store import (
+    LocalFile,
+    LocalStore,
+    RemoteStore,
+    find_shards,
+    open_store,
+    relative,
+    retry_seconds,
+)
 from encoder_train.errors import UserError
 
 BLOCK_BYTES = 4 << 20  # a remote read: this many bytes of consecutive rows (one row at least)
@@ -179,17 +188,41 @@ def check_values(
 
 def scan_shards(data_dir: str | Path | None, max_tokens: int, flag: str = "--data_dir") -> list[ShardInfo]:
     """Find every shard and check its header (fast: no token is read). `data_dir`: a folder, or a URL
-    (data/store.py); a bucket's shards are listed once and their headers read on a few threads."""
+    (data/store.py); a bucket's shards are listed once and their headers read on a few threads. A folder with a
+    manifest (data/manifest.py) costs its listing and one read of the manifest, and no shard's header is read."""
     if data_dir is None:
         find_shards(data_dir, flag)  # says what to pass
     store = open_store(data_dir, flag)
-    if not store.remote:
-        return [format_for(p).header(p, max_tokens) for p, _ in store.list()]
-    cache_budget(), retry_seconds()  # a bad setting is one sentence here, not an error inside a loader worker
+    if store.remote:
+        cache_budget(), retry_seconds()  # a bad setting is one sentence here, not an error inside a loader worker
     listed = store.list()
+    located = manifest.locate(store)
+    if located is not None:
+        return from_manifest(located, store, listed, max_tokens)
+    if not store.remote:
+        return [format_for(p).header(p, max_tokens) for p, _ in listed]
     pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="encoder-train-header")
     try:
         futures = [pool.submit(format_for(url).remote_header, store, url, size, max_tokens) for url, size in listed]
         return [f.result() for f in futures]  # the first bad shard in order is the one reported
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def from_manifest(located: manifest.Located, store: LocalStore | RemoteStore, listed: list[tuple[str, int]],
+                  max_tokens: int) -> list[ShardInfo]:
+    """The listed shards' infos from their manifest entries, once the listing agrees with the manifest (no shard
+    missing, none unlisted, every size the same): the fingerprint, order and rows are those of a header scan."""
+    prefix = located.folder + "/" if located.folder else ""
+    rel = [(prefix + relative(path, store.root), size) for path, size in listed]
+    differences = manifest.check_listing(located.manifest, rel, located.folder)
+    if differences:
+        raise UserError(
+            f"data folder {store.root} disagrees with its manifest {located.where}: {differences.describe()}; "
+            f"check it with `encoder-train pretokenize --verify --output_dir {located.root}` and re-run that "
+            f"pretokenize command to restore the shards, or remove {located.where} to read the shards' own headers."
+        )
+    entries = {s.path: s for s in located.manifest.shards}
+    bucket = store if store.remote else None
+    return [manifest.shard_info(entries[r], path, bucket, max_tokens)
+            for (r, _), (path, _) in zip(rel, listed, strict=True)]

@@ -211,6 +211,20 @@ class LocalStore:
     def open(self, path: str) -> LocalFile:
         return LocalFile(path)
 
+    def read_whole(self, path: str, denied_is_absent: bool = False) -> bytes | None:
+        """A small file's bytes (a manifest), or None when there is none (or, with `denied_is_absent`, when it may
+        not be read)."""
+        try:
+            return Path(path).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            if denied_is_absent:
+                return None
+            raise UserError(f"file {path} cannot be read (permission denied); fix its permissions.") from None
+        except OSError as e:
+            raise UserError(f"file {path} cannot be read ({e.strerror}); fix its permissions.") from None
+
 
 class RemoteFile:
     """One object of a RemoteStore: ranged reads, each retried as the store's module says."""
@@ -254,6 +268,7 @@ class RemoteStore:
         self._base = self._cls._strip_protocol(root).rstrip("/")
         self._fs: Any = None
         self._pid: int | None = None
+        self.top_files: set[str] | None = None  # the names directly under the root, once listed (a manifest's)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None, "_pid": None}
@@ -289,7 +304,10 @@ class RemoteStore:
             raise UserError(f"{self.flag} {self.root} is a file, not a folder; pass the folder that holds the "
                             f"{kinds()} shards (e.g. {parent}).")
         entries = []
+        self.top_files = set()
         for path, info in found.items():
+            if path.startswith(self._base + "/") and "/" not in path[len(self._base) + 1:]:
+                self.top_files.add(path[len(self._base) + 1:])
             shard = path.endswith(suffixes()) and info.get("type", "file") == "file"
             if not shard or not path.startswith(self._base + "/"):
                 continue
@@ -302,6 +320,24 @@ class RemoteStore:
 
     def open(self, url: str) -> RemoteFile:
         return RemoteFile(self, url)
+
+    def read_whole(self, url: str, denied_is_absent: bool = False) -> bytes | None:
+        """A small object's bytes (a manifest), or None when there is none: one request. `url` may lie outside
+        the root (a manifest one folder up); `denied_is_absent`: None when the store refuses it too (credentials
+        scoped to the root's prefix: S3 answers 403, not 404, for a missing key outside what they may list)."""
+        path = self._cls._strip_protocol(url)
+
+        def fetch() -> bytes | None:
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                if denied_is_absent:
+                    return None
+                raise
+
+        return self.retry(f"file {url}", fetch)
 
     def read(self, url: str, start: int, length: int, where: str = "") -> bytes:
         """Bytes [start, start + length) of an object (fewer where it ends first)."""
