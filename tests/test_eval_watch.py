@@ -125,13 +125,13 @@ def test_the_watcher_beside_a_run_with_phases_records_each_phase_end_with_the_ru
 @pytest.mark.slow
 def test_a_killed_watcher_resumes_without_evaluating_or_logging_twice_and_skips_rotated_checkpoints(tmp_path):
     # A checkpoint every 2 steps, one kept beside the phase ends: with --every 2, those of steps 2, 4, 6 and 8 are
-    # gone before the watcher starts (one line each); 5 and 9 are evaluated. The second task is slow (24,000 rows):
+    # gone before the watcher starts (one line each); 5 and 9 are evaluated. The second task is slow (8,000 rows):
     # the kill lands while the watcher is on its first checkpoint.
     config = recipe(tmp_path, phases=TWO_PHASES, checkpoint={"checkpoint_every": 2, "max_checkpoints": 1}, **TRACKED)
     ckpt = tmp_path / "ckpt"
     train(config)
     assert sorted(p.name for p in ckpt.glob("checkpoint_*")) == ["checkpoint_00000005.pt", "checkpoint_00000009.pt"]
-    make_shards(tmp_path / "big", files=4, rows=6000, width=32, seed=4)
+    make_shards(tmp_path / "big", files=2, rows=4000, width=32, seed=4)
     suite = write_suite(tmp_path, "tasks:\n  quick: {kind: mlm, data_dir: code-val, batch_size: 4}\n"
                                   "  slow: {kind: mlm, data_dir: big, batch_size: 16}\n")
     out = tmp_path / "out"

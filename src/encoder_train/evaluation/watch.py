@@ -111,18 +111,19 @@ class Records:
     def has_all(self, step: int, tasks: list[str]) -> bool:
         return all((step, t) in self.keys for t in tasks)
 
-    def add(self, new: list[dict[str, Any]]) -> None:
+    def add(self, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Append the lines of `new` not here yet, in one write (a reader never sees a line without its end but the
-        last)."""
+        last); returns them."""
         new = [r for r in new if (int(r["step"]), r["task"]) not in self.keys]
         if not new:
-            return
+            return []
         with self.path.open("ab") as f:
             f.write(b"".join(json.dumps(r).encode() + b"\n" for r in new))
             f.flush()
             os.fsync(f.fileno())
         self.lines += new
         self.keys |= {(int(r["step"]), r["task"]) for r in new}
+        return new
 
 
 class EvalBoard:
@@ -152,9 +153,10 @@ class EvalBoard:
 
 
 def watch(run_dir: Path, suite: Suite, output_dir: Path, every: int | None = None, poll_seconds: float = 30.0,
-          name: str | None = None, device: torch.device | None = None, say: Callable[[str], None] = print) -> Report:
+          name: str | None = None, device: torch.device | None = None, say: Callable[[str], None] | None = None) -> Report:
     """Evaluate RUN_DIR's kept checkpoints on `suite` as they appear until the run is done (see the module)."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
+    say = say or _say_now
     name = name or run_dir.resolve().name
     if not PLAIN_NAME.match(name):
         raise UserError(f"--watch {run_dir}: the run's name {name!r} is not a plain name; pass --name with letters, "
@@ -221,20 +223,20 @@ class Watcher:
                     self.say(f"note: --every {self.every} is not a multiple of the run's checkpoint_every "
                              f"({view.checkpoint_every}): only steps that are multiples of both are evaluated")
             newest, evaluated = found[-1][0], False
+            for step in self.lost(view, found, newest, records, tasks, handled):
+                handled.add(step)
+                self.say(f"{self.name}@{step}: the checkpoint of step {step} was removed by the run's rotation "
+                         f"(checkpoint.max_checkpoints {view.max_checkpoints}) before it could be read; skipped")
             for step, path in found:
                 if step in handled or not view.wanted(step, self.every) or records.has_all(step, tasks):
                     continue
                 handled.add(step)
                 row, new = self.evaluate(step, path)
                 rows += [row] if row else []
-                records.add(new)
+                new = records.add(new)
                 if board is not None:
                     board.add(new)
                 evaluated = True
-            for step in self.lost(view, found, newest, records, tasks, handled):
-                handled.add(step)
-                self.say(f"{self.name}@{step}: the checkpoint of step {step} was removed by the run's rotation "
-                         f"(checkpoint.max_checkpoints {view.max_checkpoints}) before it could be read; skipped")
             if newest >= view.last_step:
                 break
             if not evaluated:  # else look again at once: more may have come while it evaluated
@@ -417,6 +419,10 @@ def yield_cpu(run_dir: Path) -> str:
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))
         return f"watching {run_dir} at {priority}, beside its trainer: {torch.get_num_threads()} CPU thread(s)"
     return f"watching {run_dir} at {priority}, {torch.get_num_threads()} CPU thread(s)"
+
+
+def _say_now(line: str) -> None:
+    print(line, flush=True)  # a watcher's output often goes to a file: each line as it happens
 
 
 def _link(path: Path, target: Path) -> bool:
