@@ -170,16 +170,23 @@ def test_a_killed_watcher_resumes_without_evaluating_or_logging_twice_and_skips_
     assert len(records(ckpt)) == 4 and len(eval_rows(ckpt)) == 2
 
 
-def test_a_checkpoint_rotation_deletes_stays_readable_through_the_watchers_links(tmp_path, pretrained):
+def a_checkpoint(folder: Path) -> Path:
+    """A checkpoint file as train writes it (atomically, with its checksum), of a tiny state."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return checkpoint.save({"model": {"w": torch.arange(6.0)}, "step": 8}, folder, 8)
+
+
+def test_a_checkpoint_rotation_deletes_stays_readable_through_the_watchers_links(tmp_path):
     from encoder_train.evaluation.watch import _link
 
-    original = tmp_path / pretrained.name
-    os.link(pretrained, original)  # a copy of the fixture's to delete
+    original = a_checkpoint(tmp_path / "ckpt")
     target = tmp_path / "reading" / original.name
     target.parent.mkdir()
     assert _link(original, target)
     original.unlink()  # what rotation does
-    assert checkpoint.load(target)["step"] == 8
+    assert checkpoint.load(target)["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert not _link(original, tmp_path / "reading" / "again.pt")  # gone before it was linked
 
 
@@ -204,18 +211,19 @@ def test_the_trainer_is_seen_running_while_it_holds_its_folder_lock_and_never_bl
         pass
 
 
-def test_bad_watch_input_is_one_sentence_and_exit_2(capsys, tmp_path, pretrained):
+def test_bad_watch_input_is_one_sentence_and_exit_2(capsys, tmp_path):
     make_shards(tmp_path / "val", files=1, rows=8, seed=3)
     suite = write_suite(tmp_path, "tasks:\n  mlm: {kind: mlm, data_dir: val}\n")
     base = ["eval", "--suite", str(suite), "--output_dir", str(tmp_path / "out")]
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    pretrained = a_checkpoint(run_dir)
     cases = [
         (["--watch", str(run_dir), "--model", f"a={pretrained}"], "not both"),
         (["--watch", str(pretrained)], "is a checkpoint, not a run's checkpoint folder"),
         (["--watch", str(run_dir), "--every", "0"], "--every 0 must be a positive number"),
         (["--watch", str(run_dir), "--name", "a b"], "is not a plain name"),
         (["--watch", str(run_dir), "--poll_seconds", "0"], "--poll_seconds 0 must be a positive"),
+        (["--model", f"a={pretrained}", "--every", "2"], "--every and --name go with --watch"),
     ]
     for flags, says in cases:
         assert main(base + flags) == 2, flags
@@ -223,7 +231,15 @@ def test_bad_watch_input_is_one_sentence_and_exit_2(capsys, tmp_path, pretrained
         assert says in one_sentence(err), err
     assert not (tmp_path / "out").exists()
 
-    # A second watcher of the same run: the first (a real one, waiting for a checkpoint) keeps the run's records.
+
+@pytest.mark.slow
+def test_a_second_watcher_of_a_run_is_refused_in_one_sentence(capsys, tmp_path):
+    # The first (a real one, waiting for the run's first checkpoint) keeps the run's records.
+    make_shards(tmp_path / "val", files=1, rows=8, seed=3)
+    suite = write_suite(tmp_path, "tasks:\n  mlm: {kind: mlm, data_dir: val}\n")
+    base = ["eval", "--suite", str(suite), "--output_dir", str(tmp_path / "out")]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     first = subprocess.Popen(watcher(run_dir, suite, tmp_path / "out1"), env=env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -234,3 +250,26 @@ def test_bad_watch_input_is_one_sentence_and_exit_2(capsys, tmp_path, pretrained
     finally:
         first.kill()
         first.communicate()
+
+
+def test_the_trainer_reads_the_watchers_records_as_they_grow_and_forwards_each_checkpoint_once(tmp_path):
+    from encoder_train.tracking import WatchRecords, read_forwarded
+
+    path = tmp_path / "eval" / "records.jsonl"
+    path.parent.mkdir()
+    line = {"step": 5, "task": "mlm", "metrics": {"loss": 2.5, "accuracy": 0.5, "perplexity": float("inf")}}
+    later = {"step": 9, "task": "mlm", "metrics": {"loss": 2.0, "accuracy": 0.6, "note": "text"}}
+    other = {"step": 5, "task": "sts", "metrics": {"spearman": 0.7}}
+    path.write_text(json.dumps(line) + "\n" + json.dumps(later)[:20])  # the second still being written
+    # The trainer already sent (5, sts) before its resume (its metrics.jsonl says so).
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 3, "loss": 4.0}) + "\n"
+                       + json.dumps({"step": 4, "eval/step": 5, "eval/sts/spearman": 0.7}) + "\n")
+    sent, last = read_forwarded(metrics)
+    assert sent == {(5, "sts")} and last == 4
+    watch = WatchRecords(path, sent)
+    assert watch.next_row() == {"eval/step": 5, "eval/mlm/loss": 2.5, "eval/mlm/accuracy": 0.5}  # numbers only
+    assert watch.next_row() is None  # the cut line waits
+    path.write_text(json.dumps(line) + "\n" + json.dumps(later) + "\n" + json.dumps(other) + "\n")
+    assert watch.next_row() == {"eval/step": 9, "eval/mlm/loss": 2.0, "eval/mlm/accuracy": 0.6}
+    assert watch.next_row() is None  # (5, sts) went before the resume; (5, mlm) once

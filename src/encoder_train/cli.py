@@ -602,6 +602,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.watch is not None:
         return run_eval_watch(args)
+    if args.every is not None or args.name is not None:
+        raise UserError("--every and --name go with --watch RUN_CHECKPOINT_DIR; leave them out with --model (a run "
+                        "folder given as --model gives its phase ends and its last checkpoint).")
     if not args.model:
         raise UserError("eval needs at least one --model NAME=PATH; pass the checkpoint, run folder or Hugging Face "
                         "folder to evaluate.")

@@ -153,7 +153,8 @@ class EvalBoard:
 
 
 def watch(run_dir: Path, suite: Suite, output_dir: Path, every: int | None = None, poll_seconds: float = 30.0,
-          name: str | None = None, device: torch.device | None = None, say: Callable[[str], None] | None = None) -> Report:
+          name: str | None = None, device: torch.device | None = None,
+          say: Callable[[str], None] | None = None) -> Report:
     """Evaluate RUN_DIR's kept checkpoints on `suite` as they appear until the run is done (see the module)."""
     run_dir, output_dir = Path(run_dir), Path(output_dir)
     say = say or _say_now
