@@ -194,6 +194,7 @@ class Watcher:
     name: str
     device: torch.device | None
     say: Callable[[str], None]
+    linking: bool = True  # False once the file system refused a hard link: checkpoints are read in place
 
     def run(self) -> Report:
         folder = self.run_dir / WATCH_FOLDER
@@ -207,9 +208,9 @@ class Watcher:
         waiting = started = False
         while True:
             found = [(s, p) for s, p in checkpoint.list_checkpoints(self.run_dir) if checkpoint.is_complete(p)]
-            if found and found[-1][1] != peeked:
-                view = self.view(found[-1][1]) or view
-                peeked = found[-1][1] if view else None
+            if found and found[-1][1] != peeked:  # read once per newest checkpoint
+                peeked = found[-1][1]
+                view = self.view(peeked) or view
             if view is None:
                 if not waiting:
                     self.say(f"waiting for the first checkpoint in {self.run_dir}")
@@ -254,19 +255,19 @@ class Watcher:
         return report
 
     def view(self, path: Path) -> RunView | None:
-        """The run as its newest checkpoint describes it; None when rotation removed that one meanwhile."""
+        """The run as its newest checkpoint describes it; None when rotation removed that one meanwhile, or it does
+        not load (said once: the trainer sets a damaged one aside when it resumes)."""
         try:
             if path.is_dir():
                 meta = checkpoint.load(path, flag="--watch", weights=False, contents=False)
             else:  # the training state without its weights: mapped, not read
                 meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except FileNotFoundError:
+            return RunView.of(meta)
+        except Exception as e:  # noqa: BLE001 - a file deleted or damaged under the unpickler fails anywhere in it
+            if path.exists():
+                self.say(f"note: {path.name} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         "waiting for the next checkpoint")
             return None
-        except checkpoint.Damaged:
-            if not path.exists():
-                return None
-            raise
-        return RunView.of(meta)
 
     def evaluate(self, step: int, path: Path) -> tuple[ModelRow | None, list[dict[str, Any]]]:
         """One checkpoint on the suite (its links held while it is read); its results as records.jsonl lines."""
@@ -275,11 +276,11 @@ class Watcher:
         _remove(target)  # a killed watcher's
         try:
             try:
-                readable = target if _link(path, target) else None
+                readable = (target if _link(path, target) else None) if self.linking else path
             except OSError as e:  # a file system without hard links: read in place (see the module)
-                self.say(f"note: cannot hard-link {path.name} ({e.strerror}); reading it in place, where a removal "
-                         "by rotation fails its tasks")
-                readable = path
+                self.say(f"note: cannot hard-link {path.name} ({e.strerror}); reading checkpoints in place, where a "
+                         "removal by rotation fails their tasks")
+                self.linking, readable = False, path
             if readable is None:
                 self.say(f"{name}: the checkpoint of step {step} was removed by the run's rotation before it could "
                          "be read; skipped")
