@@ -596,6 +596,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    "and its last checkpoint, as NAME@STEP) or a Hugging Face folder; repeat for more")
     p.add_argument("--output_dir", type=local_path, required=True, help="where the report (and exports) go")
     p.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: a GPU when there is one)")
+    p.add_argument("--watch", type=local_path, default=None, metavar="RUN_CHECKPOINT_DIR",
+                   help="instead of --model: evaluate a training run's kept checkpoints as they appear, record the "
+                   "results with the run (TensorBoard, W&B) and stop when it is done (docs/evaluation.md)")
+    p.add_argument("--every", type=int, default=None, metavar="N",
+                   help="with --watch: also the checkpoints of steps that are multiples of N")
+    p.add_argument("--poll_seconds", type=float, default=30.0, help="with --watch: seconds between looks")
+    p.add_argument("--name", default=None, help="with --watch: the run's name in the report (RUNNAME@STEP; default: "
+                   "the folder's name)")
     p.set_defaults(func=run_eval)
 
 
@@ -608,6 +616,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from encoder_train.evaluation.runner import failures_sentence, run_suite
     from encoder_train.evaluation.suite import load_suite
 
+    if args.watch is not None:
+        return run_eval_watch(args)
+    if args.every is not None or args.name is not None:
+        raise UserError("--every and --name go with --watch RUN_CHECKPOINT_DIR; leave them out with --model (a run "
+                        "folder given as --model gives its phase ends and its last checkpoint).")
     if not args.model:
         raise UserError("eval needs at least one --model NAME=PATH; pass the checkpoint, run folder or Hugging Face "
                         "folder to evaluate.")
@@ -622,6 +635,29 @@ def run_eval(args: argparse.Namespace) -> int:
     if failed:
         raise UserError(failed)
     print(f"report: {Path(args.output_dir) / 'report.md'}")
+    return 0
+
+
+def run_eval_watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from encoder_train.evaluation.suite import load_suite
+    from encoder_train.evaluation.watch import watch
+
+    if args.model:
+        raise UserError("eval takes --watch RUN_CHECKPOINT_DIR or --model NAME=PATH, not both; evaluate the other "
+                        "models with a command of their own.")
+    if args.poll_seconds <= 0:
+        raise UserError(f"--poll_seconds {args.poll_seconds:g} must be a positive number of seconds (e.g. 30).")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device; pass cpu, cuda or cuda:N.") from None
+    suite = load_suite(Path(args.suite))
+    watch(Path(args.watch), suite, Path(args.output_dir), every=args.every, poll_seconds=args.poll_seconds,
+          name=args.name, device=device)
     return 0
 
 

@@ -7,11 +7,20 @@ TensorBoard are imported only when enabled, so a run without them never touches 
 (MLflow, say) is one class here with `log` and `close`, and one line in `Tracker.__init__`; a sink that continues
 a run of its own on resume (as W&B does) keeps the run's id in `TrackerIds`, which every checkpoint saves: a field
 and its key there, nothing elsewhere.
+
+Downstream results of `encoder-train eval --watch` (evaluation/watch.py) reach the run's W&B run through the
+trainer: the watcher appends them to RUN_DIR/eval/records.jsonl, a file it alone writes, and at each of its W&B log
+points the trainer hands the oldest checkpoint's results not yet sent to its own run, in the row of that step, with
+the checkpoint's step as `eval/step` (W&B's own step only grows: the eval/* charts use eval/step as their x axis).
+Each row sent is also a line of metrics.jsonl, so that a resumed run sends none twice; what arrives after the run's
+last log point the watcher sends itself, continuing the finished run (`log_to_finished_run`). One process writes
+each file: the watcher's TensorBoard records are event files of its own, in RUN_DIR/tensorboard/eval.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -24,6 +33,9 @@ from tqdm import tqdm
 from encoder_train.errors import UserError, require
 
 Metrics = dict[str, float | int]
+
+WATCH_FOLDER, WATCH_RECORDS = "eval", "records.jsonl"  # RUN_DIR/eval/records.jsonl: what `eval --watch` found
+WATCH_STEP = "eval/step"  # the checkpoint's step, the x axis of the eval/TASK/METRIC charts in W&B
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,89 @@ class TrackerIds:
         self.wandb = self.wandb or saved.get("wandb_run_id")  # a run id passed by flag wins over the checkpoint's
 
 
+def watch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A records.jsonl line ({"step", "task", "metrics"}) as tags: eval/TASK/METRIC -> value, numbers only."""
+    return {f"eval/{record['task']}/{name}": float(value) for name, value in record["metrics"].items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)}
+
+
+def forwarded_keys(record: dict[str, Any]) -> set[tuple[int, str]]:
+    """The (checkpoint step, task) pairs a forwarded row (a metrics.jsonl line with eval/step) holds."""
+    if WATCH_STEP not in record:
+        return set()
+    return {(int(record[WATCH_STEP]), tag.split("/")[1]) for tag in record
+            if tag.startswith("eval/") and tag != WATCH_STEP}
+
+
+def read_forwarded(metrics_path: Path) -> tuple[set[tuple[int, str]], int]:
+    """What the trainer sent to W&B (from its metrics.jsonl, read only), and the last step it logged there."""
+    sent: set[tuple[int, str]] = set()
+    last = 0
+    if metrics_path.is_file():
+        for record in _records(metrics_path.read_bytes()):
+            sent |= forwarded_keys(record)
+            last = max(last, int(record.get("step", 0)))
+    return sent, last
+
+
+class WatchRecords:
+    """RUN_DIR/eval/records.jsonl as `eval --watch` appends to it, read from where the last read stopped (a line
+    not yet ended waits for the next read); each checkpoint's results become one row for the run's W&B run."""
+
+    def __init__(self, path: Path, forwarded: set[tuple[int, str]]):
+        self.path, self.seen = path, set(forwarded)  # (step, task) pairs already sent, by this run or before
+        self.offset = 0
+        self.pending: dict[int, dict[str, float]] = {}  # checkpoint step -> {eval/TASK/METRIC: value}
+
+    def next_row(self) -> Metrics | None:
+        """The oldest checkpoint's results not sent yet, as {eval/step, eval/TASK/METRIC...}, or None."""
+        self._read()
+        if not self.pending:
+            return None
+        step = min(self.pending)
+        return {WATCH_STEP: step, **self.pending.pop(step)}
+
+    def _read(self) -> None:
+        try:
+            size = self.path.stat().st_size  # a log point without a watcher costs this one stat
+        except OSError:
+            return
+        if size <= self.offset:
+            return
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read(size - self.offset)
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        for record in _records(data[:end]):
+            try:
+                key, metrics = (int(record["step"]), str(record["task"])), watch_metrics(record)
+            except (KeyError, TypeError, ValueError, AttributeError):  # not a line the watcher wrote: never stop
+                continue  # the run for it
+            if key not in self.seen and metrics:
+                self.seen.add(key)
+                self.pending.setdefault(key[0], {}).update(metrics)
+
+
+def log_to_finished_run(project: str, run_id: str, directory: Path, rows: list[tuple[int, Metrics]]) -> None:
+    """Log `rows` ((W&B step, {eval/step, eval/...})) into the W&B run `run_id` once its trainer has finished: the
+    run is continued (resume="allow"), so they join its history; steps must lie past the trainer's last."""
+    wandb = require("wandb", "wandb", "logging to the training run's W&B run")
+    kwargs: dict[str, Any] = {} if os.environ.get("WANDB_DIR") else {"dir": str(directory)}
+    run = wandb.init(project=project, id=run_id, resume="allow", **kwargs)
+    try:
+        run.define_metric(WATCH_STEP)
+        run.define_metric("eval/*", step_metric=WATCH_STEP)
+        for step, row in rows:
+            run.log(dict(row), step=step)
+    finally:
+        run.finish()
+
+
 class Sink(Protocol):
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
-        """Record `metrics` (with its "step"); kind: "train" or "eval"; final: the run's last step."""
+        """Record `metrics` (with its "step"); kind: "train", "eval" or "watch" (a row of `eval --watch`'s results,
+        forwarded to W&B); final: the run's last step."""
 
     def close(self) -> None: ...
 
@@ -100,7 +192,7 @@ class MetricsFile:
         self.path, self.logged = path, logged
 
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
-        if metrics["step"] <= self.logged[kind]:
+        if kind != "watch" and metrics["step"] <= self.logged[kind]:  # a watch row comes once (WatchRecords)
             return
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
@@ -119,13 +211,22 @@ class WandbSink:
         kwargs: dict[str, Any] = {} if os.environ.get("WANDB_DIR") else {"dir": str(directory)}
         self.run = wandb.init(project=project, id=run_id, resume="allow" if run_id else None, config=config,
                               **kwargs)
+        self.run.define_metric(WATCH_STEP)  # eval --watch's results, charted against their checkpoint's step
+        self.run.define_metric("eval/*", step_metric=WATCH_STEP)
         self.log_freq = log_freq
         # W&B's steps only grow: what the run logged before a crash stays, and a step below it would be dropped
         # with a warning. It logged what metrics.jsonl holds (both at the same log points).
         self.logged = logged
 
+    def logs_at(self, step: int, final: bool) -> bool:
+        """Whether a training record of `step` goes to the run (a step the run has not logged before)."""
+        return step > self.logged["train"] and (final or step % self.log_freq == 0)
+
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
         step = int(metrics["step"])
+        if kind == "watch":  # sent at a step logs_at allowed, into that step's row
+            self.run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            return
         if step <= self.logged[kind]:
             return
         if kind == "eval" or final or step % self.log_freq == 0:
@@ -149,6 +250,8 @@ class TensorBoardSink:
 
     def log(self, kind: str, metrics: Metrics, final: bool) -> None:
         step = int(metrics["step"])
+        if kind == "watch":  # the watcher writes its own event files (RUN_DIR/tensorboard/eval)
+            return
         if kind == "eval" or final or step % self.log_freq == 0:
             for name, value in metrics.items():
                 if name != "step" and isinstance(value, int | float):  # scalars only: a phase's name is text
@@ -172,13 +275,16 @@ class Tracker:
         self.lines = enabled and settings.lines()
         metrics_path = directory / "metrics.jsonl"
         logged = {"train": 0, "eval": 0}  # the last step of each kind of record already in metrics.jsonl
+        forwarded: set[tuple[int, str]] = set()  # eval --watch results sent to W&B already
         if enabled and metrics_path.exists():
             if fresh:  # a new run: an old file belongs to a run that left no checkpoint
                 aside = metrics_path.with_name(f"metrics.{int(metrics_path.stat().st_mtime)}.jsonl")
                 metrics_path.rename(aside)
             else:
-                logged = _last_logged(metrics_path)
+                logged, forwarded = _last_logged(metrics_path)
         self.sinks: list[Sink] = []
+        self.wandb: WandbSink | None = None
+        self.watch: WatchRecords | None = None
         # The sinks first: one that cannot start (W&B not installed) says so on a line of its own, not the bar's.
         if enabled:
             check_sink_folders(directory, settings)
@@ -188,6 +294,8 @@ class Tracker:
                                   settings.wandb_log_freq, logged)
                 self.ids.wandb = wandb.run.id
                 self.sinks.append(wandb)
+                self.wandb = wandb
+                self.watch = WatchRecords(directory / WATCH_FOLDER / WATCH_RECORDS, forwarded)
             if settings.tensorboard:
                 self.sinks.append(TensorBoardSink(directory / "tensorboard", settings.tensorboard_log_freq, start_step))
         self._log_points = [settings.log_interval, settings.wandb_log_freq if settings.wandb else 0,
@@ -212,6 +320,10 @@ class Tracker:
                                  tok_s=f"{metrics['tokens_per_second']:.0f}", refresh=False,
                                  **({"phase": metrics["phase"]} if metrics.get("phase") else {}))
         self._dispatch("train", metrics, final)
+        if self.watch is not None and self.wandb.logs_at(step, final):  # one checkpoint's results a log point
+            row = self.watch.next_row()
+            if row is not None:
+                self._dispatch("watch", {"step": step, **row}, final)
 
     def progress_line(self, metrics: Metrics) -> str:
         """`step 120/300 (40%)  loss 5.1234  lr 1.20e-04  12,345 tok/s  elapsed 1m02s  eta 1m33s`: the ETA from
@@ -258,18 +370,31 @@ def _duration(seconds: float) -> str:
     return f"{s}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def _last_logged(path: Path) -> dict[str, int]:
-    """The last step of each kind of record; a last line cut short by a kill is removed."""
+def _last_logged(path: Path) -> tuple[dict[str, int], set[tuple[int, str]]]:
+    """The last step of each kind of record, and the watcher's (step, task) pairs forwarded; a last line cut short
+    by a kill is removed."""
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         with path.open("r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    last = {"train": 0, "eval": 0}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
+    last, forwarded = {"train": 0, "eval": 0}, set()
+    for record in _records(path.read_bytes()):
+        if WATCH_STEP in record:
+            forwarded |= forwarded_keys(record)
             continue
         kind = "eval" if "val_loss" in record else "train"
         last[kind] = max(last[kind], int(record.get("step", 0)))
-    return last
+    return last, forwarded
+
+
+def _records(data: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file's bytes; a line cut short by a kill (or not JSON) is passed over."""
+    found = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict):
+            found.append(record)
+    return found
