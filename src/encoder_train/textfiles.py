@@ -91,6 +91,12 @@ def iter_texts(paths: Iterable[str | Path | RemoteInput], progress: Callable[[in
         )
 
 
+def file_texts(path: Input, progress: Callable[[int], None] | None = None, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file, as `iter_texts` reads them (a file without text yields none)."""
+    for text in _documents(path, progress, text_field):
+        yield from pieces(text)
+
+
 def pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
     """`text` cut into documents of at most `limit` characters, each cut just before a space that follows a
     non-space: the tokenizers' pre-tokenizers split there anyway (the space starts the next word's token), so the
