@@ -465,7 +465,10 @@ def run_task(inputs: list[Input], tokenizer_path: str | Path, output_dir: str | 
     done_before = executor.is_rank_completed(task_index)
     began = time.perf_counter()
     if not done_before:
-        executor.run()
+        # The executor's per-task method: what run() calls for each rank, without the multiprocess Manager server
+        # run() starts for its pool, which one task per command never uses and which a SIGKILLed task would leave
+        # running as an orphan.
+        executor._run_for_rank(task_index)
     report = None if done_before else _report(output, plan, task_index, time.perf_counter() - began)
     pending = executor.get_incomplete_ranks(range(num_tasks), skip_completed=True)
     manifest = None if pending else write_manifest(output, plan)
