@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.raw_corpus import corpus, split_documents, task_stream, token_documents
-from helpers.s3 import BUCKET
 from tokenizers import Tokenizer
 
 from encoder_train.cli import main
+from helpers.raw_corpus import corpus, split_documents, task_stream, token_documents
+from helpers.s3 import BUCKET
 
 SEQ = 24
 RAW = f"s3://{BUCKET}/raw"
@@ -46,13 +46,13 @@ def command(tokenizer: Path, output: str, *extra: str, inputs=INPUTS) -> list[st
 
 def documents_of(shards: dict[str, bytes], tasks: int) -> list[tuple[int, ...]]:
     """Every document in the shards, task by task (each task's rows put back in order)."""
+    def load(folder: str, task: int) -> list[torch.Tensor]:
+        return [torch.load(io.BytesIO(shards[k]), weights_only=True) for k in sorted(shards)
+                if k.startswith(f"{folder}/{task:05d}-")]
+
     found = []
     for task in range(tasks):
-        def load(folder: str) -> list[torch.Tensor]:
-            return [torch.load(io.BytesIO(shards[k]), weights_only=True) for k in sorted(shards)
-                    if k.startswith(f"{folder}/{task:05d}-")]
-
-        found += split_documents(task_stream(load("train"), load("val"), 0.1))
+        found += split_documents(task_stream(load("train", task), load("val", task), 0.1))
     return found
 
 
@@ -232,3 +232,43 @@ def test_tokenizer_trains_from_a_bucket_glob(aws, raw, tmp_path, capsys):
     tokenizer = Tokenizer.from_file(str(out))
     assert "Ġw" in tokenizer.get_vocab()  # merges learnt from the bucket's words: " w5 w17 ..."
     assert len(tokenizer.encode(" w1 w1 w1 w1").ids) < len(" w1 w1 w1 w1")
+
+
+def test_slurm_array_variables_pick_the_task_and_progress_is_plain_lines(raw, tokenizer_file, tmp_path, capsys,
+                                                                         monkeypatch):
+    from encoder_train.data import tasks
+
+    monkeypatch.setattr(tasks, "PROGRESS_SECONDS", 0.0)  # a line for every batch
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    out = tmp_path / "out"
+    local = [str(raw["local"] / "raw/**/*.jsonl.zst")]
+    assert main(command(tokenizer_file, str(out), "--rows_per_shard", "16", inputs=local)) == 0
+    captured = capsys.readouterr()
+    assert "task 1 of 2: wrote" in captured.out and "1 of 2 tasks are not done yet" in captured.out
+    assert {p.name[:6] for p in out.rglob("*.pt")} == {"00001-"}
+    line = captured.err.strip().splitlines()[-1]
+    assert line.startswith("task 1 of 2: ") and " documents, " in line and " tokens, " in line and "MB/s" in line
+    assert "ETA" in line
+
+
+@pytest.mark.slow
+def test_a_huge_line_in_a_small_remote_zst_is_refused_in_bounded_memory(aws, tokenizer_file, tmp_path):
+    import zstandard
+
+    # One 1 GiB line, 32 KB compressed; compressed in pieces, so this process never holds it either.
+    compressor = zstandard.ZstdCompressor().compressobj()
+    chunk = b"a" * (1 << 20)
+    body = compressor.compress(b'{"text": "') + b"".join(compressor.compress(chunk) for _ in range(1 << 10))
+    body += compressor.compress(b'"}\n') + compressor.flush()
+    aws.client.put_object(Bucket=BUCKET, Key=f"bomb-{tmp_path.name}/x.jsonl.zst", Body=body)
+    argv = command(tokenizer_file, str(tmp_path / "out"), inputs=[f"s3://{BUCKET}/bomb-{tmp_path.name}/x.jsonl.zst"])
+    # The peak resident memory of the command's own process (VmHWM: this process image's, not the parent's).
+    script = ("import sys\nfrom encoder_train.cli import main\nrc = main(sys.argv[1:])\n"
+              "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "longer than" in r.stderr, r.stderr
+    peak_mb = int(r.stdout.split()[-1]) / 1024
+    print(f"peak {peak_mb:.0f} MB")
+    assert peak_mb < 900, peak_mb  # the line is never held whole (it would be 1,024 MB as text alone)
