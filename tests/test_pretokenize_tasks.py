@@ -19,7 +19,7 @@ import torch
 from tokenizers import Tokenizer
 
 from encoder_train.cli import main
-from helpers.raw_corpus import corpus, split_documents, task_stream, token_documents
+from helpers.raw_corpus import corpus, documents, split_documents, task_stream, token_documents, zst_jsonl
 from helpers.s3 import BUCKET
 
 SEQ = 24
@@ -166,6 +166,8 @@ def test_bad_inputs_and_outputs_are_one_sentence(aws, raw, tokenizer_file, tmp_p
     out = f"s3://{BUCKET}/bad-{tmp_path.name}"
     assert "matches no object" in error_of(capsys, command(tokenizer_file, out, inputs=[f"{raw['url']}/**/*.txt"]))
     assert "does not exist" in error_of(capsys, command(tokenizer_file, out, inputs=["s3://no-such-bucket/**/*.zst"]))
+    assert "the bucket s3://no-such-bucket does not exist" in error_of(
+        capsys, command(tokenizer_file, "s3://no-such-bucket/out", inputs=raw["inputs"]))
     assert "outside --num_tasks 3" in error_of(
         capsys, command(tokenizer_file, out, "--num_tasks", "3", "--task_index", "3", inputs=raw["inputs"]))
 
@@ -224,6 +226,32 @@ def test_an_input_gone_after_listing_is_one_sentence(aws, raw):
     aws.client.delete_object(Bucket=BUCKET, Key=first)
     with pytest.raises(UserError, match=f"input file {inputs[0]}"):
         list(iter_texts(inputs))
+
+
+def test_an_input_deleted_while_it_is_read_is_one_sentence(aws, tmp_path, monkeypatch):
+    from encoder_train.data import inputs as inputs_module
+    from encoder_train.errors import UserError
+    from encoder_train.textfiles import iter_texts
+
+    monkeypatch.setattr(inputs_module, "REMOTE_READ_BYTES", 1024)  # many ranged reads per file
+    key = f"gone-{tmp_path.name}/big.jsonl.zst"
+    aws.client.put_object(Bucket=BUCKET, Key=key, Body=zst_jsonl(documents(4000, seed=1)))  # several zstd blocks
+    texts = iter_texts(inputs_module.expand_inputs([f"s3://{BUCKET}/{key}"]))
+    next(texts)
+    aws.client.delete_object(Bucket=BUCKET, Key=key)
+    with pytest.raises(UserError) as refused:
+        list(texts)
+    assert str(refused.value).startswith(f"input file s3://{BUCKET}/{key} vanished while it was read (past line ")
+
+
+def test_pretokenize_on_one_machine_reads_a_bucket(aws, raw, tokenizer_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(command(tokenizer_file, str(out), inputs=raw["inputs"])) == 0
+    assert (out / "train" / "shard_00000.pt").exists()  # no task flags, a local output: the one-machine path
+    shards = {f"{p.parent.name}/00000-{p.stem[-6:]}.pt": p.read_bytes() for p in out.rglob("*.pt")}
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    expected = sorted(d for texts in raw["written"].values() for d in token_documents(texts, tokenizer))
+    assert sorted(documents_of(shards, 1)) == expected
 
 
 def test_tokenizer_trains_from_a_bucket_glob(aws, raw, tmp_path, capsys):

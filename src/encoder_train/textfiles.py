@@ -259,7 +259,8 @@ def _numbered_lines(path: Input, progress: Callable[[int], None] | None) -> Iter
                 "(e.g. with iconv)."
             ) from None
         except FileNotFoundError:  # a remote object deleted while it is read
-            raise UserError(f"input file {path} vanished while it was read (past line {number}); restore it and run "
+            where = f"past line {number}" if number else "before its first line"
+            raise UserError(f"input file {path} vanished while it was read ({where}); restore it and run "
                             "again.") from None
         except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz or .zst an EOFError
             where = f"past line {number}" if number else "at all"

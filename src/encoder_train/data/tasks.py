@@ -113,6 +113,12 @@ class Output:
         if self.remote:
             self.store = RemoteStore(str(location), "--output_dir")
             self.root = self.store.root
+            scheme, rest = self.root.split("://", 1)
+            bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+            if not self.store.retry(f"--output_dir {self.root}", lambda: self.store.fs.exists(
+                    self.store.fs_path(self.root).split("/", 1)[0]), listing=True):
+                raise UserError(f"--output_dir {self.root}: the bucket {bucket} does not exist, or these credentials "
+                                f"may not see it; create it, or check the URL and {self.store._credentials()}.")
         else:
             self.root = str(local_path(location))
             if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -283,6 +289,8 @@ class ShardWriter(PipelineStep):
                 if counters.documents == 0:
                     stream = stream[1:]  # the stream starts with a document, not a separator
                 counters.documents += len(texts)
+                self.stat_update("documents", value=len(texts), unit="batch")
+                self.stat_update("tokens", value=len(stream), unit="batch")
                 shards.input_starts(fed, k)
                 fed += len(stream)
                 shards.add(packer.rows(stream))
