@@ -300,3 +300,13 @@ def test_a_huge_line_in_a_small_remote_zst_is_refused_in_bounded_memory(aws, tok
     peak_mb = int(r.stdout.split()[-1]) / 1024
     print(f"peak {peak_mb:.0f} MB")
     assert peak_mb < 900, peak_mb  # the line is never held whole (it would be 1,024 MB as text alone)
+
+
+def test_two_first_tasks_with_different_plans_one_wins(aws, tmp_path):
+    from encoder_train.data.tasks import Output
+
+    for out in (f"s3://{BUCKET}/race-{tmp_path.name}", str(tmp_path / "race")):
+        output = Output(out)
+        assert output.create(".pretokenize/plan.json", b'{"num_tasks": 2}')
+        assert not output.create(".pretokenize/plan.json", b'{"num_tasks": 3}')
+        assert output.read_text(".pretokenize/plan.json") == '{"num_tasks": 2}'

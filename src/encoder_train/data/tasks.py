@@ -4,16 +4,17 @@
 
     inputs, sorted  -> input k belongs to task k mod N (by file: a file is never split)
     task i          -> datatrove's LocalPipelineExecutor(tasks=N, local_tasks=1, local_rank_offset=i) runs
-                       [TextReader, ShardWriter] for rank i, unless OUTPUT_DIR/.pretokenize/completions/i exists
+                       [TextReader, ShardWriter] as rank i (its per-rank method), unless
+                       OUTPUT_DIR/.pretokenize/completions/0000i exists
     ShardWriter     -> rows as prepare.py packs them, `train/0000i-000000.pt`, ... each published whole
                        (local: a temp name, then rename; object store: a local temp file, then one upload)
     last task done  -> OUTPUT_DIR/manifest.json (data/manifest.py), from every task's record
 
 Why datatrove's executor and not its readers: its jsonl reader holds each line whole and logs a bad line as a
 warning instead of stopping, so the first step is our own reader over textfiles.py (bounded reads, one sentence per
-damaged file). What datatrove gives: the split of work into ranks, a completion record per task (a rerun skips
-finished tasks), per-task stats and logs under OUTPUT_DIR/.pretokenize, and SLURM executors for whoever drives the
-pipeline from Python.
+damaged file). What datatrove gives: the pipeline contract our two steps implement (a rank reads its own inputs), a
+completion record per task (a rerun skips finished tasks) and per-task statistics under OUTPUT_DIR/.pretokenize; its
+SLURM and Ray executors run the same steps for whoever drives the pipeline from Python.
 
 A task that dies is run again with the same command: its shards get the same names and the same bytes (the output
 depends only on the inputs, the tokenizer and the settings), so a shard it had published is replaced by itself, and
@@ -150,6 +151,34 @@ class Output:
                                          prefix=".", suffix=".tmp") as f:
             f.write(data)
         self.publish(rel, f.name)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Write a small file only if there is none yet (two tasks starting at once: one plan wins); False when one
+        was there. Locally a hard link, which fails where the name exists; on S3 a conditional PUT (If-None-Match).
+        Other stores have no such write: there the last of two simultaneous first tasks wins."""
+        if self.remote and self.store.protocol not in ("s3", "s3a"):
+            if self.read_text(rel) is not None:
+                return False
+            self.write_bytes(rel, data)
+            return True
+        if self.remote:
+            target = self.store.fs_path(self.where(rel))
+            try:
+                self.store.fs.pipe_file(target, data, mode="create")
+                return True
+            except Exception:  # the precondition failed (or the write did): tell them apart by reading
+                if self.read_text(rel) is not None:
+                    return False
+                raise
+        with tempfile.NamedTemporaryFile(dir=self._folder(rel), delete=False, prefix=".", suffix=".tmp") as f:
+            f.write(data)
+        try:
+            os.link(f.name, Path(self.root, rel))
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(f.name)
 
     def publish(self, rel: str, temp: str) -> None:
         """Move the finished local file `temp` to `rel`: it appears only whole, under its final name."""
@@ -502,8 +531,9 @@ def _settle_plan(output: Output, plan: TaskPlan) -> None:
             raise UserError(f"output_dir {output.root} already holds {len(existing)} .pt shard"
                             f"{'s' if len(existing) != 1 else ''} of another run (e.g. {existing[0][0]}) and no "
                             f"{PLAN}; choose another --output_dir (tasks never replace shards they did not write).")
-        output.write_bytes(PLAN, json.dumps(want, indent=1).encode())
-        return
+        if output.create(PLAN, json.dumps(want, indent=1).encode()):
+            return
+        text = output.read_text(PLAN) or "{}"  # another task recorded its plan first: this one must match it
     try:
         recorded = json.loads(text)
     except ValueError:
