@@ -171,16 +171,6 @@ def test_bad_inputs_and_outputs_are_one_sentence(aws, raw, tokenizer_file, tmp_p
     assert "outside --num_tasks 3" in error_of(
         capsys, command(tokenizer_file, out, "--num_tasks", "3", "--task_index", "3", inputs=raw["inputs"]))
 
-    # Two task counts into one output: the second is refused, and the first one's shards stay.
-    assert main(command(tokenizer_file, out, "--num_tasks", "2", "--task_index", "0", inputs=raw["inputs"])) == 0
-    prefix = out.split("/", 3)[3]
-    written = keys(aws, prefix)
-    assert "other --num_tasks (2 recorded, 3 now)" in error_of(
-        capsys, command(tokenizer_file, out, "--num_tasks", "3", "--task_index", "1", inputs=raw["inputs"]))
-    assert "other the input files" in error_of(
-        capsys, command(tokenizer_file, out, "--num_tasks", "2", "--task_index", "1", inputs=raw["inputs"][:1]))
-    assert keys(aws, prefix) == written
-
     # An output that holds another run's shards (no plan of ours).
     other = tmp_path / "other"
     (other / "train").mkdir(parents=True)
@@ -193,6 +183,23 @@ def test_bad_inputs_and_outputs_are_one_sentence(aws, raw, tokenizer_file, tmp_p
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
     err = error_of(capsys, command(tokenizer_file, f"{out}-2", inputs=raw["inputs"]))
     assert "wrong-secret-value" not in err and "credentials" in err
+
+
+def test_other_settings_into_one_output_are_refused_and_nothing_is_destroyed(aws, raw, tokenizer_file, tmp_path,
+                                                                              capsys):
+    out = f"s3://{BUCKET}/plan-{tmp_path.name}"
+    # Two task counts into one output: the second is refused, and the first one's shards stay.
+    assert main(command(tokenizer_file, out, "--num_tasks", "2", "--task_index", "0", inputs=raw["inputs"])) == 0
+    prefix = out.split("/", 3)[3]
+    written = keys(aws, prefix)
+    assert "other --num_tasks (2 recorded, 3 now)" in error_of(
+        capsys, command(tokenizer_file, out, "--num_tasks", "3", "--task_index", "1", inputs=raw["inputs"]))
+    assert "other the input files" in error_of(
+        capsys, command(tokenizer_file, out, "--num_tasks", "2", "--task_index", "1", inputs=raw["inputs"][:1]))
+    assert keys(aws, prefix) == written
+    assert "other seq_len (24 recorded, 32 now)" in error_of(
+        capsys, command(tokenizer_file, out, "--num_tasks", "2", "--task_index", "1", "--seq_len", "32",
+                        inputs=raw["inputs"]))
 
 
 def test_a_damaged_input_stops_its_task_or_is_skipped(aws, raw, tokenizer_file, tmp_path, capsys):
