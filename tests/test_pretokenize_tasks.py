@@ -168,6 +168,8 @@ def test_bad_inputs_and_outputs_are_one_sentence(aws, raw, tokenizer_file, tmp_p
     assert "does not exist" in error_of(capsys, command(tokenizer_file, out, inputs=["s3://no-such-bucket/**/*.zst"]))
     assert "the bucket s3://no-such-bucket does not exist" in error_of(
         capsys, command(tokenizer_file, "s3://no-such-bucket/out", inputs=raw["inputs"]))
+    assert "add --num_tasks 1" in error_of(capsys, command(tokenizer_file, str(tmp_path / "one"), "--on_bad_input",
+                                                           "skip", inputs=raw["inputs"]))
     assert "outside --num_tasks 3" in error_of(
         capsys, command(tokenizer_file, out, "--num_tasks", "3", "--task_index", "3", inputs=raw["inputs"]))
 

@@ -340,6 +340,9 @@ def run_pretokenize(args: argparse.Namespace) -> int:
              or is_remote(args.output_dir))
     if tasks:
         return run_pretokenize_task(args, inputs)
+    if args.on_bad_input == "skip":
+        raise UserError("--on_bad_input skip is for a run in tasks (it records what it skipped in the task's "
+                        "record); add --num_tasks 1, or repair or leave out the damaged file.")
     report = pretokenize(inputs, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                          overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty(),
