@@ -100,7 +100,13 @@ def test_three_tasks_bucket_to_bucket_one_killed_and_rerun(aws, raw, tokenizer_f
     assert sorted(s["path"] for s in manifest["shards"]) == sorted(shards)
     assert all(s["sha256"] == hashlib.sha256(shards[s["path"]]).hexdigest() for s in manifest["shards"])
     assert manifest["totals"]["shards"] == len(shards) and manifest["num_tasks"] == 3
-    assert all(aws.secret not in json.dumps(manifest) for _ in [0])
+    assert aws.secret not in json.dumps(manifest)
+    # Each shard names inputs of its own task, and every input is named by some shard.
+    assert all(k % 3 == s["task"] for s in manifest["shards"] for k in s["inputs"])
+    assert {k for s in manifest["shards"] for k in s["inputs"]} == set(range(len(raw["written"])))
+    assert [i["path"] for i in manifest["inputs"]] == sorted(
+        f"{raw['url']}/{rel}" for rel in raw["written"] if rel.endswith(".zst")) + sorted(
+        f"{raw['url']}/{rel}" for rel in raw["written"] if rel.endswith(".parquet"))
 
     # Every input document's tokens appear exactly once, and they are those of a one-task local run.
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
