@@ -34,6 +34,7 @@ import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,14 @@ from encoder_train.data.store import RemoteStore
 from encoder_train.errors import UserError
 from encoder_train.textfiles import Input, check_formats, check_inputs, file_texts, input_bytes
 from encoder_train.tokenizer import load_tokenizer, special_tokens
-from encoder_train.urls import is_remote, local_path
+from encoder_train.urls import CREDENTIALS, is_remote, local_path
 
 # Under OUTPUT_DIR: plan.json and tasks/NNNNN.json (ours); completions/, stats/ and logs/ (datatrove's).
 STATE = ".pretokenize"
 PLAN = f"{STATE}/plan.json"
 PROGRESS_SECONDS = 30.0  # one plain progress line this often, off a terminal
 READ_BYTES = 8 << 20  # bytes per read while hashing a shard for --verify
+HASH_THREADS = 8  # shards hashed at once by --verify
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,9 @@ class Output:
             bucket = f"{scheme}://{rest.split('/', 1)[0]}"
             if not self.store.retry(f"--output_dir {self.root}", lambda: self.store.fs.exists(
                     self.store.fs_path(self.root).split("/", 1)[0]), listing=True):
+                where = CREDENTIALS.get(self.store.protocol, "the storage library's credentials")
                 raise UserError(f"--output_dir {self.root}: the bucket {bucket} does not exist, or these credentials "
-                                f"may not see it; create it, or check the URL and {self.store._credentials()}.")
+                                f"may not see it; create it, or check the URL and {where}.")
         else:
             self.root = str(local_path(location))
             if os.path.exists(self.root) and not os.path.isdir(self.root):
@@ -599,8 +602,12 @@ def verify(output_dir: str | Path) -> Manifest:
     sizes = dict(listed)
     damaged = [(s.path, f"{sizes[s.path]:,} bytes, the manifest says {s.bytes:,}")
                for s in manifest.shards if s.path in sizes and sizes[s.path] != s.bytes]
-    damaged += [(s.path, "its sha256 differs from the manifest's") for s in manifest.shards
-                if sizes.get(s.path) == s.bytes and output.sha256(s.path) != s.sha256]
+    whole = [s for s in manifest.shards if sizes.get(s.path) == s.bytes]
+    # Every byte is read to hash it: HASH_THREADS shards at a time, as the reads wait on the network.
+    with ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="verify") as pool:
+        digests = list(pool.map(output.sha256, [s.path for s in whole]))
+    damaged += [(s.path, "its sha256 differs from the manifest's")
+                for s, digest in zip(whole, digests, strict=True) if digest != s.sha256]
     lines = ([f"missing: {output.where(p)}" for p in differences.missing]
              + [f"damaged: {output.where(p)} ({why})" for p, why in sorted(damaged)]
              + [f"unlisted: {output.where(p)} (not in the manifest)" for p in differences.unlisted])
