@@ -192,6 +192,14 @@ def test_bad_inputs_and_outputs_are_one_sentence(aws, raw, tokenizer_file, tmp_p
     err = error_of(capsys, command(tokenizer_file, f"{out}-2", inputs=raw["inputs"]))
     assert "wrong-secret-value" not in err and "credentials" in err
 
+    # No credentials at all (and no instance metadata to ask): one sentence naming what to set.
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert "AWS_ACCESS_KEY_ID" in error_of(capsys, command(tokenizer_file, f"{out}-3", inputs=raw["inputs"]))
+
 
 def test_other_settings_into_one_output_are_refused_and_nothing_is_destroyed(aws, raw, tokenizer_file, tmp_path,
                                                                               capsys):
