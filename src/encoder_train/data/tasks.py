@@ -427,7 +427,9 @@ class _TaskShards:
         self.filled[split] = 0
 
     def _inputs(self, start: int, end: int) -> list[int]:
-        """The inputs whose tokens lie in stream positions [start, end)."""
+        """The inputs whose tokens lie in stream positions [start, end): the span from a shard's first row to its
+        last, so the other split's rows between them count too (an input wholly inside such a row is named by this
+        shard as well; inputs follow each other in the stream, so no other is)."""
         lo = max(bisect_right(self.starts, start) - 1, 0)
         hi = bisect_right(self.starts, end - 1)
         return sorted(set(self.start_inputs[lo:hi]))
