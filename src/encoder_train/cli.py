@@ -216,11 +216,12 @@ def run_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_input_flags(p: argparse.ArgumentParser) -> None:
+def add_input_flags(p: argparse.ArgumentParser, required: bool = True) -> None:
     """The text both `tokenizer` and `pretokenize` read: the files, and the field that holds the text."""
-    p.add_argument("--input", type=local_path, nargs="+", required=True, metavar="PATH",
+    p.add_argument("--input", type=data_location, nargs="+", required=required, metavar="PATH",
                    help="text, .jsonl or .parquet files; .gz and .zst (e.g. x.jsonl.zst) are decompressed as read "
-                   "(.parquet needs the parquet extra, .zst the zstd extra)")
+                   "(.parquet needs the parquet extra, .zst the zstd extra); paths, globs (raw/**/*.jsonl), and "
+                   "s3://, gs://, hf:// URLs and URL globs (s3://bucket/raw/**/*.jsonl.zst), streamed")
     p.add_argument("--text_field", default="text", metavar="NAME",
                    help="the field of each .jsonl object, and the Parquet column, that holds the text (default text)")
 
@@ -261,6 +262,7 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
 def run_tokenizer(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from encoder_train.data.inputs import expand_inputs
     from encoder_train.textsample import SampleReport, Sampling
     from encoder_train.tokenizer import train_tokenizer
 
@@ -268,7 +270,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     sample = Sampling(args.max_bytes, 1.0 if args.sample_rate is None else args.sample_rate,
                       args.sample_seed) if sampled else None
     report = SampleReport()
-    tok = train_tokenizer([Path(p) for p in args.input], Path(args.output), args.vocab_size, args.min_frequency,
+    tok = train_tokenizer(expand_inputs(args.input), Path(args.output), args.vocab_size, args.min_frequency,
                           overwrite=args.overwrite, text_field=args.text_field, kind=args.kind, sample=sample,
                           report=report)
     print(f"wrote {args.output}: {tok.get_vocab_size()} tokens"
@@ -290,10 +292,11 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
         "plain text (paragraphs separated by blank lines), .jsonl (a \"text\" field), Parquet (a \"text\" column; "
         "--text_field names another) and .gz or .zst files of text or .jsonl, streaming.",
     )
-    add_input_flags(p)
-    p.add_argument("--tokenizer_filepath", type=local_path, required=True, help="tokenizer.json to tokenize with")
-    p.add_argument("--output_dir", type=local_path, required=True,
-                   help="folder for the train/ and val/ shards (or the two --folders)")
+    add_input_flags(p, required=False)
+    p.add_argument("--tokenizer_filepath", type=local_path, default=None,
+                   help="tokenizer.json to tokenize with (required, except with --verify)")
+    p.add_argument("--output_dir", type=data_location, required=True,
+                   help="folder (or s3://, gs://, hf:// URL) for the train/ and val/ shards (or the two --folders)")
     p.add_argument("--folders", nargs=2, default=["train", "val"], metavar=("TRAIN", "VAL"),
                    help="the folders under --output_dir for the training and the held-out shards (default train "
                    "val); a source's data_dir and val_data_dir, e.g. --output_dir shards --folders web web-val")
@@ -307,13 +310,32 @@ def add_pretokenize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config_file", type=local_path, default=None,
                    help="optional config: refuse a --seq_len longer than its model's positions")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace shards already in --output_dir (they stay until the new ones are all written)")
+                   help="replace shards already in --output_dir (they stay until the new ones are all written; "
+                   "one machine, a local folder, no tasks)")
+    p.add_argument("--num_tasks", type=positive_int, default=None,
+                   help="split the inputs (by file: input k goes to task k mod N) into N tasks, each run by its own "
+                   "command (default: SLURM_ARRAY_TASK_COUNT in a SLURM array job); writes OUTPUT_DIR/manifest.json "
+                   "when the last is done, and a rerun skips finished tasks")
+    p.add_argument("--task_index", type=int, default=None,
+                   help="which task this command runs, 0 to N-1 (default: SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--on_bad_input", choices=("stop", "skip"), default="stop",
+                   help="a damaged or unreadable input file among many: stop and name it (default), or skip the rest "
+                   "of it, recorded in the task's record (tasks only)")
+    p.add_argument("--verify", action="store_true",
+                   help="check --output_dir against its manifest.json (every shard present, of its size and sha256, "
+                   "none unlisted): exit 0 when whole, 2 naming each shard that is not")
     p.set_defaults(func=run_pretokenize)
 
 
 def run_pretokenize(args: argparse.Namespace) -> int:
     from encoder_train.data.prepare import pretokenize
 
+    if args.verify:
+        return run_verify(args)
+    for flag, value in (("--input", args.input), ("--tokenizer_filepath", args.tokenizer_filepath)):
+        if not value:
+            raise UserError(f"pretokenize needs {flag} (only --verify goes without it); see `encoder-train "
+                            "pretokenize --help`.")
     max_positions = None
     if args.config_file:
         from encoder_train.state import model_dims
@@ -326,7 +348,18 @@ def run_pretokenize(args: argparse.Namespace) -> int:
         dims.check_row_length(args.seq_len, f"--seq_len {args.seq_len} with the model of {args.config_file}",
                               f", or pass --seq_len {dims.max_tokens} or less")
         max_positions = dims.max_tokens
-    report = pretokenize(args.input, args.tokenizer_filepath, args.output_dir, args.seq_len,
+    from encoder_train.data.inputs import expand_inputs
+    from encoder_train.urls import is_remote
+
+    inputs = expand_inputs(args.input)
+    tasks = (args.num_tasks is not None or args.task_index is not None or "SLURM_ARRAY_TASK_COUNT" in os.environ
+             or is_remote(args.output_dir))
+    if tasks:
+        return run_pretokenize_task(args, inputs)
+    if args.on_bad_input == "skip":
+        raise UserError("--on_bad_input skip is for a run in tasks (it records what it skipped in the task's "
+                        "record); add --num_tasks 1, or repair or leave out the damaged file.")
+    report = pretokenize(inputs, args.tokenizer_filepath, args.output_dir, args.seq_len,
                          rows_per_shard=args.rows_per_shard, val_fraction=args.val_fraction,
                          overwrite=args.overwrite, max_positions=max_positions, progress=sys.stderr.isatty(),
                          text_field=args.text_field, folders=tuple(args.folders))
@@ -339,6 +372,49 @@ def run_pretokenize(args: argparse.Namespace) -> int:
           + (f" --val_data_dir {report.val_dir}" if report.val_rows else "")
           + f", or as a recipe's source: {{data_dir: {report.train_dir}"
           + (f", val_data_dir: {report.val_dir}}}" if report.val_rows else "}"))
+    return 0
+
+
+def run_pretokenize_task(args: argparse.Namespace, inputs: list) -> int:
+    """One task of `pretokenize --num_tasks N` (data/tasks.py), then the manifest once every task is done."""
+    from encoder_train.data.tasks import run_task, tasks_from_environment
+
+    if args.overwrite:
+        raise UserError("--overwrite is for a one-machine run into a local folder; tasks never replace shards they "
+                        "did not write: choose another --output_dir, or empty this one.")
+    num_tasks, task_index = tasks_from_environment(args.num_tasks, args.task_index)
+    result = run_task(inputs, args.tokenizer_filepath, args.output_dir, args.seq_len, args.rows_per_shard,
+                      args.val_fraction, args.text_field, tuple(args.folders), num_tasks, task_index,
+                      on_bad_input=args.on_bad_input, progress=sys.stderr.isatty())
+    report = result.report
+    if report is None:
+        print(f"task {task_index} of {num_tasks} was done before (its completion record is in "
+              f"{args.output_dir}/.pretokenize/completions); nothing to do")
+    else:
+        print(f"task {task_index} of {num_tasks}: wrote {plural(report.train_rows, 'training row')} in "
+              f"{plural(report.train_shards, 'shard')} to {report.train_dir} and "
+              f"{plural(report.val_rows, 'held-out row')} in {plural(report.val_shards, 'shard')} to "
+              f"{report.val_dir}; {plural(report.documents, 'document')}, "
+              f"{plural(report.tokens, 'token')}; fill ratio {report.fill_ratio:.4f}; "
+              f"{report.megabytes_per_second:.1f} MB/s")
+    if result.manifest is not None:
+        totals = result.manifest.totals
+        print(f"all {num_tasks} tasks are done: wrote {args.output_dir}/manifest.json "
+              f"({plural(totals.shards, 'shard')}, {plural(totals.rows, 'row')}, {plural(totals.tokens, 'token')}); "
+              "check it with `encoder-train pretokenize"
+              f" --verify --output_dir {args.output_dir}`")
+    else:
+        print(f"{result.pending} of {num_tasks} tasks are not done yet; the last to finish writes the manifest")
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from encoder_train.data.tasks import verify
+
+    manifest = verify(args.output_dir)
+    totals = manifest.totals
+    print(f"{args.output_dir} matches its manifest: {plural(totals.shards, 'shard')}, {plural(totals.rows, 'row')}, "
+          f"{plural(totals.tokens, 'token')}")
     return 0
 
 

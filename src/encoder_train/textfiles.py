@@ -4,6 +4,10 @@ Read by tokenizer training (tokenizer.py) and by `pretokenize` (data/prepare.py)
 above it. Every file is streamed (a line, or a batch of Parquet rows, at a time) and every read is bounded: a
 document by MAX_DOCUMENT_CHARS, a line by MAX_LINE_CHARS, a .zst block by zstd.py. A file that cannot be read as
 its name says stops the run with one sentence naming it (and the line or row).
+
+An input may also be an object in a bucket (`RemoteInput`, listed from URLs and globs by data/inputs.py): it is
+streamed through its fsspec file object under the same bounded readers as a local file, so a 12 GB line in a small
+remote .zst is never held whole either.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 from encoder_train.errors import UserError, require
+from encoder_train.urls import is_remote, local_path
 from encoder_train.zstd import ZstdReader
 
 # A paragraph longer than this is cut at a line boundary into several documents, so that one file
@@ -34,8 +39,31 @@ MAX_LINE_CHARS = 1 << 26
 # Progress is reported every this many lines: asking the file for its position costs a system call.
 PROGRESS_EVERY_LINES = 256
 
+class RemoteInput(Protocol):
+    """An input file in object storage, listed by data/inputs.py's `expand_inputs`: its name, its size as listed,
+    and `open()`, the object as a read-only binary file of ranged reads. Named here rather than imported: data/
+    imports this module."""
 
-def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | None = None,
+    size: int
+
+    @property
+    def name(self) -> str: ...
+
+    def open(self) -> Any: ...
+
+
+Input = Path | RemoteInput
+
+
+def _as_input(path: str | Path | RemoteInput) -> Input:
+    if isinstance(path, (str, Path)):
+        if is_remote(str(path)):
+            raise UserError(f"input {path} is a URL; list it with data.inputs.expand_inputs first.")
+        return Path(local_path(str(path)))
+    return path
+
+
+def iter_texts(paths: Iterable[str | Path | RemoteInput], progress: Callable[[int], None] | None = None,
                text_field: str = "text") -> Iterator[str]:
     """Yield the documents of text, .jsonl and Parquet files (.gz and .zst compressed text and .jsonl too).
 
@@ -47,7 +75,7 @@ def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | No
     (compressed bytes for .gz and .zst; for Parquet, the file's size in proportion to the rows read),
     for a progress bar.
     """
-    paths = [Path(p) for p in paths]
+    paths = [_as_input(p) for p in paths]
     check_inputs(paths)  # all of them, before spending time on the first
     check_formats(paths, text_field)
     found = False
@@ -61,6 +89,12 @@ def iter_texts(paths: Iterable[str | Path], progress: Callable[[int], None] | No
             f"the input {names} holds no text; pass files with at least one non-blank line "
             f'(plain text) or one non-empty "{text_field}" field (.jsonl) or value (.parquet).'
         )
+
+
+def file_texts(path: Input, progress: Callable[[int], None] | None = None, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file, as `iter_texts` reads them (a file without text yields none)."""
+    for text in _documents(path, progress, text_field):
+        yield from pieces(text)
 
 
 def pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
@@ -80,11 +114,14 @@ def pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
     yield text[start:] if start else text
 
 
-def check_inputs(paths: list[Path]) -> None:
-    """Raise a UserError unless every path is a readable file and there is at least one."""
+def check_inputs(paths: Sequence[Input]) -> None:
+    """Raise a UserError unless every path is a readable file and there is at least one (a remote input was listed
+    as an object by `expand_inputs`)."""
     if not paths:
         raise UserError("no input files were given; pass at least one text or .jsonl file with --input.")
     for path in paths:
+        if not isinstance(path, Path):
+            continue
         if path.is_dir():
             raise UserError(f"input {path} is a folder; pass the text files inside it (e.g. {path}/*.txt).")
         if path.exists() and not path.is_file():  # a pipe (`<(zcat x.gz)`), a device: read once, never again
@@ -96,7 +133,7 @@ def check_inputs(paths: list[Path]) -> None:
             raise UserError(f"input file {path} cannot be read (permission denied); fix its permissions.")
 
 
-def check_formats(paths: list[Path], text_field: str = "text") -> None:
+def check_formats(paths: Sequence[Input], text_field: str = "text") -> None:
     """Raise a UserError for what can be told before reading any document: a missing optional package
     (pyarrow, zstandard), and a Parquet file without a `text_field` column of text (its footer alone says),
     so that the fifth file of a long run does not stop it after hours on the first four."""
@@ -111,7 +148,7 @@ def check_formats(paths: list[Path], text_field: str = "text") -> None:
                 _check_text_column(parquet, path, text_field)
 
 
-def _documents(path: Path, progress: Callable[[int], None] | None, text_field: str) -> Iterator[str]:
+def _documents(path: Input, progress: Callable[[int], None] | None, text_field: str) -> Iterator[str]:
     """The documents of one file, read as its name says (see `iter_texts`)."""
     if _is_parquet(path):
         return _parquet_documents(path, progress, text_field)
@@ -120,18 +157,18 @@ def _documents(path: Path, progress: Callable[[int], None] | None, text_field: s
     return _paragraph_documents(path, progress)
 
 
-def _is_jsonl(path: Path) -> bool:
+def _is_jsonl(path: Input) -> bool:
     """True for `x.jsonl`, `x.jsonl.gz` and `x.jsonl.zst`."""
     name = path.name.lower()
     return name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
 
 
-def _is_parquet(path: Path) -> bool:
+def _is_parquet(path: Input) -> bool:
     """True for `x.parquet`."""
     return path.name.lower().endswith(".parquet")
 
 
-def _paragraph_documents(path: Path, progress: Callable[[int], None] | None) -> Iterator[str]:
+def _paragraph_documents(path: Input, progress: Callable[[int], None] | None) -> Iterator[str]:
     """Documents of a plain-text file: runs of non-blank lines, joined with newlines."""
     lines: list[str] = []
     chars = 0
@@ -150,7 +187,7 @@ def _paragraph_documents(path: Path, progress: Callable[[int], None] | None) -> 
         yield "\n".join(lines)
 
 
-def _jsonl_documents(path: Path, progress: Callable[[int], None] | None, field: str = "text") -> Iterator[str]:
+def _jsonl_documents(path: Input, progress: Callable[[int], None] | None, field: str = "text") -> Iterator[str]:
     """Documents of a .jsonl file: the `field` ("text" unless --text_field says) of each line's JSON object."""
     example = json.dumps({field: "..."}, ensure_ascii=False)
     for number, line in _numbered_lines(path, progress):
@@ -197,14 +234,9 @@ def _fields_hint(record: object, field: str) -> str:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
+def _numbered_lines(path: Input, progress: Callable[[int], None] | None) -> Iterator[tuple[int, str]]:
     """Yield (line number from 1, line without its line ending) of a UTF-8 file, decompressing `.gz` and `.zst`."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed by `with raw` below; opened apart to name the error
-    except OSError as e:
-        raise UserError(
-            f"input file {path} cannot be read ({e.strerror}); check the path and its permissions."
-        ) from None
+    raw = _open_raw(path)
     with raw:
         # utf-8-sig drops a leading byte-order mark; newline=None ends lines at \n, \r\n and \r.
         text = io.TextIOWrapper(_decompressed(path, raw), encoding="utf-8-sig", newline=None)
@@ -226,6 +258,10 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
                 f"{path} line {_first_non_utf8_line(path)} is not UTF-8 text; convert the file to UTF-8 "
                 "(e.g. with iconv)."
             ) from None
+        except FileNotFoundError:  # a remote object deleted while it is read
+            where = f"past line {number}" if number else "before its first line"
+            raise UserError(f"input file {path} vanished while it was read ({where}); restore it and run "
+                            "again.") from None
         except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated .gz or .zst an EOFError
             where = f"past line {number}" if number else "at all"
             check = ("check that the file is complete and valid Zstandard (`zstd -t` tests it)" if _is_zstd(path)
@@ -233,6 +269,28 @@ def _numbered_lines(path: Path, progress: Callable[[int], None] | None) -> Itera
             raise UserError(f"input file {path} could not be read {where} ({e}); {check}.") from None
         if progress is not None:
             progress(raw.tell() - reported)
+
+
+def _open_raw(path: Input) -> Any:
+    """The file's bytes, opened for reading: a local file, or a remote object's ranged reads."""
+    try:
+        if not isinstance(path, Path):
+            return path.open()
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as e:
+        raise UserError(
+            f"input file {path} cannot be read ({e.strerror}); check the path and its permissions."
+        ) from None
+
+
+def _size(path: Input) -> int:
+    """The file's size in bytes (a remote one's as listed)."""
+    return path.stat().st_size if isinstance(path, Path) else path.size
+
+
+def input_bytes(paths: Sequence[Input]) -> int:
+    """The inputs' bytes together, as stored (compressed for .gz and .zst)."""
+    return sum(_size(p) for p in paths)
 
 
 def _bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
@@ -244,7 +302,7 @@ def _bounded_lines(text: io.TextIOWrapper) -> Iterator[str]:
             return
 
 
-def _decompressed(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
+def _decompressed(path: Input, raw: io.BufferedReader) -> io.BufferedIOBase:
     """The bytes of `raw`, gunzipped for `*.gz` and decompressed for `*.zst`, as they are read."""
     if _is_gzip(path):
         return gzip.GzipFile(fileobj=raw, mode="rb")
@@ -253,10 +311,10 @@ def _decompressed(path: Path, raw: io.BufferedReader) -> io.BufferedIOBase:
     return raw
 
 
-def _first_non_utf8_line(path: Path) -> int:
+def _first_non_utf8_line(path: Input) -> int:
     """Number of the first line that is not valid UTF-8 (slow; only used to word an error)."""
     number = 0
-    with open(path, "rb") as raw:
+    with _open_raw(path) as raw:
         try:
             lines = _decompressed(path, raw)
             # Bounded like the text's lines: at most 4 bytes a character, a longer line is read in pieces.
@@ -270,17 +328,17 @@ def _first_non_utf8_line(path: Path) -> int:
     return 0  # the file decodes line by line; the error was elsewhere
 
 
-def _is_gzip(path: Path) -> bool:
+def _is_gzip(path: Input) -> bool:
     """True for `*.gz`."""
     return path.name.lower().endswith(".gz")
 
 
-def _is_zstd(path: Path) -> bool:
+def _is_zstd(path: Input) -> bool:
     """True for `*.zst` (Zstandard, as `zstd` writes it)."""
     return path.name.lower().endswith(".zst")
 
 
-def _zstandard(path: Path) -> ModuleType:
+def _zstandard(path: Input) -> ModuleType:
     """The zstandard package, or a UserError naming the extra that installs it."""
     return require("zstandard", "zstd", f"the Zstandard input {path}")
 
@@ -295,12 +353,15 @@ PARQUET_BATCH_ROWS = 256
 PARQUET_READ_BYTES = 1 << 20
 
 
-def _open_parquet(path: Path) -> Any:
+def _open_parquet(path: Input) -> Any:
     """The `pyarrow.parquet.ParquetFile` at `path`, its footer read, or a UserError (not Parquet, cut short,
     unreadable). Typed Any: pyarrow is an optional extra, imported only here."""
     pq = require("pyarrow.parquet", "parquet", f"the Parquet input {path}")
+    source = path if isinstance(path, Path) else _open_raw(path)
     try:
-        return pq.ParquetFile(path, buffer_size=PARQUET_READ_BYTES, pre_buffer=False)
+        return pq.ParquetFile(source, buffer_size=PARQUET_READ_BYTES, pre_buffer=False)
+    except FileNotFoundError:
+        raise UserError(f"input file {path} vanished while it was read; restore it and run again.") from None
     except (OSError, ValueError) as e:  # ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise UserError(
             f"Parquet file {path} could not be read ({_one_line(e)}); check that the file is complete and is Parquet "
@@ -308,7 +369,7 @@ def _open_parquet(path: Path) -> Any:
         ) from None
 
 
-def _check_text_column(parquet: Any, path: Path, field: str) -> None:
+def _check_text_column(parquet: Any, path: Input, field: str) -> None:
     """Raise a UserError unless the file has a column `field` of strings."""
     import pyarrow as pa  # present: _open_parquet imported pyarrow.parquet
 
@@ -335,10 +396,10 @@ def _is_string_view(pa: ModuleType, kind: Any) -> bool:
     return hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind)
 
 
-def _parquet_documents(path: Path, progress: Callable[[int], None] | None, field: str) -> Iterator[str]:
+def _parquet_documents(path: Input, progress: Callable[[int], None] | None, field: str) -> Iterator[str]:
     """Documents of a Parquet file: the non-empty values of its `field` column, PARQUET_BATCH_ROWS at a time.
     Null values are skipped, as empty strings are: a missing text is no document."""
-    size = path.stat().st_size
+    size = _size(path)
     row = reported = 0
     with _open_parquet(path) as parquet:
         _check_text_column(parquet, path, field)
@@ -357,7 +418,7 @@ def _parquet_documents(path: Path, progress: Callable[[int], None] | None, field
         progress(size - reported)
 
 
-def _next_batch(batches: Iterator[Any], path: Path, row: int) -> Any:
+def _next_batch(batches: Iterator[Any], path: Input, row: int) -> Any:
     """The next record batch, None at the end, or a UserError for a damaged file (found only as it is read)."""
     try:
         return next(batches, None)
@@ -375,7 +436,7 @@ def _one_line(error: Exception) -> str:
     return " ".join("".join(c if c.isprintable() else " " for c in str(error)).split())
 
 
-def _batch_texts(column: Any, path: Path, row: int) -> list[str | None]:
+def _batch_texts(column: Any, path: Input, row: int) -> list[str | None]:
     """The column's values as Python strings, or a UserError naming the first row that is not UTF-8."""
     try:
         return column.to_pylist()

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from encoder_train.errors import UserError
-from encoder_train.textfiles import check_inputs, iter_texts
+from encoder_train.textfiles import Input, RemoteInput, check_inputs, input_bytes, iter_texts
 from encoder_train.tokenizer import load_tokenizer, special_tokens
 
 # Shortest row worth training on: <s>, </s> and a handful of tokens.
@@ -57,9 +57,9 @@ STAGED = ".new"
 class PretokenizeReport:
     """What `pretokenize` read and wrote."""
 
-    output_dir: Path
-    train_dir: Path
-    val_dir: Path
+    output_dir: Path | str  # a URL (str) where tasks wrote to object storage (data/tasks.py)
+    train_dir: Path | str
+    val_dir: Path | str
     seq_len: int
     documents: int
     tokens: int
@@ -88,7 +88,7 @@ class PretokenizeReport:
 
 
 def pretokenize(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path | RemoteInput],
     tokenizer_path: str | Path,
     output_dir: str | Path,
     seq_len: int,
@@ -115,20 +115,20 @@ def pretokenize(
     a truncated download or Ctrl-C leaves the earlier dataset as it was. A failed run also removes the folders it
     created (never one that was there before), and a run that held out no rows leaves no empty val folder.
     """
-    _check_arguments(seq_len, rows_per_shard, val_fraction, max_positions, batch_chars)
+    check_arguments(seq_len, rows_per_shard, val_fraction, max_positions, batch_chars)
     tokenizer = load_tokenizer(tokenizer_path)
     ids = special_tokens(tokenizer, tokenizer_path)
     # Text that happens to spell "<s>" or "<mask>" (an HTML <s> tag, a tutorial on tokenizers) is
     # tokenized as text: only the packer below places special tokens.
     tokenizer.encode_special_tokens = True
-    inputs = [Path(p) for p in inputs]
+    inputs: list[Input] = [Path(p) if isinstance(p, (str, Path)) else p for p in inputs]
     check_inputs(inputs)
     output_dir = Path(output_dir)
-    train_dir, val_dir = _split_folders(output_dir, folders)
+    train_dir, val_dir = split_folders(output_dir, folders)
     old_shards = _existing_shards(output_dir, (train_dir, val_dir), overwrite)
 
     start = time.perf_counter()
-    input_bytes = sum(p.stat().st_size for p in inputs)
+    total_bytes = input_bytes(inputs)
     bytes_read = 0
 
     def count_bytes(n: int) -> None:
@@ -139,11 +139,11 @@ def pretokenize(
     first = next(documents)  # raises the "no text" error, and a Parquet file's missing column, before any writing
     created = _make_folders((train_dir, val_dir))  # the folders this run made, parents first: a failure removes them
     splits = _Splits(train_dir, val_dir, rows_per_shard, seq_len, val_fraction)
-    packer = _RowPacker(seq_len, bos=ids.bos, eos=ids.eos, pad=ids.pad)
+    packer = RowPacker(seq_len, bos=ids.bos, eos=ids.eos, pad=ids.pad)
     n_documents = n_tokens = 0
-    bar = tqdm(total=input_bytes, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
     try:
-        for texts, stream in _encoded_batches(tokenizer, _batches(first, documents, batch_chars), ids.eos):
+        for texts, stream in encoded_batches(tokenizer, _batches(first, documents, batch_chars), ids.eos):
             n_tokens += len(stream) - len(texts)  # every document comes with one separator
             if n_documents == 0:
                 stream = stream[1:]  # the stream starts with a document, not a separator
@@ -175,13 +175,13 @@ def pretokenize(
         train_shards=len(splits.train.written),
         val_shards=len(splits.val.written),
         fill_ratio=(slots - packer.padding) / slots,
-        input_bytes=input_bytes,
+        input_bytes=total_bytes,
         output_bytes=splits.train.bytes + splits.val.bytes,
         seconds=time.perf_counter() - start,
     )
 
 
-def _check_arguments(
+def check_arguments(
     seq_len: int, rows_per_shard: int, val_fraction: float, max_positions: int | None, batch_chars: int
 ) -> None:
     """Raise a UserError naming the first argument that cannot work."""
@@ -209,7 +209,7 @@ def _check_arguments(
         raise UserError(f"batch_chars {batch_chars} must be at least 1.")
 
 
-def _split_folders(output_dir: Path, folders: tuple[str, str]) -> tuple[Path, Path]:
+def split_folders(output_dir: Path, folders: tuple[str, str]) -> tuple[Path, Path]:
     """The training and the held-out folders: two different names of single folders under `output_dir`."""
     train, val = folders
     for name in folders:
@@ -255,7 +255,7 @@ def _batches(first: str, documents: Iterator[str], batch_chars: int) -> Iterator
     yield batch
 
 
-def _encoded_batches(
+def encoded_batches(
     tokenizer: Tokenizer, batches: Iterator[list[str]], eos: int
 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (texts, `</s> doc1 </s> doc2 ...` as int32 ids) per batch, in order.
@@ -289,7 +289,7 @@ def _encode(tokenizer: Tokenizer, texts: list[str], eos: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-class _RowPacker:
+class RowPacker:
     """Cuts a token stream into rows `<s> + seq_len-2 tokens + </s>`, keeping the unfinished tail."""
 
     def __init__(self, seq_len: int, bos: int, eos: int, pad: int) -> None:
