@@ -37,6 +37,7 @@ class FolderModel:
 def random_export(folder: Path, tokenizer: Tokenizer, **dims) -> Path:
     """A tiny random RoBERTa-shaped model (hidden 32, 2 layers), written as a checkpoint and exported: transformers
     writes the folder. `dims` changes ModelDims fields (a window of 128 tokens by default, dropout off)."""
+    folder.mkdir(parents=True, exist_ok=True)
     dims = {"max_position_embeddings": 130, "dropout": 0.0, "attention_dropout": 0.0, **dims}
     path, _ = write_checkpoint(folder / "ckpt", tokenizer, replace(dims_for(tokenizer.get_vocab_size()), **dims))
     return export_checkpoint(path, folder / "export")
