@@ -59,17 +59,19 @@ def read_beir(data_dir: Path, split: str) -> BeirTask:
         raise UserError(f"retrieval data_dir {data_dir} is not a folder; pass a BEIR-layout folder holding "
                         "corpus.jsonl, queries.jsonl and qrels/<split>.tsv.")
     corpus = {}
-    for path, number, record in _records(data_dir / "corpus.jsonl"):
+    path = data_dir / "corpus.jsonl"
+    for number, record in _records(path):
         doc_id, text = _text_record(path, number, record, corpus)
         title = record.get("title") or ""
         if not isinstance(title, str):
             raise UserError(f"{path} line {number}: \"title\" is not text; give it as a string, or leave it out.")
         corpus[doc_id] = f"{title} {text}".strip() if title else text
     if not corpus:
-        raise UserError(f"{data_dir / 'corpus.jsonl'} holds no document; retrieval needs at least one line "
+        raise UserError(f"{path} holds no document; retrieval needs at least one line "
                         '{"_id": ..., "text": ...}.')
     all_queries = {}
-    for path, number, record in _records(data_dir / "queries.jsonl"):
+    path = data_dir / "queries.jsonl"
+    for number, record in _records(path):
         query_id, text = _text_record(path, number, record, all_queries)
         all_queries[query_id] = text
     judged = _qrels(split_file(data_dir, split), all_queries, corpus)
@@ -83,8 +85,8 @@ def read_beir(data_dir: Path, split: str) -> BeirTask:
     return BeirTask(corpus, queries, {q: relevant[q] for q in queries}, dropped)
 
 
-def _records(path: Path) -> Iterator[tuple[Path, int, dict]]:
-    """(path, line number, object) for each non-blank line of a .jsonl file, streamed."""
+def _records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number from 1, object) for each non-blank line of a .jsonl file, streamed."""
     for number, line in _lines(path):
         if not line.strip():
             continue
@@ -96,7 +98,7 @@ def _records(path: Path) -> Iterator[tuple[Path, int, dict]]:
         if not isinstance(record, dict):
             raise UserError(f"{path} line {number} is not a JSON object; each line must be one object such as "
                             '{"_id": "1", "text": "..."}.')
-        yield path, number, record
+        yield number, record
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

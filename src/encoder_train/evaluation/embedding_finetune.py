@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from encoder_train.errors import UserError, require
+from encoder_train.evaluation.spec import TaskConfig
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     epochs: int
     learning_rate: float
-    batch_size: int  # texts pairs per optimizer step (the in-batch negatives of each query: batch_size - 1)
+    batch_size: int  # rows (pairs) per optimizer step (the in-batch negatives of each query: batch_size - 1)
     warmup_ratio: float  # the share of the steps over which the rate rises linearly from 0
     seed: int
     no_duplicates: bool  # in-batch negatives: a batch never holds one text twice (it would be its own negative)
@@ -43,7 +44,7 @@ class TrainResult:
                 "last_loss": self.losses[-1] if self.losses else None, "seconds": round(self.seconds, 3)}
 
 
-def check_settings(task: Any, positive: tuple[str, ...], fractions: tuple[str, ...] = ()) -> None:
+def check_settings(task: TaskConfig, positive: tuple[str, ...], fractions: tuple[str, ...] = ()) -> None:
     """Refuse a task's numbers that cannot run: `positive` keys must be above 0, `fractions` in [0, 1)."""
     for key in positive:
         value = getattr(task.settings, key)
@@ -68,6 +69,7 @@ def fine_tune(model: Any, columns: dict[str, list], make_loss: Any, settings: Tr
     from transformers import PrinterCallback
 
     trained = copy.deepcopy(model)
+    trained.model_card_data.generate_widget_examples = False  # no model card is written: skip drawing its examples
     args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(work_dir) / "finetune"),
         num_train_epochs=settings.epochs,
