@@ -239,6 +239,20 @@ def test_cached_mnrl_follows_mnrl_step_by_step_and_a_seed_repeats(tmp_path, trai
     assert any(not torch.equal(p, snapshot[k]) for k, p in plain.model.named_parameters())
 
 
+def test_retrieval_fine_tunes_on_triplets_with_the_gradient_cache(tmp_path, trained):
+    data = toy_beir(tmp_path / "beir")
+    rng = random.Random(2)
+    rows = [(words(rng, 3), words(rng, 8), words(rng, 8)) for _ in range(24)]
+    (tmp_path / "triplets.tsv").write_text("query\tpositive\tnegative\n" + "".join("\t".join(r) + "\n" for r in rows))
+    got = retrieval.run(task("retrieval", tmp_path, data_dir=data, train_file=tmp_path / "triplets.tsv",
+                             loss="cached_mnrl", mini_batch_size=4, train_batch_size=8, epochs=2, learning_rate=1e-3),
+                        trained, tmp_path / "work")
+    tuned = got["details"]["fine_tune"]
+    assert tuned["columns"] == ["anchor", "positive", "negative"] and tuned["pairs"] == 24 and tuned["steps"] == 6
+    assert tuned["settings"]["loss"] == "cached_mnrl" and tuned["settings"]["mini_batch_size"] == 4
+    assert got["ndcg@10"] == got["details"]["fine_tuned"]["ndcg@10"] != got["zero_shot/ndcg@10"]
+
+
 @pytest.mark.slow
 def test_a_contrastive_fine_tune_raises_ndcg_on_the_offline_task(offline, docstring_model, tmp_path):
     suite = yaml.safe_load((offline / "offline.yaml").read_text())["tasks"]
