@@ -6,7 +6,7 @@
     DIR/docstrings/                   a BEIR-layout retrieval task (corpus.jsonl, queries.jsonl, qrels/test.tsv):
                                       each query is a docstring's first sentence, its one relevant document the
                                       rest of that docstring, after the dotted name it documents
-    DIR/docstrings-train.tsv          query<TAB>positive pairs made the same way from OTHER modules (TRAIN_MODULES):
+    DIR/docstrings-train.tsv          query<TAB>positive pairs made the same way from other packages (TRAIN_MODULES):
                                       the fine-tune never sees a test query or document
     DIR/sts/test.tsv, sts/train.tsv   scored sentence pairs (header sentence1, sentence2, score) from the test and
                                       the training modules: a docstring's first sentence beside its own next
