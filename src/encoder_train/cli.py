@@ -737,6 +737,29 @@ def run_eval_watch(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval-data",
+        help="write the offline evaluation suite and its data (from Python's own docstrings, no download)",
+        description="Write DIR/offline.yaml (the bundled configs/eval/offline.yaml) and the files its tasks read, "
+        "beside it: a retrieval task (a docstring's first sentence finds the rest of it), training pairs from other "
+        "modules, and scored sentence pairs. Files already there are kept when they are the same and refused when "
+        "they differ. Then: encoder-train eval --suite DIR/offline.yaml ...",
+    )
+    p.add_argument("--output_dir", type=local_path, required=True, help="the folder to write the suite and data into")
+    p.set_defaults(func=run_eval_data)
+
+
+def run_eval_data(args: argparse.Namespace) -> int:
+    from encoder_train.evaluation.offline import write_offline_data
+
+    made = write_offline_data(args.output_dir)
+    print(f"wrote {made.suite} and its data beside it: retrieval {made.queries} queries over {made.documents} "
+          f"documents, {made.train_pairs} training pairs; sts {made.sts_pairs} scored pairs, {made.sts_train_pairs} "
+          f"training pairs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="encoder-train",
@@ -755,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_glue_parser(sub)
     add_export_classifier_parser(sub)
     add_eval_parser(sub)
+    add_eval_data_parser(sub)
     return parser
 
 
