@@ -207,6 +207,7 @@ LOCAL = {
     "finetune": ["--checkpoint", "--init_from_hf", "--train_file", "--validation_file", "--test_file", "--output_dir"],
     "glue": ["--checkpoint", "--init_from_hf", "--data_dir", "--output_dir"],
     "export-classifier": ["--checkpoint", "--output_dir"],
+    "eval": ["--output_dir"],
     "eval-data": ["--output_dir"],
 }
 DATA = {"train": ["--data_dir", "--val_data_dir"], "evaluate": ["--data_dir"], "tokenizer": ["--input"],
