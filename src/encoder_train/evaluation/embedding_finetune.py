@@ -1,0 +1,96 @@
+"""The short fine-tune before scoring embeddings: sentence-transformers' trainer and one of its losses, on a copy.
+
+The retrieval kind trains with in-batch negatives (MultipleNegativesRankingLoss, or its gradient-cache variant for
+batches larger than memory holds); the STS kind with CoSENT on scored pairs. Both go through `fine_tune`, which
+copies the model (the EvalModel's own stays as loaded, for the zero-shot numbers and for other tasks), trains the
+copy with AdamW and a linear warmup then decay, and keeps each step's loss. Nothing is saved: the copy is scored
+and dropped.
+
+Deterministic under `seed`: the trainer seeds torch's generators (dropout) before the first step and its sampler
+draws the batches from a generator seeded with it too.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encoder_train.errors import UserError, require
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    learning_rate: float
+    batch_size: int  # texts pairs per optimizer step (the in-batch negatives of each query: batch_size - 1)
+    warmup_ratio: float  # the share of the steps over which the rate rises linearly from 0
+    seed: int
+    no_duplicates: bool  # in-batch negatives: a batch never holds one text twice (it would be its own negative)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model: Any  # the trained copy, a SentenceTransformer
+    losses: list[float]  # the training loss of each optimizer step, in order
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """What report.json's details keep of the fine-tune (the trajectory's ends, not every step)."""
+        return {"steps": len(self.losses), "first_loss": self.losses[0] if self.losses else None,
+                "last_loss": self.losses[-1] if self.losses else None, "seconds": round(self.seconds, 3)}
+
+
+def check_settings(task: Any, positive: tuple[str, ...], fractions: tuple[str, ...] = ()) -> None:
+    """Refuse a task's numbers that cannot run: `positive` keys must be above 0, `fractions` in [0, 1)."""
+    for key in positive:
+        value = getattr(task.settings, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise UserError(f"{task.suite_file}: task {task.name!r}: {key} is {value!r}; give a number above 0.")
+    for key in fractions:
+        value = getattr(task.settings, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            raise UserError(f"{task.suite_file}: task {task.name!r}: {key} is {value!r}; give a number from 0 up to "
+                            "(not including) 1.")
+
+
+def fine_tune(model: Any, columns: dict[str, list], make_loss: Any, settings: TrainSettings,
+              work_dir: Path) -> TrainResult:
+    """Train a copy of `model` (a SentenceTransformer) on `columns` (dataset column -> values, in the order the loss
+    reads them) with the loss `make_loss(copy)` builds."""
+    datasets = require("datasets", "eval", "a fine-tune before scoring embeddings")
+    require("sentence_transformers", "eval", "a fine-tune before scoring embeddings")
+    import torch
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+    from transformers import PrinterCallback
+
+    trained = copy.deepcopy(model)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(Path(work_dir) / "finetune"),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=settings.warmup_ratio,  # a float below 1: the share of all steps
+        lr_scheduler_type="linear",
+        seed=settings.seed,
+        data_seed=settings.seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if settings.no_duplicates else BatchSamplers.BATCH_SAMPLER,
+        logging_strategy="steps",
+        logging_steps=1,  # every step's loss: the trajectory the tests compare, and the details' first and last
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
+    )
+    dataset = datasets.Dataset.from_dict(columns)
+    trainer = SentenceTransformerTrainer(model=trained, args=args, train_dataset=dataset, loss=make_loss(trained))
+    trainer.remove_callback(PrinterCallback)  # it prints every step's log line; the losses are kept below instead
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    trained.eval()
+    return TrainResult(trained, losses, seconds)
