@@ -52,6 +52,7 @@ def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
     assert card["untrained"]["heldout"]["loss"] == pytest.approx(summary["untrained_loss"], rel=1e-4)
     assert (work / "report" / "report.md").is_file() and (work / "eval" / "demo.yaml").is_file()
     assert "[7/7] report card" in out and "## docstrings (retrieval)" in out and "| untrained |" in out
+    assert "heldout: loss" in out and "untrained: training helped" in out
 
     # Again: every stage finds its output; the summary's time is both runs'.
     assert main(args) == 0

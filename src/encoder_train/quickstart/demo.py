@@ -35,7 +35,7 @@ from encoder_train.evaluate import evaluate, show_guesses
 from encoder_train.quickstart.corpus import write_stdlib_corpus
 from encoder_train.quickstart.docstrings import DEMO_SETTINGS, FINETUNES, kept_results, run_demo_stage
 from encoder_train.quickstart.learned import TOP_K, MaskedTally, examples, log_frequencies, word_mask
-from encoder_train.quickstart.report_card import Card, run_card
+from encoder_train.quickstart.report_card import Card, reading, run_card
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
 from encoder_train.train import TrainResult, train
@@ -366,6 +366,8 @@ def report_card_stage(s: DemoSettings, config: Config, checkpoint: Path, work: W
     markdown = card.report_dir / "report.md"
     print(f"      {markdown}:\n")
     print("\n".join(f"      {line}".rstrip() for line in markdown.read_text(encoding="utf-8").splitlines()))
+    for line in reading(card.results):
+        print(f"      {line}")
     return card
 
 

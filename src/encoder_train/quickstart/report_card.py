@@ -111,6 +111,27 @@ def run_card(trained_checkpoint: Path, seed: int, root: Path, held_out: Path, to
     return Card(report_dir, suite_path, report.data["results"], failures_sentence(report, rows, suite), skipped)
 
 
+def reading(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """What the card says, a line per task both models finished: the held-out loss against the untrained one's, and
+    each embedding task's first number, trained against untrained."""
+    demo, untrained = results.get("demo", {}), results.get("untrained", {})
+    lines, embeddings_lag = [], False
+    for task, metrics in demo.items():
+        if task not in untrained:
+            continue
+        key = "loss" if task == HELD_OUT else next(iter(metrics))
+        ours, theirs = metrics[key], untrained[task][key]
+        better = ours < theirs if key == "loss" else ours > theirs
+        embeddings_lag |= task != HELD_OUT and not better
+        lines.append(f"{task}: {key} {ours:.4f} trained, {theirs:.4f} untrained: "
+                     + ("training helped" if better else "no better than untrained"))
+    if embeddings_lag:
+        lines.append("an encoder this small, trained for minutes, learns to predict words before its mean-pooled "
+                     "states tell texts apart: random weights still pass on which tokens a text holds, which these "
+                     "tasks reward; the papers' suite (configs/eval/papers.yaml) scores models trained for days")
+    return lines
+
+
 def _relative(path: Path, start: Path) -> str:
     """`path` as a suite in folder `start` names it: relative, so that the work folder can move."""
     return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
