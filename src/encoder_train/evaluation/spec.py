@@ -7,7 +7,8 @@ loaded (so a malformed corpus line is one sentence before minutes of embedding),
 A settings field's type is what the suite must give (suite.py checks it and names the key): int, float, str, bool,
 Path, `Literal[...]`, `X | None`, `list[X]`, `dict[str, X]` and unions of those. A `Path` field is a local path; a
 `str` field with `metadata=LOCATION` is a path or a URL (a data folder in a bucket). Either, when relative, is
-resolved against the suite file's folder. Every kind's settings have `max_length`: the tokens per text (or row) the task reads.
+resolved against the suite file's folder. Every kind's settings have `max_length`: the tokens per text (or row) the
+task reads.
 """
 
 from __future__ import annotations
