@@ -150,6 +150,7 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
     from encoder_train.data.prepare import pretokenize
     from encoder_train.quickstart.demo import Progress, Work, held_out_results, show_evaluation, write_summary
     from encoder_train.quickstart.learned import WORD
+    from encoder_train.quickstart.report_card import Card
     from encoder_train.tokenizer import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -185,7 +186,8 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
 
     work = tmp_path / "work"
     work.mkdir()
-    write_summary(Work(work), Progress(work / "progress.json"), results, None, checkpoint)
+    card = Card(work / "report", work / "eval" / "demo.yaml", {}, None, None)  # no card: this test is stage 5's
+    write_summary(Work(work), Progress(work / "progress.json"), results, None, card, checkpoint)
     suggested = [line for line in capsys.readouterr().out.splitlines() if "encoder-train fill-mask" in line]
     first = results["examples"][0]
     assert suggested == [f"  encoder-train fill-mask --checkpoint {checkpoint} '{first['text']}'"]
