@@ -15,7 +15,7 @@ from encoder_train.cli import main
 from encoder_train.evaluate import show_guesses
 from encoder_train.quickstart.docstrings import MIN_PER_CLASS
 
-STAGES = ["corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning"]
+STAGES = ["corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning", "report card"]
 
 
 def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
@@ -39,17 +39,32 @@ def test_demo_runs_end_to_end_and_resumes(capsys, tmp_path):
     assert "encoder-train fill-mask" not in out and "encoder-train evaluate" in out
     assert summary["runs"] == 1 and list(summary["stages"]) == STAGES
     ran = {name: stage["this_run"] for name, stage in summary["stages"].items()}
-    assert ran == dict.fromkeys(STAGES[:5], "ran") | {"fine-tuning": "skipped: too few docstrings"}
+    assert ran == dict.fromkeys(STAGES[:5], "ran") | {"fine-tuning": "skipped: too few docstrings",
+                                                     "report card": "ran"}
+    # The report card: the demo's model and the same model untrained, on the held-out rows and the offline suite.
+    card = summary["report_card"]["results"]
+    assert set(card) == {"demo", "untrained"}
+    for model in card.values():
+        assert set(model) == {"heldout", "docstrings", "docstring-sts"}
+        assert 0.0 <= model["docstrings"]["ndcg@10"] <= 1.0 and -1.0 <= model["docstring-sts"]["spearman"] <= 1.0
+    # Its held-out task masks as stage 5 does, and its untrained model is the one stage 5 builds: the same losses.
+    assert card["demo"]["heldout"]["loss"] == pytest.approx(summary["trained_loss"], rel=1e-4)
+    assert card["untrained"]["heldout"]["loss"] == pytest.approx(summary["untrained_loss"], rel=1e-4)
+    assert (work / "report" / "report.md").is_file() and (work / "eval" / "demo.yaml").is_file()
+    assert "[7/7] report card" in out and "## docstrings (retrieval)" in out and "| untrained |" in out
+    assert "heldout: loss" in out and "untrained: training helped" in out
 
     # Again: every stage finds its output; the summary's time is both runs'.
     assert main(args) == 0
     again = capsys.readouterr().out
     assert again.count("already there") == 3 and "nothing to do" in again and "evaluated before" in again
+    assert again.count("done before, kept") == 6 and "## heldout (mlm)" in again
     second = json.loads((work / "summary.json").read_text())
     assert second["trained_loss"] == summary["trained_loss"]
     assert second["trained_mask_loss"] == summary["trained_mask_loss"]
     assert second["runs"] == 2 and "over 2 runs of the demo" in again
-    for name in STAGES[:5]:
+    assert second["report_card"] == summary["report_card"]
+    for name in STAGES[:5] + ["report card"]:
         assert second["stages"][name]["this_run"] == "skipped"
         assert second["stages"][name]["seconds"] >= summary["stages"][name]["seconds"]
     assert second["seconds"] > summary["seconds"]
@@ -102,7 +117,7 @@ def test_a_demo_stopped_while_fine_tuning_says_where_and_continues(tmp_path, cap
     rc, out, err = run_until(args, "fine-tuning the pretrained model", signal.SIGTERM, tmp_path / "err1")
     assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped while fine-tuning the pretrained model" in out and "Traceback" not in err
-    assert ("stopped by SIGTERM during [6/6] fine-tuning. What finished is kept: run the same encoder-train demo "
+    assert ("stopped by SIGTERM during [6/7] fine-tuning. What finished is kept: run the same encoder-train demo "
             "command again to continue from there.") in err
     assert not kept.exists()
 
@@ -110,7 +125,7 @@ def test_a_demo_stopped_while_fine_tuning_says_where_and_continues(tmp_path, cap
     assert rc == 128 + signal.SIGINT, err[-2000:]
     assert out.count("already there") == 3 and "evaluated before" in out
     assert f"stopped while fine-tuning the untrained model; the pretrained model's fine-tune is kept in {kept}" in out
-    assert "stopped by SIGINT during [6/6] fine-tuning" in err and "Traceback" not in err
+    assert "stopped by SIGINT during [6/7] fine-tuning" in err and "Traceback" not in err
     pretrained = json.loads(kept.read_text())["pretrained"]
 
     assert main(args) == 0
@@ -122,7 +137,7 @@ def test_a_demo_stopped_while_fine_tuning_says_where_and_continues(tmp_path, cap
     assert 0.0 <= summary["finetune_untrained_accuracy"] <= 1.0 and summary["finetune_chance"] == 0.5
     assert summary["runs"] == 3
     assert {n: s["this_run"] for n, s in summary["stages"].items()} == (
-        dict.fromkeys(STAGES[:5], "skipped") | {"fine-tuning": "resumed"})
+        dict.fromkeys(STAGES[:5], "skipped") | {"fine-tuning": "resumed", "report card": "ran"})
 
 
 WORDS = "apple river stone cloud maple tiger lemon piano forest candle silver rocket garden window planet".split()
@@ -135,6 +150,7 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
     from encoder_train.data.prepare import pretokenize
     from encoder_train.quickstart.demo import Progress, Work, held_out_results, show_evaluation, write_summary
     from encoder_train.quickstart.learned import WORD
+    from encoder_train.quickstart.report_card import Card
     from encoder_train.tokenizer import train_tokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -170,7 +186,8 @@ def test_the_demo_shows_held_out_words_that_fill_mask_gets_right(tmp_path, capsy
 
     work = tmp_path / "work"
     work.mkdir()
-    write_summary(Work(work), Progress(work / "progress.json"), results, None, checkpoint)
+    card = Card(work / "report", work / "eval" / "demo.yaml", {}, None, None)  # no card: this test is stage 5's
+    write_summary(Work(work), Progress(work / "progress.json"), results, None, card, checkpoint)
     suggested = [line for line in capsys.readouterr().out.splitlines() if "encoder-train fill-mask" in line]
     first = results["examples"][0]
     assert suggested == [f"  encoder-train fill-mask --checkpoint {checkpoint} '{first['text']}'"]

@@ -424,8 +424,8 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
         help="the quickstart: train a small encoder on CPython's own documentation, no download",
         description="Build a corpus from the documentation that ships with Python, train a tokenizer, "
         "pre-tokenize, train the bundled demo.yaml model, evaluate it against an untrained one and against word "
-        "frequencies alone, then fine-tune both on a docstring classification task. Running it again resumes where "
-        "it stopped.",
+        "frequencies alone, then fine-tune both on a docstring classification task, and end with their report card "
+        "on the offline evaluation suite. Running it again resumes where it stopped.",
     )
     p.add_argument("--workdir", type=local_path, default="runs/demo",
                    help="folder for every artefact (default runs/demo)")

@@ -5,10 +5,10 @@ comment; unknown keys are refused by name) and two functions: `check` reads the 
 loaded (so a malformed corpus line is one sentence before minutes of embedding), and `run` scores one model.
 
 A settings field's type is what the suite must give (suite.py checks it and names the key): int, float, str, bool,
-Path, `X | None`, `list[X]` (or `tuple[X, ...]`), `dict[str, X]` and unions of those. A `Path` field is a local
-path; a `str` field with `metadata=LOCATION` is a path or a URL (a data folder in a bucket). Either, when relative,
-is resolved against the suite file's folder. Every kind's settings have `max_length`: the tokens per text (or row)
-the task reads.
+Path, `Literal[...]`, `X | None`, `list[X]` (or `tuple[X, ...]`), `dict[str, X]` and unions of those. A `Path`
+field is a local path; a `str` field with `metadata=LOCATION` is a path or a URL (a data folder in a bucket).
+Either, when relative, is resolved against the suite file's folder. Every kind's settings have `max_length`: the
+tokens per text (or row) the task reads.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ class Suite:
     tasks: list[TaskConfig]
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read, check and resolve a suite; then every task's kind checks its files."""
+def load_suite(path: str | Path, check_files: bool = True) -> Suite:
+    """Read, check and resolve a suite; then every task's kind checks its files (unless `check_files` is False: a
+    suite whose data is not downloaded yet, read for its keys alone)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"suite {path} does not exist; pass --suite with a suite YAML file (a `tasks:` mapping).")
@@ -61,7 +62,7 @@ def load_suite(path: str | Path) -> Suite:
     if not isinstance(tasks, dict) or not tasks:
         raise UserError(f"suite {path}: `tasks` must map task names to their settings and name at least one task.")
     configs = [_task(path, name, body) for name, body in tasks.items()]
-    for task in configs:
+    for task in configs if check_files else ():
         try:
             kind_module(task.kind).check(task)
         except UserError as e:
@@ -146,6 +147,8 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
         return False, None
     if hint is type(None):
         return value is None, None
+    if origin is typing.Literal:
+        return value in args, value
     if hint is Any:
         return True, value
     if hint is bool:
@@ -188,6 +191,8 @@ def describe(hint: Any) -> str:
         return f"a list of {_plural(args[0])}"
     if origin is dict:
         return f"a mapping of names to {_plural(args[1])}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     return {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a text",
             Path: "a path"}.get(hint, str(hint))
 

@@ -1,4 +1,4 @@
-"""The quickstart: corpus -> tokenizer -> pre-tokenized shards -> training -> evaluation -> fine-tuning.
+"""The quickstart: corpus -> tokenizer -> pre-tokenized shards -> training -> evaluation -> fine-tuning -> report card.
 
 Runs on any machine with Python, no download: the corpus is the documentation that ships with
 CPython itself (`pydoc_data.topics` and the standard library's docstrings). Each stage writes into
@@ -35,11 +35,12 @@ from encoder_train.evaluate import evaluate, show_guesses
 from encoder_train.quickstart.corpus import write_stdlib_corpus
 from encoder_train.quickstart.docstrings import DEMO_SETTINGS, FINETUNES, kept_results, run_demo_stage
 from encoder_train.quickstart.learned import TOP_K, MaskedTally, examples, log_frequencies, word_mask
+from encoder_train.quickstart.report_card import Card, reading, run_card
 from encoder_train.state import load_trained
 from encoder_train.tokenizer import train_tokenizer
 from encoder_train.train import TrainResult, train
 
-STAGES = ("corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning")
+STAGES = ("corpus", "tokenizer", "shards", "training", "evaluation", "fine-tuning", "report card")
 EXAMPLES = 4  # held-out words shown after training
 
 
@@ -174,11 +175,13 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
                 evaluation = evaluate_stage(config, checkpoint, work, progress)
             with progress.stage(5):
                 finetuned = finetune_stage(config, checkpoint, work, progress)
+            with progress.stage(6):
+                card = report_card_stage(s, config, checkpoint, work, progress)
     except KeyboardInterrupt as e:  # Stopped, or a second Ctrl-C inside training
         signum = getattr(e, "signum", signal.SIGINT)
         progress.stopped(signum)
         return {"stopped_by": signum}
-    return write_summary(work, progress, evaluation, finetuned, checkpoint)
+    return write_summary(work, progress, evaluation, finetuned, card, checkpoint)
 
 
 def make_workdir(folder: Path) -> Path:
@@ -194,7 +197,7 @@ def make_workdir(folder: Path) -> Path:
 
 
 def make_corpus(s: DemoSettings, work: Work, progress: Progress) -> None:
-    print(f"[1/6] corpus: {work.corpus}")
+    print(f"[1/7] corpus: {work.corpus}")
     if work.corpus.exists():
         print("      already there")
         return progress.did("skipped")
@@ -204,7 +207,7 @@ def make_corpus(s: DemoSettings, work: Work, progress: Progress) -> None:
 
 
 def make_tokenizer(s: DemoSettings, work: Work, progress: Progress) -> None:
-    print(f"[2/6] tokenizer: {work.tokenizer}")
+    print(f"[2/7] tokenizer: {work.tokenizer}")
     if work.tokenizer.exists():
         print("      already there")
         return progress.did("skipped")
@@ -218,7 +221,7 @@ def make_tokenizer(s: DemoSettings, work: Work, progress: Progress) -> None:
 
 def make_shards(s: DemoSettings, work: Work, progress: Progress) -> None:
     data = work.data
-    print(f"[3/6] shards: {data / 'train'} and {data / 'val'}")
+    print(f"[3/7] shards: {data / 'train'} and {data / 'val'}")
     done = data / ".complete"  # written last: shards from a demo killed mid-way are made again, not trained on
     if done.exists():
         print("      already there")
@@ -258,7 +261,7 @@ def pretrain(s: DemoSettings, work: Work, progress: Progress) -> tuple[Config, T
     if emulated:  # the demo is meant to take minutes: emulated bf16 would take it to hours
         overrides["training.precision"] = "fp32"
     config = load_config(s.config_file, overrides)
-    print(f"[4/6] training ({s.config_file.name}): checkpoints and metrics.jsonl in {work.checkpoints}")
+    print(f"[4/7] training ({s.config_file.name}): checkpoints and metrics.jsonl in {work.checkpoints}")
     if emulated:
         print("      this CPU has no native bf16 (it would run many times slower than fp32): training in fp32")
     found = list_checkpoints(work.checkpoints)
@@ -273,7 +276,7 @@ def pretrain(s: DemoSettings, work: Work, progress: Progress) -> tuple[Config, T
 def evaluate_stage(config: Config, checkpoint: Path, work: Work, progress: Progress) -> dict[str, Any]:
     """Loss and accuracy, then words of 4+ letters (learned.py), of the trained model against the same model
     untrained; kept in progress.json for this checkpoint, so a rerun reprints them."""
-    print("[5/6] evaluation on the held-out rows (fixed masks)")
+    print("[5/7] evaluation on the held-out rows (fixed masks)")
     kept = progress.evaluation
     if kept is not None and kept["checkpoint"] == str(checkpoint):
         print("      evaluated before:")
@@ -322,7 +325,7 @@ def show_evaluation(r: dict[str, Any]) -> None:
           f"        words of 4+ letters ({ma['words']}): first guess right untrained {mb['word_top1']:.1%}, trained "
           f"{ma['word_top1']:.1%}; in the top {TOP_K} untrained {mb['word_topk']:.1%}, trained {ma['word_topk']:.1%}")
     if not r["examples"]:
-        print("      fill-mask gets no held-out word of 4+ letters right yet, so there is none to show; [6/6] shows "
+        print("      fill-mask gets no held-out word of 4+ letters right yet, so there is none to show; [6/7] shows "
               "what this training gives a classifier.")
         return
     print(f"      the first {len(r['examples'])} of these words that the trained model gets right, in held-out "
@@ -333,7 +336,7 @@ def show_evaluation(r: dict[str, Any]) -> None:
 
 
 def finetune_stage(config: Config, checkpoint: Path, work: Work, progress: Progress) -> dict[str, Any] | None:
-    print("[6/6] fine-tuning the trained and the untrained model: which package a docstring comes from")
+    print("[6/7] fine-tuning the trained and the untrained model: which package a docstring comes from")
     done = [name for name in FINETUNES if name in kept_results(work.root, checkpoint)]
     # In the precision pretraining ran in: fp32 where this CPU would only emulate bf16 (see `pretrain`).
     settings = dataclasses.replace(DEMO_SETTINGS, precision=config.training.precision)
@@ -343,8 +346,33 @@ def finetune_stage(config: Config, checkpoint: Path, work: Work, progress: Progr
     return finetuned
 
 
+def report_card_stage(s: DemoSettings, config: Config, checkpoint: Path, work: Work, progress: Progress) -> Card:
+    """The trained model against the untrained one on the offline suite and the held-out rows (report_card.py);
+    each (model, task) pair its report holds already is kept, not run again."""
+    print("[7/7] report card: the trained and the untrained model on the offline evaluation suite")
+    kept: list[str] = []
+
+    def say(line: str) -> None:
+        kept.extend([line] if line.endswith("done before, kept") else [])
+        print(f"      {line}")
+
+    card = run_card(checkpoint, config.training.seed, work.root, work.data / "val", work.tokenizer, s.seq_len, say)
+    pairs = sum(len(tasks) for tasks in card.results.values())
+    progress.did("skipped" if kept and len(kept) == pairs else "resumed" if kept else "ran")
+    if card.skipped_tasks:
+        print(f"      {card.skipped_tasks}")
+    if card.failure:
+        print(f"      {card.failure}")
+    markdown = card.report_dir / "report.md"
+    print(f"      {markdown}:\n")
+    print("\n".join(f"      {line}".rstrip() for line in markdown.read_text(encoding="utf-8").splitlines()))
+    for line in reading(card.results):
+        print(f"      {line}")
+    return card
+
+
 def write_summary(work: Work, progress: Progress, evaluation: dict[str, Any], finetuned: dict[str, Any] | None,
-                  checkpoint: Path) -> dict[str, Any]:
+                  card: Card, checkpoint: Path) -> dict[str, Any]:
     """work/summary.json: the results, and the time over every run of the demo (a resumed demo's included)."""
     before, after = evaluation["untrained"], evaluation["trained"]
     summary: dict[str, Any] = {
@@ -360,6 +388,7 @@ def write_summary(work: Work, progress: Progress, evaluation: dict[str, Any], fi
         summary |= {"finetune_trained_accuracy": finetuned["pretrained"]["accuracy"],
                     "finetune_untrained_accuracy": finetuned["untrained"]["accuracy"],
                     "finetune_chance": finetuned["chance"]}
+    summary["report_card"] = {"report": str(card.report_dir / "report.md"), "results": card.results}
     summary |= {"seconds": sum(progress.seconds.values()), "runs": progress.runs,
                 "stages": {name: {"seconds": round(progress.seconds.get(name, 0.0), 1),
                                   "this_run": progress.this_run.get(name, "not run")} for name in STAGES}}
