@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder_train.errors import UserError, require
-from encoder_train.evaluation.quiet import loading_quietly
+from encoder_train.evaluation.quiet import transformers_quietly
 from encoder_train.evaluation.spec import EvalModel, TaskConfig
 
 SUMMARY = "fine_tune.json"  # in a cached fine-tune's folder: what trained it (the key's inputs) and its summary
@@ -72,6 +72,17 @@ def check_settings(task: TaskConfig, positive: tuple[str, ...], fractions: tuple
                             "(not including) 1.")
 
 
+def _trainer_class() -> type:
+    from sentence_transformers import SentenceTransformerTrainer
+
+    class Trainer(SentenceTransformerTrainer):
+        def add_model_card_callback(self, default_args_dict: dict[str, Any]) -> None:
+            """No model card is written: its callback (which draws widget examples from the rows, with a progress
+            bar of its own) is left out."""
+
+    return Trainer
+
+
 def fine_tune(model: Any, columns: dict[str, list], make_loss: Any, settings: TrainSettings,
               work_dir: Path) -> TrainResult:
     """Train a copy of `model` (a SentenceTransformer) on `columns` (dataset column -> values, in the order the loss
@@ -79,12 +90,11 @@ def fine_tune(model: Any, columns: dict[str, list], make_loss: Any, settings: Tr
     datasets = require("datasets", "eval", "a fine-tune before scoring embeddings")
     require("sentence_transformers", "eval", "a fine-tune before scoring embeddings")
     import torch
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
     from transformers import PrinterCallback
 
     trained = copy.deepcopy(model)
-    trained.model_card_data.generate_widget_examples = False  # no model card is written: skip drawing its examples
     args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(work_dir) / "finetune"),
         num_train_epochs=settings.epochs,
@@ -103,10 +113,10 @@ def fine_tune(model: Any, columns: dict[str, list], make_loss: Any, settings: Tr
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only warns
     )
     dataset = datasets.Dataset.from_dict(columns)
-    trainer = SentenceTransformerTrainer(model=trained, args=args, train_dataset=dataset, loss=make_loss(trained))
+    trainer = _trainer_class()(model=trained, args=args, train_dataset=dataset, loss=make_loss(trained))
     trainer.remove_callback(PrinterCallback)  # it prints every step's log line; the losses are kept below instead
     t0 = time.perf_counter()
-    with loading_quietly():
+    with transformers_quietly():
         trainer.train()
     seconds = time.perf_counter() - t0
     losses = [float(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
@@ -144,7 +154,8 @@ def cached_fine_tune(model: EvalModel, trainee: Any, train_file: Path, load_colu
         result = fine_tune(trainee, columns, make_loss, settings, work_dir)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}.", suffix=".tmp"))
         try:
-            result.model.save(str(tmp), create_model_card=False)
+            with transformers_quietly():
+                result.model.save(str(tmp), create_model_card=False)
             summary = {**identity, **result.summary(), "rows": len(next(iter(columns.values()))),
                        "columns": list(columns)}
             (tmp / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
@@ -152,7 +163,7 @@ def cached_fine_tune(model: EvalModel, trainee: Any, train_file: Path, load_colu
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     st = require("sentence_transformers", "eval", "a fine-tune before scoring embeddings")
-    with loading_quietly():
+    with transformers_quietly():
         trained = st.SentenceTransformer(str(folder), device=str(model.device))
     trained.max_seq_length = scoring_length  # it saved the length it trained at; it scores at the task's
     return CachedFineTune(trained, folder, json.loads((folder / SUMMARY).read_text()), reused)

@@ -1,6 +1,7 @@
-"""Loading a model without transformers' chatter: its per-load progress bar and a load report that lists only
-weights the embedder leaves unused (an export's masked-LM head). A report that names weights the model lacks
-(MISSING: initialised at random), a shape mismatch or a failed conversion is a real warning and still prints."""
+"""Loading and saving a model without transformers' chatter: its progress bars (loading, writing shards) and a
+load report that lists only weights the embedder leaves unused (an export's masked-LM head). A report that names
+weights the model lacks (MISSING: initialised at random), a shape mismatch or a failed conversion is a real warning
+and still prints."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class _OnlyRealLoadReports(logging.Filter):
 
 
 @contextmanager
-def loading_quietly() -> Iterator[None]:
+def transformers_quietly() -> Iterator[None]:
     """Within: no progress bars from transformers, no load report of unused weights; restored after."""
     from transformers.utils import logging as transformers_logging
 

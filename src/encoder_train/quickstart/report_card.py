@@ -93,11 +93,6 @@ def run_card(trained_checkpoint: Path, seed: int, root: Path, held_out: Path, to
     from encoder_train.evaluation.suite import load_suite
 
     embeddings = importlib.util.find_spec("sentence_transformers") is not None
-    if embeddings:  # its load report (the masked-LM head unused by an embedder) and bars would bury the card
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
     report_dir = root / "report"
     untrained = write_untrained(trained_checkpoint, seed, report_dir / "untrained.pt")
     suite_path = write_suite(root / "eval", held_out, tokenizer, max_length, embeddings)
