@@ -292,6 +292,12 @@ def test_tasks_with_the_same_train_file_and_settings_fine_tune_once(tmp_path, tr
     assert {k: v for k, v in by_itself.items() if k != "details"} == {k: v for k, v in second.items() if k != "details"}
     assert by_itself["details"]["fine_tune"]["last_loss"] == tuned[0]["last_loss"]
 
+    # Scored at another length, trained at the same (train_max_length): the same fine-tune.
+    short = retrieval.run(task("retrieval", tmp_path, data_dir=first_data, max_length=20, train_max_length=512,
+                               **tune), model, tmp_path / "w6")
+    assert short["details"]["fine_tune"]["reused"] and short["details"]["fine_tune"]["max_seq_length"] == 62
+    assert short["details"]["max_seq_length"] == 20 and len(list(cache.iterdir())) == 1
+
     # Another learning rate is another fine-tune.
     other = retrieval.run(task("retrieval", tmp_path, data_dir=first_data, **{**tune, "learning_rate": 5e-4}),
                           model, tmp_path / "w5")

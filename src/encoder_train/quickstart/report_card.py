@@ -33,8 +33,8 @@ from encoder_train.model import MaskedLM, ModelDims
 HELD_OUT = "heldout"  # the mlm task's name in the demo's suite
 # The offline tasks' fine-tune keys (retrieval, sts), left out of the demo's suite: zero-shot numbers in seconds,
 # where a fine-tune of each model takes minutes on two CPU cores.
-FINE_TUNE_KEYS = ("train_file", "epochs", "learning_rate", "train_batch_size", "loss", "mini_batch_size", "scale",
-                  "warmup_ratio", "seed")
+FINE_TUNE_KEYS = ("train_file", "train_max_length", "epochs", "learning_rate", "train_batch_size", "loss",
+                  "mini_batch_size", "scale", "warmup_ratio", "seed")
 UNTRAINED_KEYS = ("dims", "tokenizer", "config")  # a model checkpoint's keys beside its weights (state.load_trained)
 
 

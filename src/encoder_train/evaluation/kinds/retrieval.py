@@ -46,6 +46,9 @@ class Settings:
     """Texts per batch when encoding queries and documents (a speed knob: the numbers do not depend on it)."""
     train_file: Path | None = None
     """A header, then `query<TAB>positive[<TAB>negative]` rows: fine-tune on them before scoring; none: zero-shot."""
+    train_max_length: int | None = None
+    """Tokens per text the fine-tune reads (truncated beyond); none: max_length. Tasks that score at other lengths
+    but give the same train_max_length (and train_file and settings) share one fine-tune."""
     epochs: int = 1
     """Passes over train_file."""
     learning_rate: float = 2e-5
@@ -68,6 +71,8 @@ def check(task: TaskConfig) -> None:
     s: Settings = task.settings
     check_settings(task, ("max_length", "batch_size", "epochs", "learning_rate", "train_batch_size",
                           "mini_batch_size", "scale"), ("warmup_ratio",))
+    if s.train_max_length is not None:
+        check_settings(task, ("train_max_length",))
     if s.loss not in LOSSES:
         raise UserError(f"{task.suite_file}: task {task.name!r}: loss {s.loss!r} is not one of {', '.join(LOSSES)}; "
                         "pick one.")
@@ -101,13 +106,15 @@ def run(task: TaskConfig, model: EvalModel, work_dir: Path) -> Metrics:
         pairs = read_train_pairs(s.train_file)
         return {name: [row[i] for row in pairs.rows] for i, name in enumerate(pairs.columns)}
 
-    tuned = cached_fine_tune(model, encoder, s.train_file, columns, lambda m: make_loss(m, s), train, loss,
+    trainee = model.sentence_transformer(s.train_max_length or s.max_length)
+    tuned = cached_fine_tune(model, trainee, s.train_file, columns, lambda m: make_loss(m, s), train, loss,
                              encoder.max_seq_length, work_dir)
     t1 = time.perf_counter()
     final = score(tuned.model, data, s.batch_size)
     details["fine_tuned"] = final
     details["fine_tune"] = {**{k: tuned.summary[k] for k in ("steps", "first_loss", "last_loss", "seconds")},
                             "pairs": tuned.summary["rows"], "columns": tuned.summary["columns"],
+                            "max_seq_length": trainee.max_seq_length,
                             "settings": {**asdict(train), **loss}, "cached": str(tuned.folder),
                             "reused": tuned.reused, "scoring_seconds": round(time.perf_counter() - t1, 3)}
     metrics = {key: final[key] for key in REPORTED}
