@@ -23,6 +23,11 @@ def test_the_papers_suite_parses_against_the_kinds_schemas():
     # MLDR twice, the window the only difference: what a context extension bought.
     assert (tasks["mldr-512"].settings.max_length, tasks["mldr-8192"].settings.max_length) == (512, 8192)
     assert tasks["mldr-512"].settings.data_dir == tasks["mldr-8192"].settings.data_dir == PAPERS.parent / "mldr-en"
+    # The seven retrieval tasks fine-tune alike (file, settings, tokens per text): one fine-tune per model.
+    retrieval = [t.settings for t in suite.tasks if t.kind == "retrieval"]
+    tuned = {(s.train_file, s.train_max_length or s.max_length, s.epochs, s.learning_rate, s.train_batch_size, s.loss,
+              s.mini_batch_size, s.scale, s.warmup_ratio, s.seed) for s in retrieval}
+    assert len(retrieval) == 7 and len(tuned) == 1
     for task in suite.tasks:
         if task.reference:  # a published number always says where it was published
             source = task.reference_source or ""

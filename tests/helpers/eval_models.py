@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from encoder_train.evaluation.models import fingerprint
 from encoder_train.hf import export_checkpoint
 from helpers.hf_models import dims_for, write_checkpoint
 
@@ -20,6 +21,14 @@ class FolderModel:
     folder: Path
     name: str = "tiny"
     step: int | None = None
+    output_dir: Path | None = None  # where fine-tunes are kept (OUTPUT_DIR/finetuned/NAME/); None: beside the folder
+    device: str = "cpu"
+
+    def files_fingerprint(self) -> str:
+        return fingerprint(self.folder)
+
+    def finetuned_dir(self) -> Path:
+        return (self.output_dir or self.folder.parent) / "finetuned" / self.name
 
     def hf_folder(self) -> Path:
         return self.folder

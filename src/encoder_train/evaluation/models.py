@@ -25,6 +25,7 @@ import torch
 
 from encoder_train import checkpoint
 from encoder_train.errors import UserError, require
+from encoder_train.evaluation.quiet import transformers_quietly
 from encoder_train.evaluation.suite import PLAIN_NAME
 
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -161,6 +162,12 @@ class LoadedModel:
     def step(self) -> int | None:
         return self.row.step
 
+    def files_fingerprint(self) -> str:
+        return fingerprint(self.row.path)
+
+    def finetuned_dir(self) -> Path:
+        return self.output_dir / "finetuned" / self.row.name
+
     def hf_folder(self) -> Path:
         if self._folder is None:
             self._folder = self.row.path if self.row.kind == "hf" else self._export()
@@ -200,7 +207,8 @@ class LoadedModel:
             config_file = folder / "sentence_bert_config.json"
             saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
             how = {k: saved[k] for k in ("transformer_task", "modality_config", "module_output_name") if k in saved}
-            encoder = modules.Transformer(str(folder), **how)
+            with transformers_quietly():
+                encoder = modules.Transformer(str(folder), **how)
             window = encoder.max_seq_length or max_length  # config and tokenizer's limits, as the package reads them
             encoder.max_seq_length = min(max_length, window)
             pooling = modules.Pooling(encoder.get_embedding_dimension(), "mean")

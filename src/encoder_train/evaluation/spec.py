@@ -46,6 +46,12 @@ class EvalModel(Protocol):
     step: int | None  # the training step of a checkpoint; None for a Hugging Face folder
     device: torch.device  # where the kinds compute (--device, else a GPU when there is one)
 
+    def files_fingerprint(self) -> str:
+        """What tells this model's files from changed ones (sizes and modification times): a cached fine-tune's key."""
+
+    def finetuned_dir(self) -> Path:
+        """Where this model's fine-tunes are kept, one folder per key: OUTPUT_DIR/finetuned/<row name>/."""
+
     def hf_folder(self) -> Path:
         """A local Hugging Face folder of this model (an export of our checkpoint, cached under the output dir)."""
 

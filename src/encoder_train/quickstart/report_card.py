@@ -33,8 +33,8 @@ from encoder_train.model import MaskedLM, ModelDims
 HELD_OUT = "heldout"  # the mlm task's name in the demo's suite
 # The offline tasks' fine-tune keys (retrieval, sts), left out of the demo's suite: zero-shot numbers in seconds,
 # where a fine-tune of each model takes minutes on two CPU cores.
-FINE_TUNE_KEYS = ("train_file", "epochs", "learning_rate", "train_batch_size", "loss", "mini_batch_size", "scale",
-                  "warmup_ratio", "seed")
+FINE_TUNE_KEYS = ("train_file", "train_max_length", "epochs", "learning_rate", "train_batch_size", "loss",
+                  "mini_batch_size", "scale", "warmup_ratio", "seed")
 UNTRAINED_KEYS = ("dims", "tokenizer", "config")  # a model checkpoint's keys beside its weights (state.load_trained)
 
 
@@ -93,11 +93,6 @@ def run_card(trained_checkpoint: Path, seed: int, root: Path, held_out: Path, to
     from encoder_train.evaluation.suite import load_suite
 
     embeddings = importlib.util.find_spec("sentence_transformers") is not None
-    if embeddings:  # its load report (the masked-LM head unused by an embedder) and bars would bury the card
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
     report_dir = root / "report"
     untrained = write_untrained(trained_checkpoint, seed, report_dir / "untrained.pt")
     suite_path = write_suite(root / "eval", held_out, tokenizer, max_length, embeddings)

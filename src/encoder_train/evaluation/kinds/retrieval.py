@@ -11,9 +11,10 @@ form (`loss: cached_mnrl`: the same loss over a batch of train_batch_size, embed
 so that a batch of 512 or more fits in the memory of mini_batch_size), then scores the copy.
 
 Report keys: `ndcg@10`, `mrr@10`, `recall@100` are the task's numbers: after the fine-tune when train_file is
-given, else zero-shot; `zero_shot/ndcg@10`, `zero_shot/mrr@10`, `zero_shot/recall@100` are always the zero-shot
-ones. The details hold every metric the evaluator gives (accuracy@k, precision@k, map@100), the queries scored and
-dropped, and the fine-tune's settings, steps and first and last loss.
+given, else zero-shot; with a train_file, `zero_shot/ndcg@10`, `zero_shot/mrr@10`, `zero_shot/recall@100` are the
+zero-shot ones beside them. The details hold every metric the evaluator gives (accuracy@k, precision@k, map@100),
+the queries scored and dropped, and the fine-tune's settings, steps, first and last loss, and which cached
+fine-tune (embedding_finetune.cached_fine_tune: its folder, and whether an earlier task trained it) was scored.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 from encoder_train.errors import UserError, require
 from encoder_train.evaluation.beir import BeirTask, read_beir, split_file
-from encoder_train.evaluation.embedding_finetune import TrainSettings, check_settings, fine_tune
+from encoder_train.evaluation.embedding_finetune import TrainSettings, cached_fine_tune, check_settings
 from encoder_train.evaluation.spec import EvalModel, Metrics, TaskConfig
 from encoder_train.evaluation.textpairs import read_train_pairs
 
@@ -45,6 +46,9 @@ class Settings:
     """Texts per batch when encoding queries and documents (a speed knob: the numbers do not depend on it)."""
     train_file: Path | None = None
     """A header, then `query<TAB>positive[<TAB>negative]` rows: fine-tune on them before scoring; none: zero-shot."""
+    train_max_length: int | None = None
+    """Tokens per text the fine-tune reads (truncated beyond); none: max_length. Tasks that score at other lengths
+    but give the same train_max_length (and train_file and settings) share one fine-tune."""
     epochs: int = 1
     """Passes over train_file."""
     learning_rate: float = 2e-5
@@ -67,6 +71,8 @@ def check(task: TaskConfig) -> None:
     s: Settings = task.settings
     check_settings(task, ("max_length", "batch_size", "epochs", "learning_rate", "train_batch_size",
                           "mini_batch_size", "scale"), ("warmup_ratio",))
+    if s.train_max_length is not None:
+        check_settings(task, ("train_max_length",))
     if s.loss not in LOSSES:
         raise UserError(f"{task.suite_file}: task {task.name!r}: loss {s.loss!r} is not one of {', '.join(LOSSES)}; "
                         "pick one.")
@@ -89,21 +95,29 @@ def run(task: TaskConfig, model: EvalModel, work_dir: Path) -> Metrics:
         "max_seq_length": encoder.max_seq_length, "zero_shot": zero_shot,
         "zero_shot_seconds": round(time.perf_counter() - t0, 3),
     }
-    final = zero_shot
-    if s.train_file is not None:
+    if s.train_file is None:
+        metrics: Metrics = {key: zero_shot[key] for key in REPORTED}
+        return metrics | {"details": details}
+    train = TrainSettings(epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.train_batch_size,
+                          warmup_ratio=s.warmup_ratio, seed=s.seed, no_duplicates=True)
+    loss = {"loss": s.loss, "scale": s.scale, "mini_batch_size": s.mini_batch_size if s.loss == "cached_mnrl" else None}
+
+    def columns() -> dict[str, list]:
         pairs = read_train_pairs(s.train_file)
-        train = TrainSettings(epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.train_batch_size,
-                              warmup_ratio=s.warmup_ratio, seed=s.seed, no_duplicates=True)
-        columns = {name: [row[i] for row in pairs.rows] for i, name in enumerate(pairs.columns)}
-        result = fine_tune(encoder, columns, lambda m: make_loss(m, s), train, work_dir)
-        t1 = time.perf_counter()
-        final = score(result.model, data, s.batch_size)
-        details["fine_tuned"] = final
-        details["fine_tune"] = {**result.summary(), "pairs": len(pairs.rows), "columns": list(pairs.columns),
-                                "settings": {**asdict(train), "loss": s.loss, "scale": s.scale,
-                                             "mini_batch_size": s.mini_batch_size if s.loss == "cached_mnrl" else None},
-                                "scoring_seconds": round(time.perf_counter() - t1, 3)}
-    metrics: Metrics = {key: final[key] for key in REPORTED}
+        return {name: [row[i] for row in pairs.rows] for i, name in enumerate(pairs.columns)}
+
+    trainee = model.sentence_transformer(s.train_max_length or s.max_length)
+    tuned = cached_fine_tune(model, trainee, s.train_file, columns, lambda m: make_loss(m, s), train, loss,
+                             encoder.max_seq_length, work_dir)
+    t1 = time.perf_counter()
+    final = score(tuned.model, data, s.batch_size)
+    details["fine_tuned"] = final
+    details["fine_tune"] = {**{k: tuned.summary[k] for k in ("steps", "first_loss", "last_loss", "seconds")},
+                            "pairs": tuned.summary["rows"], "columns": tuned.summary["columns"],
+                            "max_seq_length": trainee.max_seq_length,
+                            "settings": {**asdict(train), **loss}, "cached": str(tuned.folder),
+                            "reused": tuned.reused, "scoring_seconds": round(time.perf_counter() - t1, 3)}
+    metrics = {key: final[key] for key in REPORTED}
     metrics |= {f"zero_shot/{key}": zero_shot[key] for key in REPORTED}
     metrics["details"] = details
     return metrics

@@ -10,8 +10,9 @@ file scored 0-5 (STS-B) and one scored 0-1 train alike, and it is the loss sente
 CosineSimilarityLoss (which regresses the cosine onto the score).
 
 Report keys: `spearman` is the task's number (after the fine-tune when train_file is given, else zero-shot);
-`zero_shot/spearman` is always the zero-shot one; the details hold Pearson's r of both and the fine-tune's
-settings, steps and first and last loss.
+with a train_file, `zero_shot/spearman` is the zero-shot one beside it; the details hold Pearson's r of both and
+the fine-tune's settings, steps, first and last loss, and which cached fine-tune was scored (its folder, reused or
+not).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder_train.errors import require
-from encoder_train.evaluation.embedding_finetune import TrainSettings, check_settings, fine_tune
+from encoder_train.evaluation.embedding_finetune import TrainSettings, cached_fine_tune, check_settings
 from encoder_train.evaluation.spec import EvalModel, Metrics, TaskConfig
 from encoder_train.evaluation.textpairs import ScoredPairs, read_scored_pairs
 
@@ -65,20 +66,24 @@ def run(task: TaskConfig, model: EvalModel, work_dir: Path) -> Metrics:
     zero_shot = score(encoder, pairs, s.batch_size)
     details: dict[str, Any] = {"pairs": len(pairs.scores), "max_seq_length": encoder.max_seq_length,
                                "zero_shot": zero_shot}
-    final = zero_shot
-    if s.train_file is not None:
+    if s.train_file is None:
+        return {"spearman": zero_shot["spearman"], "details": details}
+    train = TrainSettings(epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.train_batch_size,
+                          warmup_ratio=s.warmup_ratio, seed=s.seed, no_duplicates=False)
+
+    def columns() -> dict[str, list]:
         train_pairs = read_scored_pairs(s.train_file)
-        train = TrainSettings(epochs=s.epochs, learning_rate=s.learning_rate, batch_size=s.train_batch_size,
-                              warmup_ratio=s.warmup_ratio, seed=s.seed, no_duplicates=False)
-        columns = {"sentence1": train_pairs.sentence1, "sentence2": train_pairs.sentence2,
-                   "score": train_pairs.scores}
-        result = fine_tune(encoder, columns, make_loss, train, work_dir)
-        t1 = time.perf_counter()
-        final = score(result.model, pairs, s.batch_size)
-        details["fine_tuned"] = final
-        details["fine_tune"] = {**result.summary(), "pairs": len(train_pairs.scores),
-                                "settings": {**asdict(train), "loss": "cosent"},
-                                "scoring_seconds": round(time.perf_counter() - t1, 3)}
+        return {"sentence1": train_pairs.sentence1, "sentence2": train_pairs.sentence2, "score": train_pairs.scores}
+
+    tuned = cached_fine_tune(model, encoder, s.train_file, columns, make_loss, train, {"loss": "cosent"},
+                             encoder.max_seq_length, work_dir)
+    t1 = time.perf_counter()
+    final = score(tuned.model, pairs, s.batch_size)
+    details["fine_tuned"] = final
+    details["fine_tune"] = {**{k: tuned.summary[k] for k in ("steps", "first_loss", "last_loss", "seconds")},
+                            "pairs": tuned.summary["rows"], "settings": {**asdict(train), "loss": "cosent"},
+                            "cached": str(tuned.folder), "reused": tuned.reused,
+                            "scoring_seconds": round(time.perf_counter() - t1, 3)}
     return {"spearman": final["spearman"], "zero_shot/spearman": zero_shot["spearman"], "details": details}
 
 
