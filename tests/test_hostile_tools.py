@@ -235,7 +235,7 @@ def stop_demo_while_training(work: Path, tmp_path: Path, signum: int, name: str)
 def test_demo_stopped_by_a_signal_says_to_rerun_the_demo_and_exits_128_plus_signal(tmp_path):
     work = tmp_path / "demo"
     rc, out, err = stop_demo_while_training(work, tmp_path, signal.SIGINT, "first")
-    assert "[4/6] training" in out and "Traceback" not in err
+    assert "[4/7] training" in out and "Traceback" not in err
     assert rc == 128 + signal.SIGINT, err[-2000:]
     stopped = [line for line in err.splitlines() if line.startswith("stopped by SIGINT")]
     assert len(stopped) == 1 and "Run the same encoder-train demo command again" in stopped[0]
