@@ -73,7 +73,14 @@ def init() -> World:
 
 
 def close(world: World) -> None:
+    """End the process group, from `train`'s `finally`. After a normal end (no exception on its way: every rank
+    is here) a barrier first: gloo's worker thread may still hold the last reference to a finished collective's
+    tensors (all_gather_object's), and dropping it needs the GIL; if the group were torn down now (the DDP
+    reducer's release, on the main thread holding the GIL, joins that worker), the two would wait on each other
+    for good. The barrier runs after every earlier collective on that thread, which lets it go first."""
     if world.distributed and dist.is_initialized():
+        if sys.exc_info()[1] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
